@@ -1,0 +1,207 @@
+"""The main job: a docs release in, a validated Milvus collection served under an alias out.
+
+fetch -> extract -> parse -> chunk -> diff against what is served -> embed what is new
+(parallel batches) -> write -> validate -> move the aliases -> report.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from datetime import datetime, timezone
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.cache_policies import NONE
+from prefect.futures import as_completed
+from prefect.task_runners import ThreadPoolTaskRunner
+from tqdm import tqdm
+
+from tasks import chunking, embedding, markdown, release, store
+from tasks.diff import ReleaseDiff
+from tasks.objectstore import open_store
+from tasks.report import StageClock, publish_artifacts
+from tasks.settings import Settings, load_settings
+
+
+class GuardRailError(RuntimeError):
+    """The new build would remove too much of what is served; --force overrides."""
+
+
+def _transient(task, task_run, state) -> bool:
+    try:
+        state.result()
+    except release.TransientFetchError:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+fetch = task(release.fetch_release, name="fetch", retries=3, retry_delay_seconds=[2, 10, 30],
+             retry_condition_fn=_transient, cache_policy=NONE)
+extract = task(release.extract_release, name="extract", cache_policy=NONE)
+parse = task(markdown.parse_release, name="parse", cache_policy=NONE)
+chunk = task(chunking.chunk_documents, name="chunk", cache_policy=NONE)
+
+
+@task(name="embed-batch", retries=2, retry_delay_seconds=5, cache_policy=NONE)
+def embed_batch(texts: list[str], settings: Settings) -> list[list[float]]:
+    return embedding.embedder_for(settings).embed(texts)
+
+
+write_batch = task(store.upsert, name="write-batch", retries=3, retry_delay_seconds=[1, 5, 15], cache_policy=NONE)
+
+
+@flow(name="ingest-docs", task_runner=ThreadPoolTaskRunner(max_workers=2))
+def ingest_release(release_url: str | None = None, version: str | None = None, force: bool = False,
+                   progress: bool = False) -> dict:
+    """Ingest one docs release (https, s3, file URL or path) into the served alias."""
+    settings = load_settings(release_url=release_url)
+    clock = StageClock()
+    objects = open_store(settings.object_store, settings.s3_endpoint_url)
+    with clock("fetch"):
+        rel = fetch(settings.release_url, home=settings.home, store=objects, version=version,
+                    timeout_s=settings.download_timeout_s, s3_endpoint_url=settings.s3_endpoint_url)
+    with clock("extract"):
+        root = extract(rel, settings.home / "releases", max_bytes=settings.max_archive_bytes,
+                       max_files=settings.max_archive_files)
+    with clock("parse"):
+        parsed = parse(root)
+    with clock("chunk"):
+        chunks = chunk(parsed.documents, settings.chunking_config, settings.embedder_id)
+    with store.build_lock(settings.home, settings.collection):
+        client = store.connect(settings)
+        summary, diff = _build_and_publish(client, settings, rel, chunks, clock, force, progress)
+    summary.update(skipped=parsed.skipped, warnings=parsed.warnings, stages=clock.seconds, seconds=clock.total)
+    _report(summary, diff, objects)
+    return summary
+
+
+def _build_and_publish(client, settings: Settings, rel: release.Release, chunks: list[chunking.Chunk],
+                       clock: StageClock, force: bool, progress: bool) -> dict:
+    alias, version_alias = settings.collection, store.version_alias(settings.collection, rel.version)
+    base = store.served_collection(client, version_alias) or store.served_collection(client, alias)
+    base = base and store.loaded(client, base)
+    build_key = store.build_key(rel.sha256, rel.version, settings.embedder_id, settings.chunking_config)
+    with clock("diff"):
+        target = store.resumable_build(client, alias, build_key)
+        target = target and store.loaded(client, target)
+        diff = ReleaseDiff(chunks, store.doc_of_ids(client, base) if base else {},
+                           frozenset(store.doc_of_ids(client, target)) if target else frozenset())
+        _check_guard_rails(diff, alias, force)
+    summary = _summary(settings, rel, diff, base, version_alias)
+    if base and _serves_exactly(client, base, diff, rel.version) and target is None:
+        get_run_logger().info("Release %s unchanged: %s stays on %s", rel.version, alias, base)
+        store.point_alias(client, version_alias, base)
+        return {**summary, "unchanged": True, "collection": base, "search": _search_mode(client, base)}, diff
+    embedder = embedding.embedder_for(settings)
+    if target is None:
+        target = store.new_collection_name(alias, rel.version)
+        store.create_collection(client, target, embedder.dim, bm25=store.supports_bm25(client),
+                                info={"build_key": build_key, "state": "building", "version": rel.version,
+                                      "release_sha256": rel.sha256, "embedder": settings.embedder_id})
+    with clock("reuse"):
+        reused = _copy_reused(client, base, target, diff.reusable(), rel.version)
+    with clock("embed+write"):
+        embedded = _embed_and_write(client, settings, target, diff.to_embed(), rel.version, progress)
+    with clock("validate"):
+        _validate(client, target, len(chunks))
+    with clock("publish"):
+        previous = store.publish(client, alias, version_alias, target, rel.version, settings.keep_collections)
+    return {**summary, "collection": target, "previous_collection": previous, "embedded": embedded,
+            "reused": reused, "search": _search_mode(client, target), "seconds_saved": _seconds_saved(clock, embedded, reused)}, diff
+
+
+def _search_mode(client, collection: str) -> str:
+    return "hybrid (dense + BM25, RRF)" if store.has_bm25(client, collection) else "dense only (server has no BM25)"
+
+
+def _summary(settings: Settings, rel: release.Release, diff: ReleaseDiff, base: str | None,
+             version_alias: str) -> dict:
+    return {
+        "release": rel.url, "version": rel.version, "sha256": rel.sha256, "size": rel.size,
+        "archived": rel.archive_key, "alias": settings.collection, "version_alias": version_alias,
+        "collection": None, "previous_collection": base, "unchanged": False,
+        "documents": len({c.doc_path for c in diff.chunks}), "chunks": len(diff.chunks),
+        "embedded": 0, "reused": 0, "deleted": diff.deleted, "document_changes": diff.document_counts(),
+        "search": None, "seconds_saved": 0.0,
+    }
+
+
+def _serves_exactly(client, collection: str, diff: ReleaseDiff, version: str) -> bool:
+    """Same ids and same version: nothing to embed, nothing to write."""
+    info = store.collection_info(client, collection)
+    return set(diff.served_ids) == diff.new_ids and info.get("version") == version
+
+
+def _check_guard_rails(diff: ReleaseDiff, alias: str, force: bool) -> None:
+    kept, served = diff.kept_documents()
+    if force:
+        return
+    if not diff.chunks:
+        raise GuardRailError(f"refusing to publish {alias}: the new build has no chunks (use --force to publish anyway)")
+    if served and kept * 2 < served:
+        raise GuardRailError(
+            f"refusing to move {alias}: the new build keeps {kept} of the {served} documents served now "
+            f"({served - kept} lost, more than half); check the release or re-run with --force")
+
+
+def _copy_reused(client, base: str | None, target: str, chunks: list[chunking.Chunk],
+                 version: str) -> int:
+    for batch in batched(chunks, 1000):
+        vectors = store.vectors_of(client, base, [c.id for c in batch])
+        write_batch(client, target, [_row(c, vectors[c.id], version) for c in batch])
+    return len(chunks)
+
+
+def _embed_and_write(client, settings: Settings, target: str, chunks: list[chunking.Chunk], version: str,
+                     progress: bool) -> int:
+    """Embed in parallel batches; write each batch as it lands (one writer), so a killed run
+    keeps every finished batch in the staging collection."""
+    if not chunks:
+        return 0
+    # Similar lengths per batch: less padding, the same speed as one big encode call.
+    ordered = sorted(chunks, key=lambda c: len(c.embed_text))
+    batches = {embed_batch.submit([c.embed_text for c in b], settings): b
+               for b in batched(ordered, settings.embedding_batch_size)}
+    artifact = create_progress_artifact(0.0, description=f"Embedding {len(chunks)} chunks")
+    done = 0
+    with tqdm(total=len(chunks), unit="chunk", desc="embedding", disable=not progress) as bar:
+        for future in as_completed(list(batches)):
+            batch = batches[future]
+            write_batch(client, target, [_row(c, v, version) for c, v in zip(batch, future.result())])
+            done += len(batch)
+            bar.update(len(batch))
+            update_progress_artifact(artifact, 100.0 * done / len(chunks))
+    return done
+
+
+def batched(items: list, size: int):
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def _row(c: chunking.Chunk, vector: list[float], version: str) -> dict:
+    return {"id": c.id, "doc_path": c.doc_path, "title": c.title[:1000], "heading": c.heading[:4000],
+            "version": version, "text": c.text, "dense": vector}
+
+
+def _validate(client, collection: str, expected: int) -> None:
+    rows = store.count(client, collection)
+    if rows != expected:
+        raise store.StoreError(f"validation failed for {collection}: {rows} rows, expected {expected}")
+    if expected and not store.smoke_search(client, collection):
+        raise store.StoreError(f"validation failed for {collection}: a smoke search returned nothing")
+
+
+def _seconds_saved(clock: StageClock, embedded: int, reused: int) -> float:
+    per_chunk = clock.seconds.get("embed+write", 0.0) / embedded if embedded else 0.0
+    return round(per_chunk * reused, 1)
+
+
+def _report(summary: dict, diff: ReleaseDiff, objects) -> None:
+    """Artifacts for the UI; the JSON summary archived beside the raw release."""
+    publish_artifacts(summary, diff.documents(), Counter(c.doc_path for c in diff.chunks))
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    objects.put_bytes(f"reports/{summary['version']}/{stamp}.json", json.dumps(summary, indent=2).encode())

@@ -1,0 +1,35 @@
+"""Search the served index: dense + BM25 (RRF) where the collection has BM25, dense otherwise."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tasks import embedding, store
+from tasks.settings import Settings
+
+
+@dataclass
+class Retriever:
+    """Holds the Milvus client and the embedder, so a batch of questions loads the model once."""
+
+    settings: Settings
+
+    def __post_init__(self):
+        self.client = store.connect(self.settings)
+        self.embedder = embedding.embedder_for(self.settings)
+        self._hybrid: dict[str, bool] = {}
+
+    def collection(self, version: str | None = None) -> str:
+        alias = self.settings.collection
+        name = store.version_alias(alias, version) if version else alias
+        if store.served_collection(self.client, name) is None:
+            hint = f"ingest docs {version} first" if version else "run `docsrag ingest` first"
+            raise store.StoreError(f"nothing is served as {name!r}: {hint}")
+        return store.loaded(self.client, name)
+
+    def search(self, queries: list[str], k: int = 5, version: str | None = None) -> list[list[dict]]:
+        name = self.collection(version)
+        if name not in self._hybrid:
+            self._hybrid[name] = store.has_bm25(self.client, name)
+        vectors = self.embedder.embed(queries)
+        return store.search(self.client, name, vectors, queries, k, hybrid=self._hybrid[name])

@@ -1,0 +1,124 @@
+"""One typed settings object for the whole pipeline (env prefix ``DOCSRAG_``).
+
+Created once at the edge (the CLI, the start of a flow) and passed down; tasks never
+read the environment themselves.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "DOCSRAG_"
+DEFAULT_RELEASE_URL = (
+    "https://github.com/milvus-io/milvus-docs/releases/download/"
+    "v2.4.6-preview/milvus_docs_2.4.x_en.zip"
+)
+# Variables with our prefix that belong to the tooling, not to the pipeline.
+TOOLING_VARIABLES = {"DOCSRAG_TEST_DATA"}
+_MILVUS_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,200}$")
+
+
+class SettingsError(ValueError):
+    """A setting is unknown or invalid; the message names the variable."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
+
+    home: Path = Field(Path(".docsrag"), description="Root of all local state.")
+    release_url: str = Field(DEFAULT_RELEASE_URL, description="Release zip: https://, s3://, file:// or a path.")
+
+    milvus_uri: str = Field("", description="Milvus Lite file or server URI (default: <home>/milvus.db).")
+    milvus_token: SecretStr | None = Field(None, description="Milvus token (user:password or API key).")
+    collection: str = Field("milvus_docs", description="The alias searches and answers are served from.")
+    keep_collections: int = Field(2, ge=1, description="Physical collections kept per alias (for rollback).")
+
+    object_store: str = Field("", description="Folder or s3://bucket/prefix (default: <home>/objects).")
+    s3_endpoint_url: str | None = Field(None, description="S3 endpoint for MinIO/SeaweedFS.")
+
+    embedding: Literal["local", "openai"] = Field("local", description="Embedding provider.")
+    embedding_model: str = Field(
+        "all-MiniLM-L6-v2", description="Local: packaged model name or a sentence-transformers path; openai: model id."
+    )
+    embedding_base_url: str | None = Field(None, description="OpenAI-compatible embeddings server (/v1).")
+    embedding_api_key: SecretStr | None = Field(None, description="API key of the embeddings server.")
+    embedding_batch_size: int = Field(256, ge=1, le=4096, description="Chunks per embedding task.")
+    embedding_concurrency: int = Field(2, ge=1, le=64, description="Embedding tasks run at once.")
+
+    chunk_max_chars: int = Field(1500, ge=100, description="Hard chunk size limit (characters).")
+    chunk_new_after_chars: int = Field(1000, ge=50, description="Soft limit: start a new chunk after this.")
+    chunk_combine_under_chars: int = Field(200, ge=0, description="Merge sections shorter than this.")
+
+    max_archive_bytes: int = Field(512 * 1024**2, ge=1, description="Cap on the uncompressed size of a release.")
+    max_archive_files: int = Field(20_000, ge=1, description="Cap on the number of entries in a release.")
+    download_timeout_s: float = Field(60.0, gt=0, description="Network timeout for downloads (seconds).")
+
+    @field_validator("collection")
+    @classmethod
+    def _milvus_name(cls, value: str) -> str:
+        if not _MILVUS_NAME.match(value):
+            raise ValueError("must start with a letter or '_' and hold only letters, digits and '_'")
+        return value
+
+    @field_validator("object_store", "release_url", "milvus_uri")
+    @classmethod
+    def _strip(cls, value: str) -> str:
+        return value.strip()
+
+    @model_validator(mode="after")
+    def _defaults_under_home(self) -> Settings:
+        # Frozen model: fill the home-relative defaults through object.__setattr__.
+        if not self.milvus_uri:
+            object.__setattr__(self, "milvus_uri", str(self.home / "milvus.db"))
+        if not self.object_store:
+            object.__setattr__(self, "object_store", str(self.home / "objects"))
+        if self.chunk_new_after_chars > self.chunk_max_chars:
+            raise ValueError("DOCSRAG_CHUNK_NEW_AFTER_CHARS must not exceed DOCSRAG_CHUNK_MAX_CHARS")
+        return self
+
+    @property
+    def chunking_config(self) -> dict[str, int]:
+        return {
+            "max_characters": self.chunk_max_chars,
+            "new_after_n_chars": self.chunk_new_after_chars,
+            "combine_text_under_n_chars": self.chunk_combine_under_chars,
+        }
+
+    @property
+    def embedder_id(self) -> str:
+        return f"{self.embedding}:{self.embedding_model}"
+
+
+def load_settings(**overrides) -> Settings:
+    """Build Settings from the environment plus explicit overrides, or raise SettingsError."""
+    _reject_unknown_variables()
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        raise SettingsError(_describe(exc)) from None
+
+
+def _reject_unknown_variables() -> None:
+    known = {ENV_PREFIX + name.upper() for name in Settings.model_fields} | TOOLING_VARIABLES
+    for name in sorted(os.environ):
+        if name.upper().startswith(ENV_PREFIX) and name.upper() not in known:
+            guess = difflib.get_close_matches(name.upper(), known, n=1)
+            hint = f" (did you mean {guess[0]}?)" if guess else ""
+            raise SettingsError(f"{name}: unknown setting{hint}")
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for error in exc.errors():
+        field = ".".join(str(part) for part in error["loc"])
+        name = ENV_PREFIX + field.upper() if field else "settings"
+        shown = "" if "api_key" in field or "token" in field else f" (got {error.get('input')!r})"
+        lines.append(f"{name}: {error['msg']}{shown}")
+    return "; ".join(lines)

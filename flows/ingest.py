@@ -53,7 +53,7 @@ def embed_batch(texts: list[str], settings: Settings) -> list[list[float]]:
 write_batch = task(store.upsert, name="write-batch", retries=3, retry_delay_seconds=[1, 5, 15], cache_policy=NONE)
 
 
-@flow(name="ingest-docs", task_runner=ThreadPoolTaskRunner(max_workers=2))
+@flow(name="ingest-docs", task_runner=ThreadPoolTaskRunner(max_workers=4))
 def ingest_release(release_url: str | None = None, version: str | None = None, force: bool = False,
                    progress: bool = False) -> dict:
     """Ingest one docs release (https, s3, file URL or path) into the served alias."""
@@ -163,14 +163,24 @@ def _embed_and_write(client, settings: Settings, target: str, chunks: list[chunk
         return 0
     # Similar lengths per batch: less padding, the same speed as one big encode call.
     ordered = sorted(chunks, key=lambda c: len(c.embed_text))
-    batches = {embed_batch.submit([c.embed_text for c in b], settings): b
-               for b in batched(ordered, settings.embedding_batch_size)}
+    waiting = batched(ordered, settings.embedding_batch_size)
+    in_flight: dict = {}
+
+    def submit_next() -> None:
+        if (batch := next(waiting, None)) is not None:
+            in_flight[embed_batch.submit([c.embed_text for c in batch], settings)] = batch
+
+    for _ in range(settings.embedding_concurrency):  # bounds what a killed run can lose
+        submit_next()
     artifact = create_progress_artifact(0.0, description=f"Embedding {len(chunks)} chunks")
     done = 0
     with tqdm(total=len(chunks), unit="chunk", desc="embedding", disable=not progress) as bar:
-        for future in as_completed(list(batches)):
-            batch = batches[future]
-            write_batch(client, target, [_row(c, v, version) for c, v in zip(batch, future.result())])
+        while in_flight:
+            future = next(as_completed(list(in_flight)))
+            batch = in_flight.pop(future)
+            vectors = future.result()
+            submit_next()
+            write_batch(client, target, [_row(c, v, version) for c, v in zip(batch, vectors)])
             done += len(batch)
             bar.update(len(batch))
             update_progress_artifact(artifact, 100.0 * done / len(chunks))

@@ -1,0 +1,65 @@
+"""Shared fixtures: real Prefect (test harness), real Milvus Lite, the real release zips."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Prefect state of the test run lives in a throwaway folder, never in the user's ~/.prefect.
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="docsrag-prefect-"))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+for name in [n for n in os.environ if n.startswith("DOCSRAG_") and n != "DOCSRAG_TEST_DATA"]:
+    del os.environ[name]  # a developer's own configuration must not leak into the tests
+
+
+def _test_data() -> Path | None:
+    path = Path(os.environ.get("DOCSRAG_TEST_DATA", ROOT.parent / "shared"))
+    return path if (path / "data" / "releases").is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def releases() -> Path:
+    data = _test_data()
+    if data is None:
+        pytest.skip("release zips not found: set DOCSRAG_TEST_DATA to the folder holding data/releases")
+    return data / "data" / "releases"
+
+
+@pytest.fixture(scope="session")
+def eval_dir() -> Path:
+    data = _test_data()
+    if data is None or not (data / "eval").is_dir():
+        pytest.skip("eval set not found: set DOCSRAG_TEST_DATA to the folder holding eval/")
+    return data / "eval"
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """A real Prefect API (temporary SQLite server) shared by the session's flow runs."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    """A fresh DOCSRAG_HOME: its own Milvus Lite file, object store and locks."""
+    monkeypatch.setenv("DOCSRAG_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 600):
+    """Run the installed `docsrag` console script in a subprocess, as a user would."""
+    import subprocess
+
+    return subprocess.run([str(Path(sys.executable).parent / "docsrag"), *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=timeout, cwd=ROOT)

@@ -1,0 +1,107 @@
+"""End to end on the embedded defaults: real Prefect API, real Milvus Lite, real model."""
+
+import asyncio
+import json
+import zipfile
+
+import pytest
+
+from flows.cli import main
+from tasks import store
+from tasks.settings import load_settings
+
+
+def cli_json(capsys, *args: str):
+    code = main([*args, "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def faq_ingested(home, prefect_server, releases, capsys):
+    return cli_json(capsys, "ingest", "--release", str(releases / "milvus_docs_faq_2.4.x_en.zip"))
+
+
+def test_faq_release_is_ingested_and_served(faq_ingested):
+    summary = faq_ingested
+    assert (summary["version"], summary["documents"], summary["alias"]) == ("2.4.x", 4, "milvus_docs")
+    assert summary["sha256"] == "781537dc762b25210896bfeb7cd4f921c246f6624123ed19589c7885c0a6c4df"
+    assert summary["embedded"] == summary["chunks"] > 40 and summary["skipped"] == []
+    client = store.connect(load_settings())
+    assert store.served_collection(client, "milvus_docs") == summary["collection"]
+    assert store.served_collection(client, "milvus_docs_2_4_x") == summary["collection"]
+    assert store.count(client, store.loaded(client, "milvus_docs")) == summary["chunks"]
+    assert summary["search"].startswith("hybrid")
+
+
+def test_search_finds_the_product_faq_first(faq_ingested, capsys):
+    result = cli_json(capsys, "search", "How is data stored in milvus?")
+    assert result["query"] == "How is data stored in milvus?"
+    assert result["results"][0]["doc_path"] == "en/faq/product_faq.md"
+    assert {"doc_path", "heading", "score", "text"} <= set(result["results"][0])
+
+
+def test_search_file_answers_each_question(faq_ingested, capsys, tmp_path):
+    questions = tmp_path / "q.jsonl"
+    questions.write_text('{"id": "a", "question": "Where does Milvus store data?"}\n'
+                         '{"id": "b", "question": "Is Docker the only way to install Milvus?"}\n')
+    assert main(["search", "--file", str(questions), "-k", "3", "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["id"] for line in lines] == ["a", "b"]
+    assert lines[0]["results"][0]["doc_path"] == "en/faq/product_faq.md"
+    assert lines[1]["results"][0]["doc_path"] == "en/faq/operational_faq.md"
+    assert all(len(line["results"]) == 3 for line in lines)
+
+
+def test_run_is_explained_by_artifacts(faq_ingested):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    async def latest(key):
+        async with get_client() as client:
+            found = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+            return found[-1]
+
+    summary = asyncio.run(latest("milvus-docs-ingest-summary"))
+    assert summary.type == "markdown" and faq_ingested["sha256"] in summary.data
+    assert "Seconds per stage" in summary.data
+    table = asyncio.run(latest("milvus-docs-ingest-documents"))
+    rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+    assert {row["document"] for row in rows} == {f"en/faq/{n}.md" for n in
+                                                   ("operational_faq", "performance_faq", "product_faq", "troubleshooting")}
+
+
+def test_json_report_is_archived_in_the_object_store(faq_ingested, home):
+    reports = list((home / "objects" / "reports" / "2.4.x").glob("*.json"))
+    assert len(reports) == 1
+    assert json.loads(reports[0].read_text())["collection"] == faq_ingested["collection"]
+    assert (home / "objects" / faq_ingested["archived"]).is_file()
+
+
+def test_bad_release_fails_clearly_and_keeps_the_index(faq_ingested, tmp_path, capsys):
+    corrupt = tmp_path / "milvus_docs_2.6.x_en.zip"
+    corrupt.write_bytes(b"PK\x03\x04 this is not a zip")
+    assert main(["ingest", "--release", str(corrupt)]) == 1
+    assert "not a valid zip archive" in capsys.readouterr().err
+    assert main(["ingest", "--release", str(tmp_path / "missing.zip")]) == 1
+    assert "release file not found" in capsys.readouterr().err
+    client = store.connect(load_settings())
+    assert store.served_collection(client, "milvus_docs") == faq_ingested["collection"]
+    assert cli_json(capsys, "search", "Where does Milvus store data?")["results"]
+
+
+def test_search_before_any_ingest_says_what_to_do(home, capsys):
+    assert main(["search", "anything"]) == 1
+    assert "run `docsrag ingest` first" in capsys.readouterr().err
+
+
+def test_hostile_release_is_refused_before_anything_changes(faq_ingested, tmp_path, capsys):
+    hostile = tmp_path / "milvus_docs_2.4.x_en.zip"
+    with zipfile.ZipFile(hostile, "w") as z:
+        z.writestr("en/faq/ok.md", "# Ok\n")
+        z.writestr("../../outside.md", "# Evil\n")
+    assert main(["ingest", "--release", str(hostile)]) == 1
+    assert "escapes the release folder" in capsys.readouterr().err
+    assert not (tmp_path.parent / "outside.md").exists()
+    assert store.served_collection(store.connect(load_settings()), "milvus_docs") == faq_ingested["collection"]

@@ -21,18 +21,22 @@ class Embedder(Protocol):
 class LocalEmbedder:
     """sentence-transformers on the CPU; vectors are normalized for cosine search."""
 
-    def __init__(self, model: str):
+    def __init__(self, model: str, concurrency: int = 1):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub at run time
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        import torch
         from sentence_transformers import SentenceTransformer
+
+        # Concurrent batches share the cores: more threads than cores only adds contention.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // concurrency))
 
         self.id = f"local:{model}"
         self.model = SentenceTransformer(_local_model_path(model), device="cpu")
         self.dim = self.model.get_embedding_dimension()
 
     def embed(self, texts: list[str]) -> list[list[float]]:
-        vectors = self.model.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
+        vectors = self.model.encode(texts, batch_size=32, normalize_embeddings=True, convert_to_numpy=True)
         return vectors.tolist()
 
 
@@ -55,15 +59,17 @@ class OpenAIEmbedder:
 
 def embedder_for(settings: Settings) -> Embedder:
     key = settings.embedding_api_key.get_secret_value() if settings.embedding_api_key else None
-    return _cached_embedder(settings.embedding, settings.embedding_model, settings.embedding_base_url, key)
+    return _cached_embedder(settings.embedding, settings.embedding_model, settings.embedding_base_url, key,
+                            settings.embedding_concurrency)
 
 
 @functools.cache
-def _cached_embedder(kind: str, model: str, base_url: str | None, api_key: str | None) -> Embedder:
+def _cached_embedder(kind: str, model: str, base_url: str | None, api_key: str | None,
+                     concurrency: int) -> Embedder:
     # One model per process: loading takes seconds, and the flow's tasks share it.
     if kind == "openai":
         return OpenAIEmbedder(model, base_url, api_key)
-    return LocalEmbedder(model)
+    return LocalEmbedder(model, concurrency)
 
 
 def _local_model_path(model: str) -> str:

@@ -34,7 +34,7 @@ def main() -> None:
     settings = load_settings(release_url=args.release)
     with prefect_test_harness(server_startup_timeout=120):  # the API is up before the clock starts
         start = time.perf_counter()
-        summary = ingest_release(release_url=args.release)
+        summary = ingest_release(release=args.release)
         total_s = time.perf_counter() - start
 
     root = Path(settings.home) / "releases" / summary["sha256"]
@@ -54,7 +54,7 @@ def main() -> None:
 
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     figures = {
-        "release": Path(release.release_version(args.release) or args.release).name,
+        "release": release.release_version(args.release) or Path(args.release).name,
         "total_s": round(total_s, 2), "embed_only_s": round(embed_only_s, 2),
         "ratio": round(total_s / embed_only_s, 3), "ratio_limit": 1.15,
         "parse_s": round(parse_s, 2), "parse_limit_s": 3.0, "parse_ratio": round(parse_s / 3.0, 3),

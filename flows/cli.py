@@ -52,7 +52,7 @@ def _ingest(args) -> int:
     load_settings(release_url=args.release)  # fail before starting Prefect when the config is wrong
     from flows.ingest import ingest_release
 
-    summary = ingest_release(release_url=args.release, version=args.version, force=args.force, progress=True)
+    summary = ingest_release(release=args.release, version=args.version, force=args.force, progress=True)
     if args.json:
         print(json.dumps(summary))
     else:

@@ -17,7 +17,8 @@ from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 from tqdm import tqdm
 
-from tasks import chunking, embedding, markdown, release, store
+from tasks import chunking, embedding, markdown, store
+from tasks.release import Release, TransientFetchError, extract_release, fetch_release
 from tasks.diff import ReleaseDiff
 from tasks.objectstore import open_store
 from tasks.report import StageClock, publish_artifacts
@@ -31,16 +32,16 @@ class GuardRailError(RuntimeError):
 def _transient(task, task_run, state) -> bool:
     try:
         state.result()
-    except release.TransientFetchError:
+    except TransientFetchError:
         return True
     except Exception:
         return False
     return False
 
 
-fetch = task(release.fetch_release, name="fetch", retries=3, retry_delay_seconds=[2, 10, 30],
+fetch = task(fetch_release, name="fetch", retries=3, retry_delay_seconds=[2, 10, 30],
              retry_condition_fn=_transient, cache_policy=NONE)
-extract = task(release.extract_release, name="extract", cache_policy=NONE)
+extract = task(extract_release, name="extract", cache_policy=NONE)
 parse = task(markdown.parse_release, name="parse", cache_policy=NONE)
 chunk = task(chunking.chunk_documents, name="chunk", cache_policy=NONE)
 
@@ -54,10 +55,10 @@ write_batch = task(store.upsert, name="write-batch", retries=3, retry_delay_seco
 
 
 @flow(name="ingest-docs", task_runner=ThreadPoolTaskRunner(max_workers=4))
-def ingest_release(release_url: str | None = None, version: str | None = None, force: bool = False,
+def ingest_release(release: str | None = None, version: str | None = None, force: bool = False,
                    progress: bool = False) -> dict:
-    """Ingest one docs release (https, s3, file URL or path) into the served alias."""
-    settings = load_settings(release_url=release_url)
+    """Ingest one docs release (https, s3, file URL or path; default DOCSRAG_RELEASE_URL)."""
+    settings = load_settings(release_url=release)
     clock = StageClock()
     objects = open_store(settings.object_store, settings.s3_endpoint_url)
     with clock("fetch"):
@@ -78,7 +79,7 @@ def ingest_release(release_url: str | None = None, version: str | None = None, f
     return summary
 
 
-def _build_and_publish(client, settings: Settings, rel: release.Release, chunks: list[chunking.Chunk],
+def _build_and_publish(client, settings: Settings, rel: Release, chunks: list[chunking.Chunk],
                        clock: StageClock, force: bool, progress: bool) -> dict:
     alias, version_alias = settings.collection, store.version_alias(settings.collection, rel.version)
     base = store.served_collection(client, version_alias) or store.served_collection(client, alias)
@@ -117,7 +118,7 @@ def _search_mode(client, collection: str) -> str:
     return "hybrid (dense + BM25, RRF)" if store.has_bm25(client, collection) else "dense only (server has no BM25)"
 
 
-def _summary(settings: Settings, rel: release.Release, diff: ReleaseDiff, base: str | None,
+def _summary(settings: Settings, rel: Release, diff: ReleaseDiff, base: str | None,
              version_alias: str) -> dict:
     return {
         "release": rel.url, "version": rel.version, "sha256": rel.sha256, "size": rel.size,

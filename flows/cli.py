@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 from tasks.settings import SettingsError, load_settings
 
@@ -41,6 +42,32 @@ def _parser() -> argparse.ArgumentParser:
     search.add_argument("--version", help="search this docs version instead of the newest")
     search.add_argument("--json", action="store_true")
     search.set_defaults(run=_search)
+
+    ask = commands.add_parser("ask", help="queue a question (and wait for its answer)")
+    ask.add_argument("question")
+    ask.add_argument("--version", help="answer from this docs version instead of the newest")
+    ask.add_argument("--key", help="client key: asking again with the same key returns the same question")
+    ask.add_argument("--wait", type=float, default=0, metavar="SECONDS", help="wait this long for the answer")
+    ask.add_argument("--json", action="store_true")
+    ask.set_defaults(run=_ask)
+
+    answer = commands.add_parser("answer", help="run the serving flow once on the queued questions")
+    answer.add_argument("--max", type=int, default=64, help="questions to claim")
+    answer.add_argument("-k", type=int, help="sources per question (default DOCSRAG_TOP_K)")
+    answer.add_argument("--json", action="store_true")
+    answer.set_defaults(run=_answer)
+
+    show = commands.add_parser("show", help="show a question and its answer")
+    show.add_argument("id", type=int)
+    show.add_argument("--reasoning", action="store_true", help="include the model's reasoning")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(run=_show)
+
+    listing = commands.add_parser("questions", help="list queued and answered questions")
+    listing.add_argument("--status", choices=["pending", "claimed", "answered", "failed", "dead"])
+    listing.add_argument("--limit", type=int, default=50)
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(run=_questions)
 
     rollback = commands.add_parser("rollback", help="serve the previous collection again")
     rollback.add_argument("--json", action="store_true")
@@ -88,7 +115,80 @@ def _search(args) -> int:
 
 
 def _results(hits: list[dict]) -> list[dict]:
-    return [{k: hit[k] for k in ("doc_path", "heading", "score", "text", "version")} for hit in hits]
+    return [{k: hit[k] for k in ("doc_path", "heading", "score", "relevance", "text", "version")} for hit in hits]
+
+
+def _queue():
+    from tasks.questions import Queue
+
+    return Queue.from_settings(load_settings())
+
+
+def _ask(args) -> int:
+    queue = _queue()
+    question_id, _ = queue.submit(args.question, version=args.version, client_key=args.key)
+    deadline = time.monotonic() + args.wait
+    record = queue.get(question_id)
+    while record["status"] not in ("answered", "dead") and time.monotonic() < deadline:
+        time.sleep(0.5)
+        record = queue.get(question_id)
+    if args.json:
+        shown = {"id": question_id, "status": record["status"]}
+        if record["status"] == "answered":
+            shown.update(answer=record["answer"], sources=record["sources"])
+        print(json.dumps(shown))
+    elif record["status"] == "answered":
+        _print_record(record, reasoning=False)
+    else:
+        print(f"question {question_id}: {record['status']}")
+    return 0
+
+
+def _answer(args) -> int:
+    load_settings()
+    from flows.answer import answer_questions
+
+    summary = answer_questions(max_questions=args.max, top_k=args.k)
+    print(json.dumps(summary) if args.json else
+          f"claimed {summary['claimed']}, answered {summary['answered']}, failed {summary['failed']}")
+    return 0
+
+
+_PUBLIC = ("id", "question", "version", "status", "answer", "sources", "model", "reasoning_effort", "usage",
+           "latency_ms", "attempts", "last_error", "created_at", "answered_at")
+
+
+def _show(args) -> int:
+    record = _queue().get(args.id)
+    if record is None:
+        print(f"docsrag show: no question {args.id}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({k: record[k] for k in _PUBLIC + (("reasoning",) if args.reasoning else ())}))
+    else:
+        _print_record(record, reasoning=args.reasoning)
+    return 0
+
+
+def _print_record(record: dict, reasoning: bool) -> None:
+    print(f"[{record['id']}] {record['question']}\n({record['status']})")
+    if record["answer"]:
+        print(f"\n{record['answer']}\n")
+    for source in record["sources"] or []:
+        print(f"  [{source['n']}] {source['doc_path']} — {source['heading']}")
+    if record["last_error"]:
+        print(f"last error: {record['last_error']}")
+    if reasoning and record["reasoning"]:
+        print(f"\nreasoning:\n{record['reasoning']}")
+
+
+def _questions(args) -> int:
+    records = _queue().list(args.status, args.limit)
+    if args.json:
+        print(json.dumps([{k: r[k] for k in ("id", "status", "question", "attempts", "created_at")} for r in records]))
+    for r in records if not args.json else []:
+        print(f"{r['id']:>6}  {r['status']:<8}  {r['question'][:90]}")
+    return 0
 
 
 def _rollback(args) -> int:

@@ -21,7 +21,7 @@ DEFAULT_RELEASE_URL = (
     "v2.4.6-preview/milvus_docs_2.4.x_en.zip"
 )
 # Variables with our prefix that belong to the tooling, not to the pipeline.
-TOOLING_VARIABLES = {"DOCSRAG_TEST_DATA"}
+TOOLING_VARIABLES = {"DOCSRAG_TEST_DATA", "DOCSRAG_TEST_POSTGRES_URL"}
 _MILVUS_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,200}$")
 
 
@@ -60,11 +60,38 @@ class Settings(BaseSettings):
     max_archive_files: int = Field(20_000, ge=1, description="Cap on the number of entries in a release.")
     download_timeout_s: float = Field(60.0, gt=0, description="Network timeout for downloads (seconds).")
 
+    queue_url: str = Field("", description="Question queue: sqlite:///... or postgresql://... (default: <home>/questions.db).")
+    max_question_chars: int = Field(2000, ge=10, description="Longer questions are refused at submit.")
+    max_attempts: int = Field(3, ge=1, description="Attempts before a question is dead-lettered.")
+    lease_s: float = Field(300.0, gt=0, description="How long a claimed question stays with its worker.")
+    retry_backoff_s: float = Field(30.0, ge=0, description="First wait before a failed question is retried (doubles).")
+
+    llm_base_url: str = Field("http://localhost:8000/v1", description="OpenAI-compatible server (vLLM, Ollama, OpenRouter).")
+    llm_model: str = Field("openai/gpt-oss-20b", description="Model id on that server.")
+    llm_api_key: SecretStr | None = Field(None, description="API key of the LLM server.")
+    reasoning_effort: Literal["low", "medium", "high"] = Field("medium", description="gpt-oss reasoning effort.")
+    llm_max_tokens: int = Field(2048, ge=16, description="Max output tokens (reasoning + answer).")
+    # gpt-oss is tuned for sampling at temperature 1.0, top_p 1.0 (its model card).
+    llm_temperature: float = Field(1.0, ge=0, le=2)
+    llm_top_p: float = Field(1.0, gt=0, le=1)
+    llm_concurrency: int = Field(32, ge=1, le=1024, description="Requests in flight, so the server can batch them.")
+    llm_timeout_s: float = Field(120.0, gt=0, description="Per-request timeout.")
+    llm_max_retries: int = Field(3, ge=0, description="Retries with backoff on 429/5xx/timeouts.")
+    top_k: int = Field(5, ge=1, le=50, description="Sources retrieved per question.")
+    min_relevance: float = Field(0.3, ge=-1, le=1, description="Below this cosine, the docs do not cover it.")
+
     @field_validator("collection")
     @classmethod
     def _milvus_name(cls, value: str) -> str:
         if not _MILVUS_NAME.match(value):
             raise ValueError("must start with a letter or '_' and hold only letters, digits and '_'")
+        return value
+
+    @field_validator("queue_url")
+    @classmethod
+    def _queue_scheme(cls, value: str) -> str:
+        if value and not value.startswith(("sqlite:", "postgresql:", "postgresql+psycopg:")):
+            raise ValueError("must be a sqlite:/// or postgresql:// URL")
         return value
 
     @field_validator("object_store", "release_url", "milvus_uri")
@@ -79,6 +106,8 @@ class Settings(BaseSettings):
             object.__setattr__(self, "milvus_uri", str(self.home / "milvus.db"))
         if not self.object_store:
             object.__setattr__(self, "object_store", str(self.home / "objects"))
+        if not self.queue_url:
+            object.__setattr__(self, "queue_url", f"sqlite:///{self.home / 'questions.db'}")
         if self.chunk_new_after_chars > self.chunk_max_chars:
             raise ValueError("DOCSRAG_CHUNK_NEW_AFTER_CHARS must not exceed DOCSRAG_CHUNK_MAX_CHARS")
         return self

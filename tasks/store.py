@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from pymilvus import AnnSearchRequest, DataType, Function, FunctionType, MilvusClient, RRFRanker
+from pymilvus.exceptions import MilvusException
 
 from tasks.settings import Settings
 
@@ -32,7 +33,8 @@ class StoreError(RuntimeError):
 
 def connect(settings: Settings) -> MilvusClient:
     uri = settings.milvus_uri
-    if not re.match(r"^[a-z]+://", uri):  # a Milvus Lite file: make sure its folder exists
+    lite = not re.match(r"^[a-z]+://", uri)
+    if lite:  # make sure the Milvus Lite file's folder exists
         Path(uri).parent.mkdir(parents=True, exist_ok=True)
     token = settings.milvus_token.get_secret_value() if settings.milvus_token else ""
     # query_iterator warns on every page against Milvus Lite, and Milvus Lite's in-process
@@ -40,7 +42,14 @@ def connect(settings: Settings) -> MilvusClient:
     # falls back by itself). Real errors still surface as exceptions.
     logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
     logging.getLogger("grpc._server").setLevel(logging.CRITICAL)
-    return MilvusClient(uri=uri, token=token, timeout=30)
+    try:
+        return MilvusClient(uri=uri, token=token, timeout=30)
+    except MilvusException as exc:
+        if lite:
+            raise StoreError(f"cannot open the Milvus Lite file {uri}: {exc.message}. Milvus Lite serves one "
+                             "process at a time: is another docsrag command using it? Use a Milvus server "
+                             "(DOCSRAG_MILVUS_URI=http://host:19530) for concurrent readers and writers") from None
+        raise StoreError(f"cannot reach Milvus at {uri}: {exc.message}") from None
 
 
 def loaded(client: MilvusClient, name: str) -> str:
@@ -151,12 +160,21 @@ def search(client: MilvusClient, collection: str, vectors: list[list[float]], te
                 AnnSearchRequest(vectors, "dense", {"metric_type": "COSINE"}, limit=k * 3),
                 AnnSearchRequest(texts, "sparse", {"metric_type": "BM25"}, limit=k * 3),
             ],
-            ranker=RRFRanker(60), limit=k, output_fields=OUTPUT_FIELDS,
+            ranker=RRFRanker(60), limit=k, output_fields=[*OUTPUT_FIELDS, "dense"],
         )
     else:
         hits = client.search(collection, data=vectors, anns_field="dense", limit=k,
-                             search_params={"metric_type": "COSINE"}, output_fields=OUTPUT_FIELDS)
-    return [[{**hit["entity"], "id": hit["id"], "score": float(hit["distance"])} for hit in row] for row in hits]
+                             search_params={"metric_type": "COSINE"}, output_fields=[*OUTPUT_FIELDS, "dense"])
+    return [[_hit(hit, vector) for hit in row] for row, vector in zip(hits, vectors)]
+
+
+def _hit(hit: dict, query: list[float]) -> dict:
+    """A result row; ``relevance`` is the cosine to the query (vectors are normalized), comparable
+    across queries, unlike RRF scores."""
+    entity = dict(hit["entity"])
+    dense = entity.pop("dense")
+    relevance = sum(a * float(b) for a, b in zip(query, dense))
+    return {**entity, "id": hit["id"], "score": float(hit["distance"]), "relevance": round(relevance, 4)}
 
 
 def doc_of_ids(client: MilvusClient, name: str) -> dict[str, str]:

@@ -16,7 +16,7 @@ os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="docsrag-prefect-"
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-for name in [n for n in os.environ if n.startswith("DOCSRAG_") and n != "DOCSRAG_TEST_DATA"]:
+for name in [n for n in os.environ if n.startswith("DOCSRAG_") and not n.startswith("DOCSRAG_TEST_")]:
     del os.environ[name]  # a developer's own configuration must not leak into the tests
 
 
@@ -63,3 +63,25 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600):
 
     return subprocess.run([str(Path(sys.executable).parent / "docsrag"), *args], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=timeout, cwd=ROOT)
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A throwaway database on the machine's PostgreSQL (DOCSRAG_TEST_POSTGRES_URL names the server)."""
+    import uuid
+
+    import sqlalchemy
+
+    admin = os.environ.get("DOCSRAG_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+    engine = sqlalchemy.create_engine(admin.replace("postgresql://", "postgresql+psycopg://"),
+                                      isolation_level="AUTOCOMMIT")
+    name = f"docsrag_test_{uuid.uuid4().hex[:8]}"
+    try:
+        with engine.connect() as db:
+            db.exec_driver_sql(f"CREATE DATABASE {name}")
+    except sqlalchemy.exc.OperationalError as exc:
+        pytest.skip(f"PostgreSQL not reachable at DOCSRAG_TEST_POSTGRES_URL={admin}: {exc.orig}")
+    yield admin.rsplit("/", 1)[0] + f"/{name}"
+    with engine.connect() as db:
+        db.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    engine.dispose()

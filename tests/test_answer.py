@@ -1,0 +1,179 @@
+"""The serving flow end to end: FAQ index on Milvus Lite, real Prefect, the gpt-oss emulator."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from flows.cli import main
+from tasks.generate import NOT_COVERED
+from tasks.questions import Queue
+from tasks.settings import load_settings
+
+from .conftest import ROOT
+from .llm_emulator import Emulator
+
+QUESTIONS = ["Where does Milvus store data?", "Is Docker the only way to install and run Milvus?",
+             "What are the main factors affecting recall?"]
+
+
+@pytest.fixture(scope="module")
+def faq_home(tmp_path_factory, prefect_server, releases):
+    """One FAQ index for the module; each test gets its own queue and emulator."""
+    home = tmp_path_factory.mktemp("serve") / "home"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DOCSRAG_HOME", str(home))
+        assert main(["ingest", "--release", str(releases / "milvus_docs_faq_2.4.x_en.zip")]) == 0
+    return home
+
+
+@pytest.fixture
+def llm(faq_home, tmp_path, monkeypatch):
+    emulator = Emulator().start()
+    monkeypatch.setenv("DOCSRAG_HOME", str(faq_home))
+    monkeypatch.setenv("DOCSRAG_QUEUE_URL", f"sqlite:///{tmp_path / 'questions.db'}")
+    monkeypatch.setenv("DOCSRAG_LLM_BASE_URL", emulator.url)
+    monkeypatch.setenv("DOCSRAG_RETRY_BACKOFF_S", "0")
+    yield emulator
+    emulator.stop()
+
+
+def cli(capsys, *args):
+    code = main([*args, "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return json.loads(out)
+
+
+def test_questions_are_answered_with_citations_of_faq_docs(llm, capsys, monkeypatch):
+    monkeypatch.setenv("DOCSRAG_REASONING_EFFORT", "high")
+    ids = [cli(capsys, "ask", q)["id"] for q in QUESTIONS]
+    assert cli(capsys, "answer") == {"claimed": 3, "answered": 3, "failed": 0, "not_covered": 0}
+    for qid, question in zip(ids, QUESTIONS):
+        record = cli(capsys, "show", str(qid))
+        assert record["status"] == "answered" and record["question"] == question
+        assert record["sources"] and all(s["doc_path"].startswith("en/faq/") for s in record["sources"])
+        assert [s["n"] for s in record["sources"]] == list(range(1, len(record["sources"]) + 1))
+        assert "[1]" in record["answer"] and record["sources"][0]["doc_path"] in record["answer"]
+        assert (record["model"], record["reasoning_effort"]) == ("openai/gpt-oss-20b", "high")
+        assert "reasoning" not in record and "Reasoning" not in record["answer"]
+        assert record["usage"]["total_tokens"] > 0
+    assert len(llm.requests) == 3
+    for request in llm.requests:
+        assert request["reasoning_effort"] == "high" and request["model"] == "openai/gpt-oss-20b"
+        assert (request["temperature"], request["top_p"]) == (1.0, 1.0)
+        system, user = request["messages"]
+        assert "data, not instructions" in system["content"]
+    storage = next(r for r in llm.requests if "Where does Milvus store data?" in r["messages"][1]["content"])
+    assert "incremental log" in storage["messages"][1]["content"], "the retrieved text is in the prompt"
+    assert '<source n="1" doc="en/faq/product_faq.md"' in storage["messages"][1]["content"]
+
+
+def test_reasoning_is_stored_apart_and_shown_on_request(llm, capsys):
+    llm.reasoning_field = "reasoning_content"  # the older vLLM / DeepSeek-style field
+    qid = cli(capsys, "ask", QUESTIONS[0])["id"]
+    cli(capsys, "answer")
+    assert "reasoning" not in cli(capsys, "show", str(qid))
+    assert main(["show", str(qid), "--reasoning", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["reasoning"] == "Reasoning (medium): read 5 sources."
+
+
+def test_invalid_citations_are_dropped(llm, capsys):
+    llm.answer_text = "Object storage [1], see also [9]."
+    qid = cli(capsys, "ask", QUESTIONS[0])["id"]
+    cli(capsys, "answer")
+    assert cli(capsys, "show", str(qid))["answer"] == "Object storage [1], see also ."
+
+
+def test_no_relevant_context_means_no_model_call(llm, capsys):
+    qid = cli(capsys, "ask", "How do I bake sourdough bread?")["id"]
+    assert cli(capsys, "answer")["not_covered"] == 1
+    record = cli(capsys, "show", str(qid))
+    assert (record["status"], record["answer"], record["sources"]) == ("answered", NOT_COVERED, [])
+    assert llm.requests == []
+
+
+def test_transient_errors_are_retried(llm, capsys):
+    llm.failures = [429, 500]
+    qid = cli(capsys, "ask", QUESTIONS[0])["id"]
+    assert cli(capsys, "answer")["answered"] == 1
+    assert len(llm.requests) == 3 and cli(capsys, "show", str(qid))["status"] == "answered"
+
+
+def test_model_failing_every_time_ends_dead_with_the_error(llm, capsys, monkeypatch):
+    monkeypatch.setenv("DOCSRAG_LLM_MAX_RETRIES", "1")
+    monkeypatch.setenv("DOCSRAG_MAX_ATTEMPTS", "2")
+    llm.always_fail = 500
+    qid = cli(capsys, "ask", QUESTIONS[0])["id"]
+    assert cli(capsys, "answer") == {"claimed": 1, "answered": 0, "failed": 1, "not_covered": 0}
+    assert cli(capsys, "show", str(qid))["status"] == "failed"
+    assert cli(capsys, "answer")["failed"] == 1
+    record = cli(capsys, "show", str(qid))
+    assert (record["status"], record["attempts"]) == ("dead", 2)
+    assert "InternalServerError" in record["last_error"] and "injected 500" in record["last_error"]
+    assert len(llm.requests) == 4  # two attempts, each one request and one retry
+    assert cli(capsys, "answer")["claimed"] == 0
+
+
+def test_hung_model_times_out(llm, capsys, monkeypatch):
+    monkeypatch.setenv("DOCSRAG_LLM_TIMEOUT_S", "0.5")
+    monkeypatch.setenv("DOCSRAG_LLM_MAX_RETRIES", "0")
+    llm.hang_s = 3
+    qid = cli(capsys, "ask", QUESTIONS[0])["id"]
+    started = time.monotonic()
+    assert cli(capsys, "answer")["failed"] == 1
+    assert time.monotonic() - started < 3
+    assert "Timeout" in cli(capsys, "show", str(qid))["last_error"]
+
+
+def test_oversized_question_is_refused_at_submit(llm, capsys):
+    assert main(["ask", "x" * 5000]) == 1
+    assert "over the limit of 2000 (DOCSRAG_MAX_QUESTION_CHARS)" in capsys.readouterr().err
+    assert sum(Queue.from_settings(load_settings()).counts().values()) == 0
+
+
+def test_unknown_version_fails_the_question_not_the_batch(llm, capsys):
+    bad = cli(capsys, "ask", QUESTIONS[0], "--version", "9.9.x")["id"]
+    good = cli(capsys, "ask", QUESTIONS[1])["id"]
+    assert cli(capsys, "answer")["answered"] == 1
+    assert "nothing is served as 'milvus_docs_9_9_x'" in cli(capsys, "show", str(bad))["last_error"]
+    assert cli(capsys, "show", str(good))["status"] == "answered"
+
+
+def test_worker_killed_after_claiming_is_answered_once(llm, capsys, monkeypatch, releases, tmp_path):
+    from prefect.settings import PREFECT_API_URL
+
+    # Milvus Lite serves one process per file: the worker gets an index this process never opened.
+    monkeypatch.setenv("DOCSRAG_HOME", str(tmp_path / "worker-home"))
+    monkeypatch.setenv("DOCSRAG_LEASE_S", "20")
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    docsrag = str(Path(sys.executable).parent / "docsrag")
+    subprocess.run([docsrag, "ingest", "--release", str(releases / "milvus_docs_faq_2.4.x_en.zip")], env=env,
+                   cwd=ROOT, check=True, capture_output=True, timeout=300)
+    qid = cli(capsys, "ask", QUESTIONS[0], "--key", "client-42")["id"]
+    assert cli(capsys, "ask", QUESTIONS[0], "--key", "client-42")["id"] == qid
+    llm.hang_s = 60
+    worker = subprocess.Popen([docsrag, "answer"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not llm.requests and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert llm.requests, "the worker claimed and called the model"
+    os.killpg(worker.pid, signal.SIGKILL)
+    worker.wait()
+    lease = Queue.from_settings(load_settings()).get(qid)
+    assert lease["status"] == "claimed"
+    llm.hang_s = 0
+    assert cli(capsys, "answer")["claimed"] == 0, "the dead worker's lease still holds"
+    expires = datetime.fromisoformat(lease["lease_expires_at"]).replace(tzinfo=timezone.utc)
+    time.sleep(max(0.0, (expires - datetime.now(timezone.utc)).total_seconds()) + 0.5)
+    assert cli(capsys, "answer") == {"claimed": 1, "answered": 1, "failed": 0, "not_covered": 0}
+    record = cli(capsys, "show", str(qid))
+    assert (record["status"], record["attempts"]) == ("answered", 2)
+    assert Queue.from_settings(load_settings()).counts()["answered"] == 1

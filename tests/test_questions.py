@@ -1,0 +1,108 @@
+"""The question queue, on SQLite and on the machine's PostgreSQL."""
+
+import threading
+import time
+
+import pytest
+
+from tasks.questions import Queue, QuestionError
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def queue_url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'q.db'}"
+    url = request.getfixturevalue("postgres_url")
+    from sqlalchemy import create_engine
+
+    from tasks.questions import metadata
+
+    metadata.drop_all(create_engine(url.replace("postgresql://", "postgresql+psycopg://")))
+    return url
+
+
+def make(url, **options) -> Queue:
+    return Queue(url, **{"lease_s": 60, "backoff_s": 0, **options})
+
+
+def test_lifecycle_keeps_the_full_record(queue_url):
+    queue = make(queue_url)
+    qid, created = queue.submit("  Where does Milvus store data?  ", version="2.4.x")
+    assert created and queue.get(qid)["status"] == "pending"
+    [claimed] = queue.claim(10, "w1")
+    assert (claimed.id, claimed.question, claimed.version, claimed.attempts) == (qid, "Where does Milvus store data?", "2.4.x", 1)
+    assert queue.answer(qid, "w1", answer="In object storage [1].", reasoning="thinking", model="m",
+                        reasoning_effort="low", sources=[{"n": 1, "doc_path": "en/a.md", "heading": "A", "score": 0.5}],
+                        usage={"total_tokens": 10}, latency_ms=12)
+    record = queue.get(qid)
+    assert record["status"] == "answered" and record["answer"] == "In object storage [1]."
+    assert record["reasoning"] == "thinking" and record["sources"][0]["doc_path"] == "en/a.md"
+    assert record["usage"] == {"total_tokens": 10} and record["latency_ms"] == 12
+    assert record["created_at"] <= record["answered_at"]
+    assert queue.claim(10, "w2") == []
+
+
+def test_submit_is_idempotent_with_a_client_key(queue_url):
+    queue = make(queue_url)
+    first = queue.submit("q?", client_key="req-1")
+    assert queue.submit("q?", client_key="req-1") == (first[0], False)
+    assert queue.submit("q?")[0] != first[0]
+    assert queue.counts()["pending"] == 2
+
+
+def test_oversized_and_empty_questions_are_refused(queue_url):
+    queue = make(queue_url, max_chars=100)
+    with pytest.raises(QuestionError, match="101 characters, over the limit of 100 .DOCSRAG_MAX_QUESTION_CHARS"):
+        queue.submit("x" * 101)
+    with pytest.raises(QuestionError, match="empty"):
+        queue.submit("   ")
+    assert sum(queue.counts().values()) == 0
+
+
+def test_concurrent_workers_never_claim_the_same_question(queue_url):
+    make(queue_url)  # schema
+    for i in range(60):
+        make(queue_url).submit(f"question {i}")
+    claimed: dict[str, list[int]] = {}
+
+    def worker(name):
+        queue, mine = make(queue_url), []
+        while batch := queue.claim(4, name):
+            mine += [c.id for c in batch]
+        claimed[name] = mine
+
+    threads = [threading.Thread(target=worker, args=(f"w{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    every = [qid for ids in claimed.values() for qid in ids]
+    assert len(every) == len(set(every)) == 60
+
+
+def test_expired_lease_is_claimed_again_and_answered_once(queue_url):
+    queue = make(queue_url, lease_s=0.5)
+    qid, _ = queue.submit("q?")
+    assert queue.claim(1, "dead-worker")[0].id == qid
+    assert queue.claim(1, "other") == [], "a live lease is respected"
+    time.sleep(0.7)
+    [again] = queue.claim(1, "other")
+    assert again.attempts == 2
+    assert queue.answer(qid, "other", answer="second")
+    assert not queue.answer(qid, "dead-worker", answer="late"), "a worker that lost its lease cannot overwrite"
+    assert queue.get(qid)["answer"] == "second"
+
+
+def test_failures_back_off_then_dead_letter_with_the_error(queue_url):
+    queue = make(queue_url, max_attempts=2, backoff_s=0.3)
+    qid, _ = queue.submit("q?")
+    queue.claim(1, "w")
+    assert queue.fail(qid, "w", "RuntimeError: boom 1") == "failed"
+    assert queue.claim(1, "w") == [], "not retried before its backoff"
+    time.sleep(0.4)
+    assert queue.claim(1, "w")[0].attempts == 2
+    assert queue.fail(qid, "w", "RuntimeError: boom 2") == "dead"
+    record = queue.get(qid)
+    assert (record["status"], record["attempts"], record["last_error"]) == ("dead", 2, "RuntimeError: boom 2")
+    time.sleep(0.7)
+    assert queue.claim(1, "w") == []

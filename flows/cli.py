@@ -69,6 +69,21 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(run=_questions)
 
+    watch = commands.add_parser("watch", help="look for new docs releases")
+    watch.add_argument("--once", action="store_true", required=True,
+                       help="check once (schedule the watch-releases deployment to keep watching)")
+    watch.add_argument("--ingest", action="store_true", help="ingest new releases here instead of emitting events")
+    watch.add_argument("--json", action="store_true")
+    watch.set_defaults(run=_watch)
+
+    evaluate = commands.add_parser("eval", help="measure retrieval on a gold set (JSON lines)")
+    evaluate.add_argument("--gold", required=True, help="JSON lines with question and gold_sources")
+    evaluate.add_argument("-k", type=int, default=10)
+    evaluate.add_argument("--version", help="evaluate this docs version's index")
+    evaluate.add_argument("--answers", action="store_true", help="also ask the LLM; check answers cite a gold doc")
+    evaluate.add_argument("--json", action="store_true")
+    evaluate.set_defaults(run=_eval)
+
     rollback = commands.add_parser("rollback", help="serve the previous collection again")
     rollback.add_argument("--json", action="store_true")
     rollback.set_defaults(run=_rollback)
@@ -188,6 +203,25 @@ def _questions(args) -> int:
         print(json.dumps([{k: r[k] for k in ("id", "status", "question", "attempts", "created_at")} for r in records]))
     for r in records if not args.json else []:
         print(f"{r['id']:>6}  {r['status']:<8}  {r['question'][:90]}")
+    return 0
+
+
+def _watch(args) -> int:
+    load_settings()
+    from flows.watch import watch_releases
+
+    summary = watch_releases(ingest=args.ingest)
+    print(json.dumps(summary) if args.json else
+          f"new: {', '.join(summary['new']) or 'none'} ({summary['seen']} seen, {summary['events']} events)")
+    return 0
+
+
+def _eval(args) -> int:
+    load_settings()
+    from flows.evaluate import evaluate_retrieval
+
+    figures = evaluate_retrieval(gold=args.gold, k=args.k, version=args.version, answers=args.answers)
+    print(json.dumps(figures) if args.json else "\n".join(f"{k:>26}  {v}" for k, v in figures.items()))
     return 0
 
 

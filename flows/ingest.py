@@ -102,16 +102,15 @@ def _build_and_publish(client, settings: Settings, rel: Release, chunks: list[ch
         store.create_collection(client, target, embedder.dim, bm25=store.supports_bm25(client),
                                 info={"build_key": build_key, "state": "building", "version": rel.version,
                                       "release_sha256": rel.sha256, "embedder": settings.embedder_id})
-    with clock("reuse"):
-        reused = _copy_reused(client, base, target, diff.reusable(), rel.version)
     with clock("embed+write"):
-        embedded = _embed_and_write(client, settings, target, diff.to_embed(), rel.version, progress)
+        embedded, reused = _write_all(client, settings, base, target, diff, rel.version, progress)
     with clock("validate"):
         _validate(client, target, len(chunks))
     with clock("publish"):
         previous = store.publish(client, alias, version_alias, target, rel.version, settings.keep_collections)
     return {**summary, "collection": target, "previous_collection": previous, "embedded": embedded,
-            "reused": reused, "search": _search_mode(client, target), "seconds_saved": _seconds_saved(clock, embedded, reused)}, diff
+            "reused": reused, "search": _search_mode(client, target),
+            "seconds_saved": _seconds_saved(clock, embedded, reused)}, diff
 
 
 def _search_mode(client, collection: str) -> str:
@@ -148,23 +147,21 @@ def _check_guard_rails(diff: ReleaseDiff, alias: str, force: bool) -> None:
             f"({served - kept} lost, more than half); check the release or re-run with --force")
 
 
-def _copy_reused(client, base: str | None, target: str, chunks: list[chunking.Chunk],
-                 version: str) -> int:
+def _copy_reused(client, base: str | None, target: str, chunks: list[chunking.Chunk], version: str) -> int:
     for batch in batched(chunks, 1000):
         vectors = store.vectors_of(client, base, [c.id for c in batch])
         write_batch(client, target, [_row(c, vectors[c.id], version) for c in batch])
     return len(chunks)
 
 
-def _embed_and_write(client, settings: Settings, target: str, chunks: list[chunking.Chunk], version: str,
-                     progress: bool) -> int:
-    """Embed in parallel batches; write each batch as it lands (one writer), so a killed run
-    keeps every finished batch in the staging collection."""
-    if not chunks:
-        return 0
+def _write_all(client, settings: Settings, base: str | None, target: str, diff: ReleaseDiff, version: str,
+               progress: bool) -> tuple[int, int]:
+    """Embed new chunks in parallel batches and write each batch as it lands (one writer), so a
+    killed run keeps every finished batch in the staging collection. Served vectors are copied
+    while the first batches embed. -> (embedded, reused)"""
+    chunks = diff.to_embed()
     # Similar lengths per batch: less padding, the same speed as one big encode call.
-    ordered = sorted(chunks, key=lambda c: len(c.embed_text))
-    waiting = batched(ordered, settings.embedding_batch_size)
+    waiting = batched(sorted(chunks, key=lambda c: len(c.embed_text)), settings.embedding_batch_size)
     in_flight: dict = {}
 
     def submit_next() -> None:
@@ -173,9 +170,10 @@ def _embed_and_write(client, settings: Settings, target: str, chunks: list[chunk
 
     for _ in range(settings.embedding_concurrency):  # bounds what a killed run can lose
         submit_next()
+    reused = _copy_reused(client, base, target, diff.reusable(), version)
     artifact = create_progress_artifact(0.0, description=f"Embedding {len(chunks)} chunks")
     done = 0
-    with tqdm(total=len(chunks), unit="chunk", desc="embedding", disable=not progress) as bar:
+    with tqdm(total=len(chunks), unit="chunk", desc="embedding", disable=not progress or not chunks) as bar:
         while in_flight:
             future = next(as_completed(list(in_flight)))
             batch = in_flight.pop(future)
@@ -185,7 +183,7 @@ def _embed_and_write(client, settings: Settings, target: str, chunks: list[chunk
             done += len(batch)
             bar.update(len(batch))
             update_progress_artifact(artifact, 100.0 * done / len(chunks))
-    return done
+    return done, reused
 
 
 def batched(items: list, size: int):

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "DOCSRAG_"
@@ -80,6 +80,14 @@ class Settings(BaseSettings):
     top_k: int = Field(5, ge=1, le=50, description="Sources retrieved per question.")
     min_relevance: float = Field(0.3, ge=-1, le=1, description="Below this cosine, the docs do not cover it.")
 
+    eval_gold: str = Field("", description="Gold questions (JSON lines) evaluated after each ingest.")
+    release_repo: str = Field("milvus-io/milvus-docs", description="GitHub repository whose releases are watched.")
+    releases_api: str = Field("", description="Releases feed URL (default: the GitHub REST API for the repo).")
+    release_asset_pattern: str = Field("milvus_docs_*_en.zip", description="Glob of the release assets to ingest.")
+    github_token: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("DOCSRAG_GITHUB_TOKEN", "GITHUB_TOKEN"),
+        description="GitHub token (GITHUB_TOKEN) for a higher API rate limit.")
+
     @field_validator("collection")
     @classmethod
     def _milvus_name(cls, value: str) -> str:
@@ -106,6 +114,8 @@ class Settings(BaseSettings):
             object.__setattr__(self, "milvus_uri", str(self.home / "milvus.db"))
         if not self.object_store:
             object.__setattr__(self, "object_store", str(self.home / "objects"))
+        if not self.releases_api:
+            object.__setattr__(self, "releases_api", f"https://api.github.com/repos/{self.release_repo}/releases")
         if not self.queue_url:
             object.__setattr__(self, "queue_url", f"sqlite:///{self.home / 'questions.db'}")
         if self.chunk_new_after_chars > self.chunk_max_chars:

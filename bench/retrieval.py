@@ -1,0 +1,121 @@
+"""Retrieval variants side by side on the dev set (doc-level recall@k, MRR@10).
+
+Each variant indexes the 2.4.x release in its own Milvus Lite collection with the default
+embedder; identical texts are embedded once. Prints a markdown table, then a threshold
+sweep for "not covered", then one JSON line with every figure.
+Run: .venv/bin/python bench/retrieval.py --release ../shared/data/releases/milvus_docs_2.4.x_en.zip
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tasks import chunking, embedding, markdown, release, store  # noqa: E402
+from tasks.evaluate import aggregate, load_gold, score  # noqa: E402
+from tasks.objectstore import LocalStore  # noqa: E402
+from tasks.settings import load_settings  # noqa: E402
+
+DEFAULT_CHUNKING = {"max_characters": 1500, "new_after_n_chars": 1000, "combine_text_under_n_chars": 200}
+
+
+def tutorial_items(root: Path) -> list[dict]:
+    """The Milvus "Build RAG" tutorial: every file split on "# ", the raw text embedded."""
+    items = []
+    for path in sorted(root.rglob("*.md")):
+        rel = path.relative_to(root).as_posix()
+        for piece in path.read_text("utf-8").split("# "):
+            if piece.strip():
+                items.append({"doc_path": rel, "heading": "", "text": piece, "embed": piece})
+    return items
+
+
+def markdown_items(root: Path, chunking_config: dict, with_headings: bool) -> list[dict]:
+    parsed = markdown.parse_release(root)
+    chunks = chunking.chunk_documents(parsed.documents, chunking_config, "bench")
+    return [{"doc_path": c.doc_path, "heading": c.heading, "text": c.text,
+             "embed": c.embed_text if with_headings else c.text} for c in chunks]
+
+
+class CachedEmbedder:
+    def __init__(self, embedder):
+        self.embedder, self.cache = embedder, {}
+
+    def embed(self, texts: list[str]) -> list[list[float]]:
+        missing = list(dict.fromkeys(t for t in texts if t not in self.cache))
+        for start in range(0, len(missing), 256):
+            batch = missing[start:start + 256]
+            self.cache.update(zip(batch, self.embedder.embed(batch)))
+        return [self.cache[t] for t in texts]
+
+
+def evaluate_variant(client, name: str, items: list[dict], embedder, gold: list[dict], hybrid: bool,
+                     min_relevance: float) -> tuple[dict, list[dict]]:
+    vectors = embedder.embed([i["embed"] for i in items])
+    store.create_collection(client, name, len(vectors[0]), bm25=hybrid, info={})
+    rows = [{"id": hashlib.sha256(f"{n}:{i['doc_path']}".encode()).hexdigest()[:32], "doc_path": i["doc_path"],
+             "title": "", "heading": i["heading"][:4000], "version": "bench", "text": i["text"][:60000],
+             "dense": v} for n, (i, v) in enumerate(zip(items, vectors))]
+    for start in range(0, len(rows), 1000):
+        store.upsert(client, name, rows[start:start + 1000])
+    questions = [g["question"] for g in gold]
+    hits = store.search(client, name, embedder.embed(questions), questions, 10, hybrid=hybrid)
+    scored = [score(g, h, min_relevance) for g, h in zip(gold, hits)]
+    return {"chunks": len(items), **aggregate(scored)}, scored
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--release", default="../shared/data/releases/milvus_docs_2.4.x_en.zip")
+    parser.add_argument("--gold", default="../shared/eval/dev.jsonl")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="docsrag-retrieval-"))
+    os.environ["DOCSRAG_HOME"] = str(work)
+    settings = load_settings()
+    rel = release.fetch_release(args.release, home=work, store=LocalStore(work / "objects"))
+    root = release.extract_release(rel, work / "releases", max_bytes=settings.max_archive_bytes,
+                                   max_files=settings.max_archive_files)
+    gold = load_gold(Path(args.gold))
+    embedder = CachedEmbedder(embedding.embedder_for(settings))
+    client = store.connect(settings)
+    small = {"max_characters": 800, "new_after_n_chars": 500, "combine_text_under_n_chars": 200}
+    variants = [
+        ("tutorial: split on '# ', dense", tutorial_items(root), False),
+        ("markdown chunks, dense", markdown_items(root, DEFAULT_CHUNKING, False), False),
+        ("+ title/heading path embedded, dense", markdown_items(root, DEFAULT_CHUNKING, True), False),
+        ("+ BM25 hybrid (RRF) [default]", markdown_items(root, DEFAULT_CHUNKING, True), True),
+        ("smaller chunks (800/500), hybrid", markdown_items(root, small, True), True),
+        ("tutorial chunks, hybrid", tutorial_items(root), True),
+    ]
+    results, default_scored = {}, None
+    print("| variant | chunks | recall@1 | recall@3 | recall@5 | recall@10 | MRR@10 | contains |")
+    print("|---|---|---|---|---|---|---|---|")
+    for n, (label, items, hybrid) in enumerate(variants):
+        figures, scored = evaluate_variant(client, f"bench_{n}", items, embedder, gold, hybrid, settings.min_relevance)
+        results[label] = figures
+        default_scored = scored if "[default]" in label else default_scored
+        print(f"| {label} | {figures['chunks']} | {figures['recall@1']} | {figures['recall@3']} | "
+              f"{figures['recall@5']} | {figures['recall@10']} | {figures['mrr@10']} | {figures['contains']} |",
+              flush=True)
+    print("\n| min relevance | unanswerable said 'not covered' | answerable wrongly 'not covered' |")
+    print("|---|---|---|")
+    sweep = {}
+    for threshold in (0.2, 0.25, 0.3, 0.35, 0.4, 0.45):
+        unanswerable = [r for r in default_scored if not r["answerable"]]
+        answerable = [r for r in default_scored if r["answerable"]]
+        hit = sum(r["best_relevance"] < threshold for r in unanswerable)
+        lost = sum(r["best_relevance"] < threshold for r in answerable)
+        sweep[threshold] = {"unanswerable": f"{hit}/{len(unanswerable)}", "answerable_lost": lost}
+        print(f"| {threshold} | {hit}/{len(unanswerable)} | {lost}/{len(answerable)} |")
+    print(json.dumps({"variants": results, "not_covered_sweep": sweep}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""Serving figures: generation throughput against the gpt-oss emulator, retrieval latency.
+
+200 questions, emulator latency 500 ms per request, concurrency 32:
+questions_per_s (generation, target >= 0.8 * 32 / 0.5 = 51.2) and end_to_end_questions_per_s
+(the whole answer flow: claim, retrieve, generate, store). Retrieval latency per question on
+the 2.4.x index (embed the question + hybrid search, model loaded): retrieve_p50_ms,
+retrieve_p95_ms (target p95 <= 50). Last line is JSON.
+Run: .venv/bin/python bench/serve.py --release ../shared/data/releases/milvus_docs_2.4.x_en.zip
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+QUESTIONS, LATENCY_S, CONCURRENCY = 200, 0.5, 32
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--release", default="../shared/data/releases/milvus_docs_2.4.x_en.zip")
+    parser.add_argument("--eval", default="../shared/eval/dev.jsonl")
+    parser.add_argument("--home", help="an existing DOCSRAG_HOME with the release ingested (skips the ingest)")
+    args = parser.parse_args()
+    os.environ["DOCSRAG_HOME"] = args.home or tempfile.mkdtemp(prefix="docsrag-serve-")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.answer import answer_questions
+    from flows.ingest import ingest_release
+    from tasks.generate import Generator
+    from tasks.questions import Queue
+    from tasks.retrieve import Retriever
+    from tasks.settings import load_settings
+    from tests.llm_emulator import Emulator
+
+    emulator = Emulator(latency_s=LATENCY_S).start()
+    os.environ.update(DOCSRAG_LLM_BASE_URL=emulator.url, DOCSRAG_LLM_CONCURRENCY=str(CONCURRENCY),
+                      DOCSRAG_MIN_RELEVANCE="-1")  # every question goes to the model
+    questions = [json.loads(line)["question"] for line in open(args.eval, encoding="utf-8")]
+    questions = [questions[i % len(questions)] for i in range(QUESTIONS)]
+
+    with prefect_test_harness(server_startup_timeout=120):
+        if not args.home:
+            ingest_release(release=args.release)
+        settings = load_settings()
+        retriever = Retriever(settings)
+        retriever.search(["warm-up"], settings.top_k)
+        latencies = []
+        for question in questions:
+            start = time.perf_counter()
+            retriever.search([question], settings.top_k)
+            latencies.append(1000 * (time.perf_counter() - start))
+        sources = retriever.search(questions, settings.top_k)
+
+        from tasks.generate import numbered_sources
+
+        start = time.perf_counter()
+        results = asyncio.run(Generator(settings).answer_all(
+            [(q, numbered_sources(s)) for q, s in zip(questions, sources)]))
+        generate_s = time.perf_counter() - start
+        failures = sum(isinstance(r, Exception) for r in results)
+
+        queue = Queue.from_settings(settings)
+        for question in questions:
+            queue.submit(question)
+        start = time.perf_counter()
+        flow_summary = answer_questions(max_questions=QUESTIONS)
+        flow_s = time.perf_counter() - start
+    emulator.stop()
+
+    target = 0.8 * CONCURRENCY / LATENCY_S
+    latencies.sort()
+    print(json.dumps({
+        "questions": QUESTIONS, "latency_s": LATENCY_S, "concurrency": CONCURRENCY,
+        "questions_per_s": round(QUESTIONS / generate_s, 1), "questions_per_s_target": target,
+        "questions_per_s_ratio": round(QUESTIONS / generate_s / target, 3), "generate_failures": failures,
+        "end_to_end_questions_per_s": round(QUESTIONS / flow_s, 1), "flow": flow_summary,
+        "retrieve_p50_ms": round(statistics.median(latencies), 1),
+        "retrieve_p95_ms": round(latencies[int(0.95 * len(latencies)) - 1], 1), "retrieve_p95_limit_ms": 50,
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Measure retrieval (and optionally answers) against a gold set; runs after each ingest."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NONE
+
+from tasks.evaluate import aggregate, load_gold, score
+from tasks.generate import Generator, numbered_sources
+from tasks.retrieve import Retriever
+from tasks.settings import Settings, load_settings
+
+
+@task(name="retrieve-gold", cache_policy=NONE)
+def retrieve_all(settings: Settings, questions: list[str], k: int, version: str | None) -> list[list[dict]]:
+    return Retriever(settings).search(questions, k, version)
+
+
+@task(name="answer-gold", cache_policy=NONE)
+def answer_all(settings: Settings, items: list[dict], hits: list[list[dict]]) -> list[dict]:
+    """Ask the model with the retrieved sources; does the answer cite a gold document?"""
+    sources = [numbered_sources(h[: settings.top_k]) for h in hits]
+    results = asyncio.run(Generator(settings).answer_all([(i["question"], s) for i, s in zip(items, sources)]))
+    checked = []
+    for item, srcs, result in zip(items, sources, results):
+        cited = [] if isinstance(result, Exception) else [srcs[n - 1]["doc_path"] for n in result.cited]
+        checked.append({"id": item["id"], "cites_gold": any(doc in item["gold_sources"] for doc in cited),
+                        "error": str(result) if isinstance(result, Exception) else None})
+    return checked
+
+
+@flow(name="evaluate-retrieval")
+def evaluate_retrieval(gold: str | None = None, k: int = 10, version: str | None = None,
+                       answers: bool = False) -> dict:
+    """Doc-level recall@1/3/5/10 and MRR@10 of the served index on a gold file (JSON lines;
+    default DOCSRAG_EVAL_GOLD)."""
+    settings = load_settings()
+    gold = gold or settings.eval_gold
+    if not gold:
+        raise ValueError("no gold set: pass gold= or set DOCSRAG_EVAL_GOLD to a JSON lines file")
+    items = load_gold(Path(gold))
+    hits = retrieve_all(settings, [i["question"] for i in items], k, version)
+    rows = [score(item, h, settings.min_relevance) for item, h in zip(items, hits)]
+    figures = aggregate(rows)
+    if answers:
+        answerable = [(i, h) for i, h in zip(items, hits) if i["gold_sources"]]
+        checked = answer_all(settings, [i for i, _ in answerable], [h for _, h in answerable])
+        figures["answers_citing_gold"] = round(sum(c["cites_gold"] for c in checked) / (len(checked) or 1), 4)
+        figures["answer_errors"] = sum(c["error"] is not None for c in checked)
+    _report(figures, rows, gold)
+    get_run_logger().info("recall@5 %s, MRR@10 %s on %s questions", figures["recall@5"], figures["mrr@10"],
+                          figures["questions"])
+    return figures
+
+
+def _report(figures: dict, rows: list[dict], gold: str) -> None:
+    lines = [f"# Retrieval on `{gold}`", "", "| metric | value |", "|---|---|",
+             *(f"| {name} | {value} |" for name, value in figures.items())]
+    create_markdown_artifact(markdown="\n".join(lines), key="retrieval-evaluation",
+                             description="Doc-level retrieval quality on the gold set")
+    misses = [{"question": r["question"], "expected": r["expected"], "rank": r["rank"],
+               "retrieved": r["retrieved"]}
+              for r in rows if (r["answerable"] and r["rank"] != 1) or (not r["answerable"] and not r["not_covered"])]
+    create_table_artifact(table=misses or [{"question": "(no misses)"}], key="retrieval-misses",
+                          description="Questions whose gold document was not ranked first")

@@ -1,0 +1,56 @@
+"""Watch the docs repository's releases; announce each new one, or ingest it directly.
+
+On a Prefect server, each new release becomes a ``docsrag.release.published`` event and the
+``ingest-docs`` deployment's trigger runs the ingest with the asset URL. On the embedded
+defaults (no server, no automations), ``ingest=True`` runs the ingest flow here instead.
+"""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NONE
+from prefect.events import emit_event
+
+from flows.ingest import ingest_release
+from tasks.feed import PublishedAsset, SeenReleases, read_feed
+from tasks.objectstore import open_store
+from tasks.settings import Settings, load_settings
+from tasks.store import version_order
+
+EVENT = "docsrag.release.published"
+
+
+@task(name="read-feed", retries=2, retry_delay_seconds=[5, 30], cache_policy=NONE)
+def fetch_feed(settings: Settings, etag: str | None) -> tuple[list[PublishedAsset] | None, str | None]:
+    token = settings.github_token.get_secret_value() if settings.github_token else None
+    return read_feed(settings.releases_api, settings.release_asset_pattern, etag=etag, token=token)
+
+
+def announce(asset: PublishedAsset) -> None:
+    emit_event(event=EVENT,
+               resource={"prefect.resource.id": f"docsrag.release.{asset.version}",
+                         "prefect.resource.name": asset.name},
+               payload={"version": asset.version, "asset_url": asset.url, "asset_id": asset.asset_id,
+                        "size": asset.size, "tag": asset.tag})
+
+
+@flow(name="watch-releases")
+def watch_releases(ingest: bool = False) -> dict:
+    """Find new release assets; emit an event for each (or ingest them when ``ingest``)."""
+    settings = load_settings()
+    seen = SeenReleases(open_store(settings.object_store, settings.s3_endpoint_url), settings.release_repo)
+    assets, etag = fetch_feed(settings, seen.etag)
+    new = sorted((a for a in assets or [] if seen.is_new(a)), key=lambda a: version_order(a.version))
+    failed = []
+    for asset in new:  # oldest first, so the main alias ends on the newest version
+        try:
+            ingest_release(release=asset.url, version=asset.version) if ingest else announce(asset)
+            seen.mark(asset)
+        except Exception as exc:
+            failed.append(f"{asset.version}: {exc}")
+    # Keep the ETag only when everything new was handled, so a failed release is seen again.
+    seen.save(etag if not failed else None)
+    if failed:
+        raise RuntimeError("could not ingest " + "; ".join(failed))
+    get_run_logger().info("%d new release(s): %s", len(new), ", ".join(a.version for a in new) or "none")
+    return {"new": [a.version for a in new], "seen": len(seen.seen), "events": 0 if ingest else len(new)}

@@ -1,0 +1,119 @@
+"""The GitHub releases feed of the docs repository, and what of it was already seen.
+
+Reads the REST releases list with ``If-None-Match`` (a 304 costs no rate limit), skips
+drafts, picks the assets matching a glob, and keeps the ETag and the seen assets
+(version + asset id + size) in the object store so a restarted watcher does not
+re-announce every release.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+
+import httpx
+
+from tasks.objectstore import ObjectStore
+from tasks.release import release_version
+
+
+class FeedError(RuntimeError):
+    """The feed could not be read; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class PublishedAsset:
+    version: str
+    tag: str
+    asset_id: int
+    name: str
+    size: int
+    url: str
+    published_at: str | None
+
+    @property
+    def key(self) -> str:
+        return f"{self.version}:{self.asset_id}:{self.size}"
+
+
+def read_feed(api_url: str, pattern: str, *, etag: str | None = None, token: str | None = None,
+              timeout_s: float = 30.0) -> tuple[list[PublishedAsset] | None, str | None]:
+    """Assets of published releases matching ``pattern``; ``None`` when the feed is unchanged."""
+    headers = {"Accept": "application/vnd.github+json", "X-GitHub-Api-Version": "2022-11-28"}
+    if etag:
+        headers["If-None-Match"] = etag
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    try:
+        response = httpx.get(api_url, headers=headers, params={"per_page": 100}, timeout=timeout_s,
+                             follow_redirects=True)
+    except httpx.HTTPError as exc:
+        raise FeedError(f"cannot read the releases feed {api_url}: {exc.__class__.__name__}: {exc}") from exc
+    if response.status_code == 304:
+        return None, etag
+    if response.status_code in (403, 429) and _rate_limited(response):
+        raise FeedError(_rate_limit_message(api_url, response, token is not None))
+    if response.status_code >= 400:
+        raise FeedError(f"the releases feed {api_url} answered HTTP {response.status_code}: {response.text[:200]}")
+    return _assets(api_url, response, pattern), response.headers.get("etag")
+
+
+def _rate_limited(response: httpx.Response) -> bool:
+    return response.headers.get("x-ratelimit-remaining") == "0" or "retry-after" in response.headers \
+        or response.status_code == 429
+
+
+def _rate_limit_message(api_url: str, response: httpx.Response, authenticated: bool) -> str:
+    if "retry-after" in response.headers:
+        when = f"retry after {response.headers['retry-after']} s"
+    elif reset := response.headers.get("x-ratelimit-reset", "").strip():
+        at = datetime.fromtimestamp(int(reset), timezone.utc)
+        when = f"the limit resets at {at:%Y-%m-%d %H:%M:%S} UTC"
+    else:
+        when = "try again later"
+    hint = "" if authenticated else "; set GITHUB_TOKEN for a higher limit"
+    return f"GitHub rate limit reached for {api_url} (HTTP {response.status_code}): {when}{hint}"
+
+
+def _assets(api_url: str, response: httpx.Response, pattern: str) -> list[PublishedAsset]:
+    try:
+        releases = response.json()
+        if not isinstance(releases, list):
+            raise ValueError(f"expected a JSON list of releases, got {type(releases).__name__}")
+        found = []
+        for release in releases:
+            if release.get("draft"):
+                continue
+            for asset in release.get("assets") or []:
+                if fnmatch.fnmatch(asset["name"], pattern):
+                    found.append(PublishedAsset(
+                        version=release_version(asset["name"]) or release["tag_name"], tag=release["tag_name"],
+                        asset_id=int(asset["id"]), name=asset["name"], size=int(asset["size"]),
+                        url=asset["browser_download_url"], published_at=release.get("published_at")))
+        return found
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise FeedError(f"malformed releases feed from {api_url}: {exc.__class__.__name__}: {exc}") from None
+
+
+class SeenReleases:
+    """ETag and seen assets of one feed, as a small JSON object in the object store."""
+
+    def __init__(self, store: ObjectStore, repo: str):
+        self.store = store
+        self.key = f"watch/{repo.replace('/', '__')}.json"
+        raw = store.get_bytes(self.key)
+        state = json.loads(raw) if raw else {}
+        self.etag: str | None = state.get("etag")
+        self.seen: dict[str, dict] = state.get("seen", {})
+
+    def is_new(self, asset: PublishedAsset) -> bool:
+        return asset.key not in self.seen
+
+    def mark(self, asset: PublishedAsset) -> None:
+        self.seen[asset.key] = {**asdict(asset), "seen_at": datetime.now(timezone.utc).isoformat()}
+
+    def save(self, etag: str | None) -> None:
+        self.etag = etag
+        self.store.put_bytes(self.key, json.dumps({"etag": etag, "seen": self.seen}, indent=2).encode())

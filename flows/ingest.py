@@ -15,6 +15,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NONE
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.utilities.annotations import quote
 from tqdm import tqdm
 
 from tasks import chunking, embedding, markdown, store
@@ -51,7 +52,13 @@ def embed_batch(texts: list[str], settings: Settings) -> list[list[float]]:
     return embedding.embedder_for(settings).embed(texts)
 
 
-write_batch = task(store.upsert, name="write-batch", retries=3, retry_delay_seconds=[1, 5, 15], cache_policy=NONE)
+_upsert = task(store.upsert, name="write-batch", retries=3, retry_delay_seconds=[1, 5, 15], cache_policy=NONE)
+
+
+def write_batch(client, collection: str, rows: list[dict]) -> None:
+    # quote(): Prefect would otherwise walk every float of every vector looking for futures
+    # (7 s per 1000 rows, measured), in the flow thread, while the embedding runs.
+    _upsert(client, collection, quote(rows))
 
 
 @flow(name="ingest-docs", task_runner=ThreadPoolTaskRunner(max_workers=4))
@@ -140,7 +147,8 @@ def _check_guard_rails(diff: ReleaseDiff, alias: str, force: bool) -> None:
     if force:
         return
     if not diff.chunks:
-        raise GuardRailError(f"refusing to publish {alias}: the new build has no chunks (use --force to publish anyway)")
+        raise GuardRailError(f"refusing to publish {alias}: the new build has no chunks "
+                             "(use --force to publish anyway)")
     if served and kept * 2 < served:
         raise GuardRailError(
             f"refusing to move {alias}: the new build keeps {kept} of the {served} documents served now "

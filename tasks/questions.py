@@ -121,18 +121,16 @@ class Queue:
         """Store the answer if this worker still holds the lease. -> stored?"""
         stamp = now()
         with self.engine.begin() as db:
-            done = db.execute(update(questions).where(
-                (questions.c.id == question_id) & (questions.c.status == "claimed") & (questions.c.lease_owner == owner)
-            ).values(status="answered", last_error=None, lease_expires_at=None, answered_at=stamp, updated_at=stamp,
-                     **record))
+            done = db.execute(update(questions).where(_held(question_id, owner)).values(
+                status="answered", last_error=None, lease_expires_at=None, answered_at=stamp, updated_at=stamp,
+                **record))
         return done.rowcount == 1
 
     def fail(self, question_id: int, owner: str, error: str) -> str | None:
         """Record a failure: back to the queue after a backoff, or dead after the last attempt."""
         stamp = now()
         with self.engine.begin() as db:
-            attempts = db.scalar(select(questions.c.attempts).where(
-                (questions.c.id == question_id) & (questions.c.lease_owner == owner) & (questions.c.status == "claimed")))
+            attempts = db.scalar(select(questions.c.attempts).where(_held(question_id, owner)))
             if attempts is None:
                 return None
             status = "dead" if attempts >= self.max_attempts else "failed"
@@ -158,6 +156,11 @@ class Queue:
         with self.engine.begin() as db:
             found = dict(db.execute(select(questions.c.status, func.count()).group_by(questions.c.status)).all())
         return {status: int(found.get(status, 0)) for status in STATUSES}
+
+
+def _held(question_id: int, owner: str):
+    """The question is still leased to this worker."""
+    return (questions.c.id == question_id) & (questions.c.status == "claimed") & (questions.c.lease_owner == owner)
 
 
 def _record(row) -> dict:

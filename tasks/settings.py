@@ -60,13 +60,13 @@ class Settings(BaseSettings):
     max_archive_files: int = Field(20_000, ge=1, description="Cap on the number of entries in a release.")
     download_timeout_s: float = Field(60.0, gt=0, description="Network timeout for downloads (seconds).")
 
-    queue_url: str = Field("", description="Question queue: sqlite:///... or postgresql://... (default: <home>/questions.db).")
+    queue_url: str = Field("", description="sqlite:///... or postgresql://... (default: <home>/questions.db).")
     max_question_chars: int = Field(2000, ge=10, description="Longer questions are refused at submit.")
     max_attempts: int = Field(3, ge=1, description="Attempts before a question is dead-lettered.")
     lease_s: float = Field(300.0, gt=0, description="How long a claimed question stays with its worker.")
     retry_backoff_s: float = Field(30.0, ge=0, description="First wait before a failed question is retried (doubles).")
 
-    llm_base_url: str = Field("http://localhost:8000/v1", description="OpenAI-compatible server (vLLM, Ollama, OpenRouter).")
+    llm_base_url: str = Field("http://localhost:8000/v1", description="OpenAI-compatible server (vLLM, Ollama...).")
     llm_model: str = Field("openai/gpt-oss-20b", description="Model id on that server.")
     llm_api_key: SecretStr | None = Field(None, description="API key of the LLM server.")
     reasoning_effort: Literal["low", "medium", "high"] = Field("medium", description="gpt-oss reasoning effort.")

@@ -57,12 +57,14 @@ def home(tmp_path, monkeypatch) -> Path:
     return tmp_path / "home"
 
 
-def run_cli(*args: str, env: dict | None = None, timeout: float = 600):
-    """Run the installed `docsrag` console script in a subprocess, as a user would."""
-    import subprocess
+DOCSRAG = str(Path(sys.executable).parent / "docsrag")  # the installed console script
 
-    return subprocess.run([str(Path(sys.executable).parent / "docsrag"), *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=timeout, cwd=ROOT)
+
+def api_env(**extra: str) -> dict:
+    """The environment for a subprocess that should use this session's Prefect API."""
+    from prefect.settings import PREFECT_API_URL
+
+    return {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), **extra}
 
 
 @pytest.fixture(scope="session")

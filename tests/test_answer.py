@@ -4,10 +4,8 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 
 import pytest
 
@@ -16,7 +14,7 @@ from tasks.generate import NOT_COVERED
 from tasks.questions import Queue
 from tasks.settings import load_settings
 
-from .conftest import ROOT
+from .conftest import DOCSRAG, ROOT, api_env
 from .llm_emulator import Emulator
 
 QUESTIONS = ["Where does Milvus store data?", "Is Docker the only way to install and run Milvus?",
@@ -147,19 +145,16 @@ def test_unknown_version_fails_the_question_not_the_batch(llm, capsys):
 
 
 def test_worker_killed_after_claiming_is_answered_once(llm, capsys, monkeypatch, releases, tmp_path):
-    from prefect.settings import PREFECT_API_URL
-
     # Milvus Lite serves one process per file: the worker gets an index this process never opened.
     monkeypatch.setenv("DOCSRAG_HOME", str(tmp_path / "worker-home"))
     monkeypatch.setenv("DOCSRAG_LEASE_S", "20")
-    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
-    docsrag = str(Path(sys.executable).parent / "docsrag")
-    subprocess.run([docsrag, "ingest", "--release", str(releases / "milvus_docs_faq_2.4.x_en.zip")], env=env,
+    env = api_env()
+    subprocess.run([DOCSRAG, "ingest", "--release", str(releases / "milvus_docs_faq_2.4.x_en.zip")], env=env,
                    cwd=ROOT, check=True, capture_output=True, timeout=300)
     qid = cli(capsys, "ask", QUESTIONS[0], "--key", "client-42")["id"]
     assert cli(capsys, "ask", QUESTIONS[0], "--key", "client-42")["id"] == qid
     llm.hang_s = 60
-    worker = subprocess.Popen([docsrag, "answer"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+    worker = subprocess.Popen([DOCSRAG, "answer"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 120
     while not llm.requests and time.monotonic() < deadline:

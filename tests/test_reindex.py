@@ -5,7 +5,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from flows.cli import main
 from tasks import chunking, markdown, store
 from tasks.settings import load_settings
 
-from .conftest import ROOT
+from .conftest import DOCSRAG, ROOT, api_env
 
 
 def ingest(capsys, *args: str) -> dict:
@@ -35,12 +34,6 @@ def fresh_build_ids(summary: dict) -> set[str]:
     settings = load_settings()
     parsed = markdown.parse_release(settings.home / "releases" / summary["sha256"])
     return {c.id for c in chunking.chunk_documents(parsed.documents, settings.chunking_config, settings.embedder_id)}
-
-
-def prefect_env() -> dict:
-    from prefect.settings import PREFECT_API_URL
-
-    return {"PREFECT_API_URL": PREFECT_API_URL.value()}
 
 
 
@@ -135,19 +128,17 @@ def test_rollback_with_nothing_before_says_so(home, prefect_server, releases, ca
 def test_second_concurrent_ingest_exits_with_a_clear_message(home, prefect_server, releases):
     settings = load_settings()
     with store.build_lock(settings.home, settings.collection):
-        result = subprocess.run([str(Path(sys.executable).parent / "docsrag"), "ingest", "--release",
-                                 str(releases / "milvus_docs_faq_2.4.x_en.zip")], capture_output=True, text=True,
-                                env={**os.environ, **prefect_env()}, cwd=ROOT, timeout=300)
+        result = subprocess.run([DOCSRAG, "ingest", "--release", str(releases / "milvus_docs_faq_2.4.x_en.zip")],
+                                capture_output=True, text=True, env=api_env(), cwd=ROOT, timeout=300)
     assert result.returncode == 1
     assert re.search(r"another ingest of 'milvus_docs' is running \(pid \d+ since .* UTC\)", result.stderr)
     assert store.served_collection(store.connect(settings), "milvus_docs") is None
 
 
 def test_killed_ingest_resumes_without_re_embedding_finished_batches(home, prefect_server, releases, capsys):
-    env = {**os.environ, **prefect_env(), "DOCSRAG_EMBEDDING_BATCH_SIZE": "4", "DOCSRAG_EMBEDDING_CONCURRENCY": "1"}
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "docsrag"), "ingest", "--release",
-                             str(releases / "milvus_docs_faq_2.4.x_en.zip")], stderr=subprocess.PIPE, env=env,
-                            cwd=ROOT, start_new_session=True)
+    env = api_env(DOCSRAG_EMBEDDING_BATCH_SIZE="4", DOCSRAG_EMBEDDING_CONCURRENCY="1")
+    proc = subprocess.Popen([DOCSRAG, "ingest", "--release", str(releases / "milvus_docs_faq_2.4.x_en.zip")],
+                            stderr=subprocess.PIPE, env=env, cwd=ROOT, start_new_session=True)
     seen = b""
     while proc.poll() is None:
         seen += proc.stderr.read1(4096)

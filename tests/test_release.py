@@ -2,7 +2,6 @@
 
 import hashlib
 import http.server
-import os
 import stat
 import threading
 import zipfile

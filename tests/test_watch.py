@@ -3,7 +3,6 @@
 import asyncio
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -15,7 +14,7 @@ import pytest
 
 from flows.cli import main
 
-from .conftest import ROOT
+from .conftest import ROOT, api_env
 
 API_PATH = "/repos/milvus-io/milvus-docs/releases"
 
@@ -136,9 +135,8 @@ def test_ingest_flag_ingests_new_releases_without_a_server(github, prefect_serve
 
 def test_event_triggers_the_ingest_deployment_with_the_asset_url(github, prefect_server, capsys):
     from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL
 
-    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    env = api_env()
     prefect = [str(Path(sys.executable).parent / "prefect"), "--no-prompt"]
     for pool in ("docsrag-cpu", "docsrag-gpu"):
         subprocess.run([*prefect, "work-pool", "create", pool, "--type", "process", "--overwrite"], env=env,

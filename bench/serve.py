@@ -37,7 +37,7 @@ def main() -> None:
 
     from flows.answer import answer_questions
     from flows.ingest import ingest_release
-    from tasks.generate import Generator
+    from tasks.generate import Generator, numbered_sources
     from tasks.questions import Queue
     from tasks.retrieve import Retriever
     from tasks.settings import load_settings
@@ -61,9 +61,6 @@ def main() -> None:
             retriever.search([question], settings.top_k)
             latencies.append(1000 * (time.perf_counter() - start))
         sources = retriever.search(questions, settings.top_k)
-
-        from tasks.generate import numbered_sources
-
         start = time.perf_counter()
         results = asyncio.run(Generator(settings).answer_all(
             [(q, numbered_sources(s)) for q, s in zip(questions, sources)]))

@@ -168,8 +168,9 @@ def _write_all(client, settings: Settings, base: str | None, target: str, diff: 
     killed run keeps every finished batch in the staging collection. Served vectors are copied
     while the first batches embed. -> (embedded, reused)"""
     chunks = diff.to_embed()
-    # Similar lengths per batch: less padding, the same speed as one big encode call.
-    waiting = batched(sorted(chunks, key=lambda c: len(c.embed_text)), settings.embedding_batch_size)
+    # Similar lengths per batch: less padding. Longest first: the last batches are the cheap ones,
+    # so no core idles long while the final batch runs alone.
+    waiting = batched(sorted(chunks, key=lambda c: len(c.embed_text), reverse=True), settings.embedding_batch_size)
     in_flight: dict = {}
 
     def submit_next() -> None:

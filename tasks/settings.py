@@ -49,7 +49,7 @@ class Settings(BaseSettings):
     )
     embedding_base_url: str | None = Field(None, description="OpenAI-compatible embeddings server (/v1).")
     embedding_api_key: SecretStr | None = Field(None, description="API key of the embeddings server.")
-    embedding_batch_size: int = Field(256, ge=1, le=4096, description="Chunks per embedding task.")
+    embedding_batch_size: int = Field(128, ge=1, le=4096, description="Chunks per embedding task.")
     embedding_concurrency: int = Field(2, ge=1, le=64, description="Embedding tasks run at once.")
 
     chunk_max_chars: int = Field(1500, ge=100, description="Hard chunk size limit (characters).")

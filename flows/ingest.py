@@ -177,12 +177,13 @@ def _write_all(client, settings: Settings, base: str | None, target: str, diff: 
         if (batch := next(waiting, None)) is not None:
             in_flight[embed_batch.submit([c.embed_text for c in batch], settings)] = batch
 
-    for _ in range(settings.embedding_concurrency):  # bounds what a killed run can lose
-        submit_next()
-    reused = _copy_reused(client, base, target, diff.reusable(), version)
     artifact = create_progress_artifact(0.0, description=f"Embedding {len(chunks)} chunks")
     done = 0
-    with tqdm(total=len(chunks), unit="chunk", desc="embedding", disable=not progress or not chunks) as bar:
+    with embedding.cores_shared_by(settings.embedding_concurrency), \
+            tqdm(total=len(chunks), unit="chunk", desc="embedding", disable=not progress or not chunks) as bar:
+        for _ in range(settings.embedding_concurrency):  # bounds what a killed run can lose
+            submit_next()
+        reused = _copy_reused(client, base, target, diff.reusable(), version)
         while in_flight:
             future = next(as_completed(list(in_flight)))
             batch = in_flight.pop(future)
@@ -206,6 +207,9 @@ def _row(c: chunking.Chunk, vector: list[float], version: str) -> dict:
 
 
 def _validate(client, collection: str, expected: int) -> None:
+    # Seal what was written: indexed segments, not a brute-force scan of the write buffer,
+    # are what readers get once the alias moves (Milvus Lite: 400 ms -> 70 ms per search).
+    client.flush(collection)
     rows = store.count(client, collection)
     if rows != expected:
         raise store.StoreError(f"validation failed for {collection}: {rows} rows, expected {expected}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+from contextlib import contextmanager
 from typing import Protocol
 
 from tasks.settings import Settings
@@ -21,15 +22,11 @@ class Embedder(Protocol):
 class LocalEmbedder:
     """sentence-transformers on the CPU; vectors are normalized for cosine search."""
 
-    def __init__(self, model: str, concurrency: int = 1):
+    def __init__(self, model: str):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub at run time
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        import torch
         from sentence_transformers import SentenceTransformer
-
-        # Concurrent batches share the cores: more threads than cores only adds contention.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // concurrency))
 
         self.id = f"local:{model}"
         self.model = SentenceTransformer(_local_model_path(model), device="cpu")
@@ -59,17 +56,29 @@ class OpenAIEmbedder:
 
 def embedder_for(settings: Settings) -> Embedder:
     key = settings.embedding_api_key.get_secret_value() if settings.embedding_api_key else None
-    return _cached_embedder(settings.embedding, settings.embedding_model, settings.embedding_base_url, key,
-                            settings.embedding_concurrency)
+    return _cached_embedder(settings.embedding, settings.embedding_model, settings.embedding_base_url, key)
 
 
 @functools.cache
-def _cached_embedder(kind: str, model: str, base_url: str | None, api_key: str | None,
-                     concurrency: int) -> Embedder:
+def _cached_embedder(kind: str, model: str, base_url: str | None, api_key: str | None) -> Embedder:
     # One model per process: loading takes seconds, and the flow's tasks share it.
     if kind == "openai":
         return OpenAIEmbedder(model, base_url, api_key)
-    return LocalEmbedder(model, concurrency)
+    return LocalEmbedder(model)
+
+
+@contextmanager
+def cores_shared_by(concurrent_batches: int):
+    """While batches embed in parallel, each gets its share of the cores (more threads than
+    cores only adds contention); outside, a single query uses them all."""
+    import torch
+
+    cores = os.cpu_count() or 1
+    torch.set_num_threads(max(1, cores // concurrent_batches))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(cores)
 
 
 def _local_model_path(model: str) -> str:

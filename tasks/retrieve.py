@@ -20,16 +20,20 @@ class Retriever:
         self._hybrid: dict[str, bool] = {}
 
     def collection(self, version: str | None = None) -> str:
+        """The alias to search, checked and loaded once (searches follow the alias when it moves)."""
         alias = self.settings.collection
         name = store.version_alias(alias, version) if version else alias
-        if store.served_collection(self.client, name) is None:
-            hint = f"ingest docs {version} first" if version else "run `docsrag ingest` first"
-            raise store.StoreError(f"nothing is served as {name!r}: {hint}")
-        return store.loaded(self.client, name)
+        if name not in self._hybrid:
+            if store.served_collection(self.client, name) is None:
+                hint = f"ingest docs {version} first" if version else "run `docsrag ingest` first"
+                raise store.StoreError(f"nothing is served as {name!r}: {hint}")
+            self._hybrid[name] = store.has_bm25(self.client, store.loaded(self.client, name))
+        return name
 
     def search(self, queries: list[str], k: int = 5, version: str | None = None) -> list[list[dict]]:
+        return self.search_vectors(queries, self.embedder.embed(queries), k, version)
+
+    def search_vectors(self, queries: list[str], vectors: list[list[float]], k: int = 5,
+                       version: str | None = None) -> list[list[dict]]:
         name = self.collection(version)
-        if name not in self._hybrid:
-            self._hybrid[name] = store.has_bm25(self.client, name)
-        vectors = self.embedder.embed(queries)
         return store.search(self.client, name, vectors, queries, k, hybrid=self._hybrid[name])

@@ -16,6 +16,10 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 256  # the default backlog of 5 drops connections when 32 clients arrive at once
+
+
 class Emulator:
     def __init__(self, latency_s: float = 0.0, reasoning_field: str = "reasoning", host: str = "127.0.0.1",
                  port: int = 0):
@@ -27,7 +31,7 @@ class Emulator:
         self.hang_s = 0.0
         self.answer_text: str | None = None  # fixed content instead of the default citing answer
         self.lock = threading.Lock()
-        self.server = ThreadingHTTPServer((host, port), self._handler())
+        self.server = _Server((host, port), self._handler())
         self.server.daemon_threads = True
         self.url = f"http://{host}:{self.server.server_address[1]}/v1"
 
@@ -102,5 +106,5 @@ if __name__ == "__main__":
     parser.add_argument("--latency", type=float, default=0.0)
     args = parser.parse_args()
     emulator = Emulator(args.latency, port=args.port).start()
-    print(f"serving on {emulator.url}", flush=True)
+    print(f"serving on {emulator.url}", flush=True)  # the bench reads the URL from this line
     threading.Event().wait()

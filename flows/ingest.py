@@ -31,13 +31,7 @@ class GuardRailError(RuntimeError):
 
 
 def _transient(task, task_run, state) -> bool:
-    try:
-        state.result()
-    except TransientFetchError:
-        return True
-    except Exception:
-        return False
-    return False
+    return isinstance(state.result(raise_on_failure=False), TransientFetchError)
 
 
 fetch = task(fetch_release, name="fetch", retries=3, retry_delay_seconds=[2, 10, 30],
@@ -223,7 +217,7 @@ def _seconds_saved(clock: StageClock, embedded: int, reused: int) -> float:
 
 
 def _report(summary: dict, diff: ReleaseDiff, objects) -> None:
-    """Artifacts for the UI; the JSON summary archived beside the raw release."""
+    """Artifacts for the UI; the JSON summary archived in the object store under reports/."""
     publish_artifacts(summary, diff.documents(), Counter(c.doc_path for c in diff.chunks))
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     objects.put_bytes(f"reports/{summary['version']}/{stamp}.json", json.dumps(summary, indent=2).encode())

@@ -44,7 +44,10 @@ def watch_releases(ingest: bool = False) -> dict:
     failed = []
     for asset in new:  # oldest first, so the main alias ends on the newest version
         try:
-            ingest_release(release=asset.url, version=asset.version) if ingest else announce(asset)
+            if ingest:
+                ingest_release(release=asset.url, version=asset.version)
+            else:
+                announce(asset)
             seen.mark(asset)
         except Exception as exc:
             failed.append(f"{asset.version}: {exc}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from contextlib import contextmanager
 from typing import Protocol
 
@@ -70,9 +71,12 @@ def _cached_embedder(kind: str, model: str, base_url: str | None, api_key: str |
 @contextmanager
 def cores_shared_by(concurrent_batches: int):
     """While batches embed in parallel, each gets its share of the cores (more threads than
-    cores only adds contention); outside, a single query uses them all."""
-    import torch
-
+    cores only adds contention); outside, a single query uses them all. Without a local model
+    loaded (OpenAI-compatible embeddings) there is nothing to share."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        yield
+        return
     cores = os.cpu_count() or 1
     torch.set_num_threads(max(1, cores // concurrent_batches))
     try:

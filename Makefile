@@ -11,7 +11,7 @@ TORCH_INDEX ?=
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= true
 
-.PHONY: run test bench clean
+.PHONY: run test bench stack-up stack-down stack-status clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,17 @@ test: $(BIN)/.installed
 
 bench: $(BIN)/.installed
 	$(BIN)/python bench/ingest.py --release "$(or $(RELEASE),../shared/data/releases/milvus_docs_2.4.x_en.zip)"
+
+# The local real stack (infra/local/stack.py): S3, Milvus server, Prefect server on PostgreSQL, worker.
+# `source $(DOCSRAG_HOME)/stack.env` afterwards (default .docsrag/stack.env). STACK_ARGS=--free-ports etc.
+stack-up: $(BIN)/.installed
+	$(BIN)/python infra/local/stack.py up $(STACK_ARGS)
+
+stack-down:
+	$(BIN)/python infra/local/stack.py down $(STACK_ARGS)
+
+stack-status:
+	$(BIN)/python infra/local/stack.py status $(STACK_ARGS)
 
 clean:
 	rm -rf $(VENV) .docsrag

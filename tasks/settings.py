@@ -21,7 +21,7 @@ DEFAULT_RELEASE_URL = (
     "v2.4.6-preview/milvus_docs_2.4.x_en.zip"
 )
 # Variables with our prefix that belong to the tooling, not to the pipeline.
-TOOLING_VARIABLES = {"DOCSRAG_TEST_DATA", "DOCSRAG_TEST_POSTGRES_URL"}
+TOOLING_VARIABLES = {"DOCSRAG_TEST_DATA", "DOCSRAG_TEST_POSTGRES_URL", "DOCSRAG_STACK_POSTGRES"}
 _MILVUS_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,200}$")
 
 
@@ -37,6 +37,8 @@ class Settings(BaseSettings):
 
     milvus_uri: str = Field("", description="Milvus Lite file or server URI (default: <home>/milvus.db).")
     milvus_token: SecretStr | None = Field(None, description="Milvus token (user:password or API key).")
+    milvus_bucket: str | None = Field(
+        None, description="The S3 bucket the Milvus server stores into (enables bulk import for full builds).")
     collection: str = Field("milvus_docs", description="The alias searches and answers are served from.")
     keep_collections: int = Field(2, ge=1, description="Physical collections kept per alias (for rollback).")
 

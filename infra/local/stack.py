@@ -1,0 +1,371 @@
+"""The local real stack, without Docker: SeaweedFS S3, a Milvus 2.3 server on that S3, a Prefect
+server on PostgreSQL with a process worker, and the deployments of prefect.yaml.
+
+    python infra/local/stack.py up [--home DIR] [--free-ports] [--paused]
+    python infra/local/stack.py down [--home DIR] [--purge]
+    python infra/local/stack.py status [--home DIR]
+
+Everything lives under ``$DOCSRAG_HOME/stack/`` (data, logs, pid files, generated credentials);
+``up`` writes ``$DOCSRAG_HOME/stack.env`` for ``source``. Running ``up`` again starts only what is
+not running; ``down`` stops only the processes whose pid files it wrote.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import closing
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+DEFAULT_PORTS = {"s3": 8333, "milvus": 19530, "prefect": 4200}
+INTERNAL_PORTS = ("master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc", "s3_grpc",
+                  "s3_iceberg", "s3_lance", "weed_metrics", "milvus_metrics")
+OBJECTS_BUCKET, MILVUS_BUCKET = "docsrag", "milvus"
+POOLS = ("docsrag-cpu", "docsrag-gpu")
+
+
+class StackError(RuntimeError):
+    """A component did not come up; the message names it and its log."""
+
+
+# ---------------------------------------------------------------- state: ports, credentials, pids
+
+def free_port() -> int:
+    with closing(socket.socket()) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def load_state(stack: Path, free_ports: bool, postgres: str, db_prefix: str) -> dict:
+    """Ports and credentials are chosen once and kept, so a restarted component finds its data."""
+    path = stack / "state.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    public = {name: free_port() if free_ports else port for name, port in DEFAULT_PORTS.items()}
+    state = {
+        "ports": {**public, **{name: free_port() for name in INTERNAL_PORTS}},
+        "s3_access_key": "docsrag" + secrets.token_hex(4),
+        "s3_secret_key": secrets.token_urlsafe(24),
+        "milvus_password": secrets.token_urlsafe(18),
+        "postgres": postgres.rstrip("/"),
+        "prefect_db": f"{db_prefix}_prefect",
+        "queue_db": f"{db_prefix}_queue",
+    }
+    stack.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(state, indent=2))
+    path.chmod(0o600)
+    return state
+
+
+def running(stack: Path, name: str) -> int | None:
+    """The process group we started for ``name``, if it is still alive."""
+    pid_file = stack / f"{name}.pid"
+    if not pid_file.is_file():
+        return None
+    pid = int(pid_file.read_text())
+    try:
+        os.killpg(pid, 0)
+    except ProcessLookupError:
+        return None
+    return pid
+
+
+def spawn(stack: Path, name: str, cmd: list[str], env: dict | None = None, cwd: Path | None = None) -> None:
+    """Start ``cmd`` detached in its own process group (so ``down`` stops it and its children)."""
+    log = (stack / f"{name}.log").open("ab")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            env={**os.environ, **(env or {})}, cwd=cwd or stack, start_new_session=True)
+    (stack / f"{name}.pid").write_text(str(proc.pid))
+
+
+def stop(stack: Path, name: str, grace_s: float = 30) -> bool:
+    pid = running(stack, name)
+    if pid is None:
+        return False
+    os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        os.killpg(pid, signal.SIGKILL)
+    (stack / f"{name}.pid").unlink(missing_ok=True)
+    return True
+
+
+def wait_for(what: str, check, log: Path, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    error = None
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except Exception as exc:  # noqa: BLE001 - any failure means "not ready yet"
+            error = exc
+        time.sleep(0.5)
+    tail = log.read_text(errors="replace")[-2000:] if log.is_file() else ""
+    raise StackError(f"{what} not ready after {timeout_s:.0f} s (last error: {error}); log {log}:\n{tail}")
+
+
+def http_ok(url: str) -> bool:
+    with urllib.request.urlopen(url, timeout=2) as resp:
+        return resp.status == 200
+
+
+# ---------------------------------------------------------------- components
+
+def s3_endpoint(state: dict) -> str:
+    return f"http://127.0.0.1:{state['ports']['s3']}"
+
+
+def s3_client(state: dict):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=s3_endpoint(state), region_name="us-east-1",
+                        aws_access_key_id=state["s3_access_key"], aws_secret_access_key=state["s3_secret_key"])
+
+
+def start_s3(stack: Path, state: dict) -> None:
+    """SeaweedFS master + volume + filer + S3 gateway in one process; signed requests only."""
+    p = state["ports"]
+    identities = stack / "s3-identities.json"
+    identities.write_text(json.dumps({"identities": [{
+        "name": "docsrag", "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+        "credentials": [{"accessKey": state["s3_access_key"], "secretKey": state["s3_secret_key"]}]}]}))
+    identities.chmod(0o600)
+    (stack / "s3").mkdir(exist_ok=True)
+    spawn(stack, "s3", [
+        str(BIN / "weed"), "server", f"-dir={stack / 's3'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+        f"-master.port={p['master']}", f"-master.port.grpc={p['master_grpc']}", "-master.volumeSizeLimitMB=256",
+        f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume_grpc']}", "-volume.max=50",
+        "-filer", f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer_grpc']}",
+        "-s3", f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3_grpc']}", f"-s3.port.iceberg={p['s3_iceberg']}",
+        f"-s3.port.lance={p['s3_lance']}", f"-s3.config={identities}", f"-metricsPort={p['weed_metrics']}",
+    ])
+    wait_for("SeaweedFS S3", lambda: s3_client(state).list_buckets() is not None, stack / "s3.log")
+
+
+def create_buckets(state: dict) -> None:
+    client = s3_client(state)
+    existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
+    for bucket in {OBJECTS_BUCKET, MILVUS_BUCKET} - existing:
+        client.create_bucket(Bucket=bucket)
+
+
+def milvus_uri(state: dict) -> str:
+    return f"http://127.0.0.1:{state['ports']['milvus']}"
+
+
+def start_milvus(stack: Path, state: dict) -> None:
+    """Milvus 2.3 standalone (embedded etcd and rocksmq) storing segments in its S3 bucket."""
+    p = state["ports"]
+    settings = {
+        "common.storageType": "minio", "minio.address": "127.0.0.1", "minio.port": p["s3"],
+        "minio.bucketName": MILVUS_BUCKET, "minio.rootPath": "files", "minio.useSSL": "false",
+        "minio.accessKeyID": state["s3_access_key"], "minio.secretAccessKey": state["s3_secret_key"],
+    }
+    cmd = [str(BIN / "milvus-server"), "--data", str(stack / "milvus"), "--proxy-port", str(p["milvus"]),
+           "--authorization-enabled", "true"]
+    for key, value in settings.items():
+        cmd += ["--extra-config", f"{key}={value}"]
+    spawn(stack, "milvus", cmd)
+    wait_for("Milvus", lambda: milvus_login(state) is not None, stack / "milvus.log", timeout_s=240)
+
+
+def milvus_login(state: dict) -> str:
+    """The root password is rotated from Milvus's well-known default on first start."""
+    from pymilvus import MilvusClient
+
+    token = f"root:{state['milvus_password']}"
+    try:
+        MilvusClient(uri=milvus_uri(state), token=token, timeout=5).list_collections()
+    except Exception:  # noqa: BLE001 - the default password still works on a fresh server
+        client = MilvusClient(uri=milvus_uri(state), token="root:Milvus", timeout=5)
+        client.update_password("root", "Milvus", state["milvus_password"])
+    return token
+
+
+def postgres_url(state: dict, database: str, driver: str = "") -> str:
+    base = state["postgres"].rsplit("/", 1)[0] if state["postgres"].count("/") > 2 else state["postgres"]
+    return base.replace("postgresql://", f"postgresql{driver}://", 1) + f"/{database}"
+
+
+def create_databases(state: dict) -> None:
+    import psycopg
+
+    with psycopg.connect(postgres_url(state, "postgres"), autocommit=True) as db:
+        existing = {row[0] for row in db.execute("SELECT datname FROM pg_database")}
+        for name in {state["prefect_db"], state["queue_db"]} - existing:
+            db.execute(f'CREATE DATABASE "{name}"')
+
+
+def prefect_api(state: dict) -> str:
+    return f"http://127.0.0.1:{state['ports']['prefect']}/api"
+
+
+def prefect_env(stack: Path, state: dict) -> dict:
+    return {"PREFECT_HOME": str(stack / "prefect"), "PREFECT_API_URL": prefect_api(state),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "true"}
+
+
+def start_prefect(stack: Path, state: dict) -> None:
+    env = {**prefect_env(stack, state),
+           "PREFECT_API_DATABASE_CONNECTION_URL": postgres_url(state, state["prefect_db"], "+asyncpg")}
+    env.pop("PREFECT_API_URL")
+    spawn(stack, "prefect", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
+                             "--port", str(state["ports"]["prefect"])], env)
+    wait_for("Prefect server", lambda: http_ok(prefect_api(state) + "/health"), stack / "prefect.log")
+
+
+def prefect_cli(stack: Path, state: dict, *args: str) -> None:
+    env = {**os.environ, **prefect_env(stack, state), **stack_env(stack.parent, state)}
+    done = subprocess.run([str(BIN / "prefect"), "--no-prompt", *args], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    if done.returncode:
+        raise StackError(f"prefect {' '.join(args)} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+
+
+def deploy(stack: Path, state: dict, paused: bool) -> None:
+    for pool in POOLS:
+        prefect_cli(stack, state, "work-pool", "create", pool, "--type", "process", "--overwrite")
+    prefect_cli(stack, state, "deploy", "--all")
+    if paused:
+        for name in ("ingest-docs", "watch-releases", "answer-questions"):
+            _pause_schedules(stack, state, name)
+
+
+def _pause_schedules(stack: Path, state: dict, name: str) -> None:
+    """Tests and demos trigger runs by hand: no schedule fires behind their back."""
+    code = ("import asyncio, sys\n"
+            "from prefect.client.orchestration import get_client\n"
+            "async def main(name):\n"
+            "    async with get_client() as c:\n"
+            "        d = await c.read_deployment_by_name(f'{name}/{name}')\n"
+            "        for s in d.schedules:\n"
+            "            await c.update_deployment_schedule(d.id, s.id, active=False)\n"
+            "asyncio.run(main(sys.argv[1]))\n")
+    env = {**os.environ, **prefect_env(stack, state)}
+    subprocess.run([sys.executable, "-c", code, name], env=env, check=True, timeout=120)
+
+
+def start_worker(stack: Path, state: dict) -> None:
+    env = {**prefect_env(stack, state), **stack_env(stack.parent, state)}
+    spawn(stack, "worker", [str(BIN / "prefect"), "worker", "start", "--pool", POOLS[0], "--type", "process"],
+          env, cwd=ROOT)
+    wait_for("Prefect worker", lambda: "started" in (stack / "worker.log").read_text(errors="replace").lower(),
+             stack / "worker.log", timeout_s=120)
+
+
+# ---------------------------------------------------------------- stack.env
+
+def stack_env(home: Path, state: dict) -> dict:
+    return {
+        "DOCSRAG_HOME": str(home),
+        "DOCSRAG_MILVUS_URI": milvus_uri(state),
+        "DOCSRAG_MILVUS_TOKEN": f"root:{state['milvus_password']}",
+        "DOCSRAG_MILVUS_BUCKET": MILVUS_BUCKET,
+        "DOCSRAG_OBJECT_STORE": f"s3://{OBJECTS_BUCKET}/docsrag",
+        "DOCSRAG_S3_ENDPOINT_URL": s3_endpoint(state),
+        "DOCSRAG_QUEUE_URL": postgres_url(state, state["queue_db"]),
+        "AWS_ACCESS_KEY_ID": state["s3_access_key"],
+        "AWS_SECRET_ACCESS_KEY": state["s3_secret_key"],
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "PREFECT_API_URL": prefect_api(state),
+    }
+
+
+def write_env(home: Path, state: dict) -> Path:
+    path = home / "stack.env"
+    lines = [f"export {name}='{value}'" for name, value in stack_env(home, state).items()]
+    path.write_text("# Written by `make stack-up`; `source` it to point docsrag at the local stack.\n"
+                    + "\n".join(lines) + "\n")
+    path.chmod(0o600)  # it holds the generated S3 and Milvus credentials
+    return path
+
+
+# ---------------------------------------------------------------- commands
+
+def up(home: Path, free_ports: bool, paused: bool, postgres: str, db_prefix: str) -> Path:
+    stack = home / "stack"
+    state = load_state(stack, free_ports, postgres, db_prefix)
+    if not running(stack, "s3"):
+        start_s3(stack, state)
+    create_buckets(state)
+    if not running(stack, "milvus"):
+        start_milvus(stack, state)
+    create_databases(state)
+    fresh_server = not running(stack, "prefect")
+    if fresh_server:
+        start_prefect(stack, state)
+    env_file = write_env(home, state)
+    if fresh_server or not (stack / "deployed").exists():
+        deploy(stack, state, paused)
+        (stack / "deployed").touch()
+    if not running(stack, "worker"):
+        start_worker(stack, state)
+    return env_file
+
+
+def down(home: Path, purge: bool) -> list[str]:
+    stack = home / "stack"
+    stopped = [name for name in ("worker", "prefect", "milvus", "s3") if stop(stack, name)]
+    if purge and (stack / "state.json").is_file():
+        state = json.loads((stack / "state.json").read_text())
+        _drop_databases(state)
+        subprocess.run(["rm", "-rf", str(stack), str(home / "stack.env")], check=True)
+    return stopped
+
+
+def _drop_databases(state: dict) -> None:
+    import psycopg
+
+    with psycopg.connect(postgres_url(state, "postgres"), autocommit=True) as db:
+        for name in (state["prefect_db"], state["queue_db"]):
+            db.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def status(home: Path) -> dict:
+    stack = home / "stack"
+    return {name: running(stack, name) for name in ("s3", "milvus", "prefect", "worker")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="stack", description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=["up", "down", "status"])
+    parser.add_argument("--home", type=Path, default=Path(os.environ.get("DOCSRAG_HOME", ROOT / ".docsrag")))
+    parser.add_argument("--free-ports", action="store_true", help="pick free ports instead of 8333/19530/4200")
+    parser.add_argument("--paused", action="store_true", help="deploy with every schedule paused")
+    parser.add_argument("--postgres", default=os.environ.get("DOCSRAG_STACK_POSTGRES",
+                                                             "postgresql://postgres@127.0.0.1:5432"))
+    parser.add_argument("--db-prefix", default="docsrag", help="database names: PREFIX_prefect, PREFIX_queue")
+    parser.add_argument("--purge", action="store_true", help="down: also delete the stack's data and databases")
+    args = parser.parse_args(argv)
+    home = args.home.resolve()
+    try:
+        if args.command == "up":
+            print(f"stack up; source {up(home, args.free_ports, args.paused, args.postgres, args.db_prefix)}")
+        elif args.command == "down":
+            print(f"stopped: {', '.join(down(home, args.purge)) or 'nothing was running'}")
+        else:
+            print(json.dumps(status(home)))
+    except StackError as exc:
+        print(f"stack: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

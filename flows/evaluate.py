@@ -41,7 +41,10 @@ def evaluate_retrieval(gold: str | None = None, k: int = 10, version: str | None
     settings = load_settings()
     gold = gold or settings.eval_gold
     if not gold:
-        raise ValueError("no gold set: pass gold= or set DOCSRAG_EVAL_GOLD to a JSON lines file")
+        # The deployment runs after every ingest; without a gold set that is a no-op, not a failure.
+        reason = "no gold set: pass gold= or set DOCSRAG_EVAL_GOLD on the worker to a JSON lines file"
+        get_run_logger().warning("Skipped: %s", reason)
+        return {"skipped": reason}
     items = load_gold(Path(gold))
     hits = retrieve_all(settings, [i["question"] for i in items], k, version)
     rows = [score(item, h, settings.min_relevance) for item, h in zip(items, hits)]

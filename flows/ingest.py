@@ -72,7 +72,7 @@ def ingest_release(release: str | None = None, version: str | None = None, force
         parsed = parse(root)
     with clock("chunk"):
         chunks = chunk(parsed.documents, settings.chunking_config, settings.embedder_id)
-    with store.build_lock(settings.home, settings.collection):
+    with store.build_lock(settings.home, settings.collection), store.milvus_errors(settings.milvus_uri):
         client = store.connect(settings)
         summary, diff = _build_and_publish(client, settings, rel, chunks, clock, force, progress)
     summary.update(skipped=parsed.skipped, warnings=parsed.warnings, stages=clock.seconds, seconds=clock.total)
@@ -149,11 +149,16 @@ def _check_guard_rails(diff: ReleaseDiff, alias: str, force: bool) -> None:
             f"({served - kept} lost, more than half); check the release or re-run with --force")
 
 
-def _copy_reused(client, base: str | None, target: str, chunks: list[chunking.Chunk], version: str) -> int:
-    for batch in batched(chunks, 1000):
-        vectors = store.vectors_of(client, base, [c.id for c in batch])
-        write_batch(client, target, [_row(c, vectors[c.id], version) for c in batch])
+@task(name="copy-batch", retries=3, retry_delay_seconds=[1, 5, 15], cache_policy=NONE)
+def copy_batch(client, base: str, target: str, chunks: list[chunking.Chunk], version: str) -> int:
+    """Served vectors of unchanged chunks, copied into the new build instead of re-embedded."""
+    vectors = store.vectors_of(client, base, [c.id for c in chunks])
+    store.upsert(client, target, [_row(c, vectors[c.id], version) for c in chunks])
     return len(chunks)
+
+
+def _copy_reused(client, base: str | None, target: str, chunks: list[chunking.Chunk], version: str) -> int:
+    return sum(copy_batch(client, base, target, quote(batch), version) for batch in batched(chunks, 1000))
 
 
 def _write_all(client, settings: Settings, base: str | None, target: str, diff: ReleaseDiff, version: str,

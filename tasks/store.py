@@ -52,6 +52,17 @@ def connect(settings: Settings) -> MilvusClient:
         raise StoreError(f"cannot reach Milvus at {uri}: {exc.message}") from None
 
 
+@contextmanager
+def milvus_errors(uri: str):
+    """A server lost mid-build: say what happened to the index and what to do, in one line."""
+    try:
+        yield
+    except MilvusException as exc:
+        raise StoreError(f"Milvus at {uri} failed during the build: {exc.message}. The aliases still serve "
+                         "the previous collections; run the ingest again once Milvus is reachable (finished "
+                         "batches are kept and the build resumes)") from None
+
+
 def loaded(client: MilvusClient, name: str) -> str:
     """Collections come back released after a restart (Lite: every new process); load first."""
     client.load_collection(name)

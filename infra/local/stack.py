@@ -28,8 +28,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 DEFAULT_PORTS = {"s3": 8333, "milvus": 19530, "prefect": 4200}
+# Ports the `milvus` package's config template names; etcd's peer port and the metrics port it does not.
+MILVUS_PORTS = ("etcd_port", "root_coord_port", "proxy_internal_port", "query_coord_port", "query_node_port",
+                "index_coord_port", "index_node_port", "data_coord_port", "data_node_port")
 INTERNAL_PORTS = ("master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc", "s3_grpc",
-                  "s3_iceberg", "s3_lance", "weed_metrics", "milvus_metrics")
+                  "s3_iceberg", "s3_lance", "weed_metrics", "milvus_metrics", "etcd_peer_port", *MILVUS_PORTS)
 OBJECTS_BUCKET, MILVUS_BUCKET = "docsrag", "milvus"
 POOLS = ("docsrag-cpu", "docsrag-gpu")
 
@@ -169,20 +172,48 @@ def milvus_uri(state: dict) -> str:
     return f"http://127.0.0.1:{state['ports']['milvus']}"
 
 
+
 def start_milvus(stack: Path, state: dict) -> None:
     """Milvus 2.3 standalone (embedded etcd and rocksmq) storing segments in its S3 bucket."""
+    base = stack / "milvus"
+    if not (base / "configs" / "milvus.yaml").is_file():
+        prepare_milvus(base, state)
+    # Run the binary ourselves: the package's launcher re-picks ports on every start (a crashed
+    # server's port lingers in TIME_WAIT), and its embedded etcd would take the fixed 2379/2380.
+    binary = base / "bin" / "milvus"
+    env = {"DEPLOY_MODE": "STANDALONE", "METRICS_PORT": str(state["ports"]["milvus_metrics"]),
+           "MILVUS_RUN_DIR": str(base / "run"), "LD_LIBRARY_PATH": str(binary.parent)}
+    spawn(stack, "milvus", [str(binary), "run", "standalone"], env, cwd=base)
+    wait_for("Milvus", lambda: milvus_login(state) is not None, stack / "milvus.log", timeout_s=240)
+
+
+def prepare_milvus(base: Path, state: dict) -> None:
+    """Unpack the `milvus` package's binary and write its config once, with every port pinned."""
+    import milvus
+    import yaml
+
     p = state["ports"]
-    settings = {
+    config = milvus.MilvusServerConfig(data_dir=str(base), proxy_port=p["milvus"],
+                                       **{name: p[name] for name in MILVUS_PORTS})
+    for key, value in {
         "common.storageType": "minio", "minio.address": "127.0.0.1", "minio.port": p["s3"],
         "minio.bucketName": MILVUS_BUCKET, "minio.rootPath": "files", "minio.useSSL": "false",
         "minio.accessKeyID": state["s3_access_key"], "minio.secretAccessKey": state["s3_secret_key"],
-    }
-    cmd = [str(BIN / "milvus-server"), "--data", str(stack / "milvus"), "--proxy-port", str(p["milvus"]),
-           "--authorization-enabled", "true"]
-    for key, value in settings.items():
-        cmd += ["--extra-config", f"{key}={value}"]
-    spawn(stack, "milvus", cmd)
-    wait_for("Milvus", lambda: milvus_login(state) is not None, stack / "milvus.log", timeout_s=240)
+        "authorization_enabled": True,
+    }.items():
+        config.set(key, value)
+    config.resolve()
+    milvus._initialize_data_files(str(base))  # the package's unpacking step (no public name for it)
+    etcd = base / "configs" / "embedEtcd.yaml"
+    client_url, peer_url = f"http://127.0.0.1:{p['etcd_port']}", f"http://127.0.0.1:{p['etcd_peer_port']}"
+    etcd.write_text(yaml.safe_dump({
+        "listen-client-urls": client_url, "advertise-client-urls": client_url,
+        "listen-peer-urls": peer_url, "initial-advertise-peer-urls": peer_url,
+        "initial-cluster": f"default={peer_url}"}))
+    main_config = base / "configs" / "milvus.yaml"
+    settings = yaml.safe_load(main_config.read_text())
+    settings["etcd"]["config"] = {"path": str(etcd)}
+    main_config.write_text(yaml.safe_dump(settings, sort_keys=False))
 
 
 def milvus_login(state: dict) -> str:

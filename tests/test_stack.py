@@ -1,0 +1,179 @@
+"""The local real stack (infra/local/stack.py): SeaweedFS S3, a Milvus 2.3 server storing into it,
+a Prefect server on PostgreSQL with a process worker, and the deployments of prefect.yaml.
+
+The stack starts once for this module, through the same script as `make stack-up`, on free ports
+and its own databases, and is purged afterwards. Runs go through the CLI and the worker, as a
+user's would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import boto3
+import pytest
+from pymilvus import MilvusClient
+
+from tasks import store
+from tests.conftest import DOCSRAG, ROOT
+
+_spec = importlib.util.spec_from_file_location("stack", ROOT / "infra" / "local" / "stack.py")
+stack_script = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(stack_script)
+
+FAQ = "milvus_docs_faq_2.4.x_en.zip"
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, releases):
+    home = tmp_path_factory.mktemp("stack") / "home"
+    prefix = f"docsrag_t{uuid.uuid4().hex[:6]}"
+    try:
+        env_file = stack_script.up(home, free_ports=True, paused=True, db_prefix=prefix,
+                                   postgres=os.environ.get("DOCSRAG_TEST_POSTGRES_URL",
+                                                           "postgresql://postgres@127.0.0.1:5432"))
+        yield read_env(env_file)
+    finally:
+        stack_script.down(home, purge=True)
+
+
+def read_env(path: Path) -> dict:
+    lines = [line.removeprefix("export ") for line in path.read_text().splitlines() if line.startswith("export ")]
+    return {name: value.strip("'") for name, value in (line.split("=", 1) for line in lines)}
+
+
+def docsrag(stack: dict, *args: str, timeout: int = 600, **extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, **stack, "HF_HUB_OFFLINE": "1", **extra}
+    return subprocess.run([DOCSRAG, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def milvus(stack: dict) -> MilvusClient:
+    return MilvusClient(uri=stack["DOCSRAG_MILVUS_URI"], token=stack["DOCSRAG_MILVUS_TOKEN"], timeout=30)
+
+
+def s3(stack: dict):
+    return boto3.client("s3", endpoint_url=stack["DOCSRAG_S3_ENDPOINT_URL"], region_name="us-east-1",
+                        aws_access_key_id=stack["AWS_ACCESS_KEY_ID"],
+                        aws_secret_access_key=stack["AWS_SECRET_ACCESS_KEY"])
+
+
+def keys(stack: dict, bucket: str, prefix: str = "") -> list[str]:
+    found = s3(stack).list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])
+    return [item["Key"] for item in found]
+
+
+def run_deployment(stack: dict, name: str, parameters: dict, timeout_s: float = 300):
+    """Create a flow run from a deployment on the stack's server; wait for the worker to finish it."""
+    from prefect.client.orchestration import PrefectClient
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    async def go():
+        async with PrefectClient(stack["PREFECT_API_URL"]) as client:
+            deployment = await client.read_deployment_by_name(name)
+            run = await client.create_flow_run_from_deployment(deployment.id, parameters=parameters)
+            deadline = time.monotonic() + timeout_s
+            while not (run := await client.read_flow_run(run.id)).state.is_final():
+                assert time.monotonic() < deadline, f"{name} run still {run.state.name} after {timeout_s} s"
+                await asyncio.sleep(2)
+            artifacts = await client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
+            return run, artifacts
+
+    return asyncio.run(go())
+
+
+def test_stack_up_twice_is_harmless_and_writes_the_env_file(stack):
+    home = Path(stack["DOCSRAG_HOME"])
+    before = stack_script.status(home)
+    assert all(before.values()), before
+    again = subprocess.run([sys.executable, str(ROOT / "infra/local/stack.py"), "up", "--home", str(home)],
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert stack_script.status(home) == before  # nothing restarted
+    assert set(stack) >= {"DOCSRAG_MILVUS_URI", "DOCSRAG_MILVUS_TOKEN", "DOCSRAG_MILVUS_BUCKET",
+                          "DOCSRAG_OBJECT_STORE", "DOCSRAG_S3_ENDPOINT_URL", "DOCSRAG_QUEUE_URL",
+                          "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "PREFECT_API_URL"}
+    assert (home / "stack.env").stat().st_mode & 0o077 == 0  # it holds credentials
+
+
+def test_deployment_runs_on_the_worker_and_writes_to_s3_and_milvus(stack, releases):
+    run, artifacts = run_deployment(stack, "ingest-docs/ingest-docs", {"release": str(releases / FAQ)})
+    assert run.state.is_completed(), run.state.message
+    assert {"milvus-docs-ingest-summary", "milvus-docs-ingest-documents"} <= {a.key for a in artifacts}
+    summary = next(a for a in artifacts if a.key == "milvus-docs-ingest-summary").data
+    assert "dense only (server has no BM25)" in summary  # the 2.3 server's capability, said plainly
+    # Raw release and report archived in the object store; Milvus's own segments in its bucket.
+    bucket, prefix = stack["DOCSRAG_OBJECT_STORE"].removeprefix("s3://").split("/", 1)
+    archived = keys(stack, bucket, prefix)
+    assert any(k.endswith(f"/releases/2.4.x/{k.split('/')[-2]}/{FAQ}") for k in archived), archived
+    assert any("/reports/2.4.x/" in k and k.endswith(".json") for k in archived), archived
+    assert keys(stack, stack["DOCSRAG_MILVUS_BUCKET"], "files/insert_log/")
+    assert milvus(stack).describe_alias("milvus_docs")["collection_name"].startswith("milvus_docs__2_4_x__")
+
+
+def test_s3_release_url_and_dense_search_on_the_server(stack, releases):
+    bucket = stack["DOCSRAG_OBJECT_STORE"].removeprefix("s3://").split("/", 1)[0]
+    s3(stack).upload_file(str(releases / FAQ), bucket, f"incoming/{FAQ}")
+    done = docsrag(stack, "ingest", "--release", f"s3://{bucket}/incoming/{FAQ}", "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.splitlines()[-1])
+    assert summary["unchanged"] and summary["search"] == "dense only (server has no BM25)"
+    found = docsrag(stack, "search", "Where does Milvus store data?", "--json")
+    assert found.returncode == 0, found.stderr[-3000:]
+    assert json.loads(found.stdout)["results"][0]["doc_path"] == "en/faq/product_faq.md"
+
+
+def test_a_wrong_milvus_token_is_refused_clearly(stack):
+    done = docsrag(stack, "search", "Where does Milvus store data?", DOCSRAG_MILVUS_TOKEN="root:wrong")
+    assert done.returncode == 1
+    assert f"Milvus at {stack['DOCSRAG_MILVUS_URI']}" in done.stderr and "root:wrong" not in done.stderr
+
+
+def test_unreachable_s3_names_the_endpoint_and_changes_nothing(stack, releases):
+    client = milvus(stack)
+    collections, served = set(client.list_collections()), client.describe_alias("milvus_docs")
+    dead = "http://127.0.0.1:9"  # discard port: nothing listens
+    done = docsrag(stack, "ingest", "--release", str(releases / "milvus_docs_2.5.x_en.zip"),
+                   DOCSRAG_S3_ENDPOINT_URL=dead)
+    assert done.returncode == 1
+    assert f"S3 endpoint {dead} unreachable" in done.stderr.splitlines()[-1]
+    assert set(client.list_collections()) == collections and client.describe_alias("milvus_docs") == served
+
+
+def test_milvus_lost_mid_ingest_fails_clearly_and_the_alias_survives(stack, releases):
+    """Kill the server while a build writes; the run fails after its retries, readers keep the
+    served collection, and search works again once the server is back."""
+    client = milvus(stack)
+    before, served = set(client.list_collections()), client.describe_alias("milvus_docs")["collection_name"]
+    env = {**os.environ, **stack, "HF_HUB_OFFLINE": "1"}
+    ingest = subprocess.Popen([DOCSRAG, "ingest", "--release", str(releases / "milvus_docs_2.4.x_en.zip"),
+                               "--version", "2.4.x-fault"], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while not (staging := set(client.list_collections()) - before) or not store.count(client, staging.pop()):
+        # the served vectors are copied in: what is left to write are the embedded batches
+        assert ingest.poll() is None and time.monotonic() < deadline, ingest.communicate()[1][-3000:]
+        time.sleep(0.5)
+    home = Path(stack["DOCSRAG_HOME"])
+    stack_script.stop(home / "stack", "milvus", grace_s=0)  # a crash, not a clean shutdown
+    _, err = ingest.communicate(timeout=300)
+    assert ingest.returncode == 1
+    message = err.strip().splitlines()[-1]
+    assert f"Milvus at {stack['DOCSRAG_MILVUS_URI']} failed during the build" in message
+    assert "run the ingest again once Milvus is reachable" in message
+    assert "Retries are exhausted" in err, err[-4000:]  # the write task retried before giving up
+
+    stack_script.up(home, free_ports=True, paused=True, postgres="", db_prefix="")  # state.json wins
+    client = milvus(stack)
+    assert client.describe_alias("milvus_docs")["collection_name"] == served
+    found = docsrag(stack, "search", "Where does Milvus store data?", "--json")
+    assert found.returncode == 0, found.stderr[-3000:]
+    assert json.loads(found.stdout)["results"][0]["doc_path"] == "en/faq/product_faq.md"

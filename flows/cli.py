@@ -32,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     ingest.add_argument("--release", help="zip URL (https, s3, file) or path; default DOCSRAG_RELEASE_URL")
     ingest.add_argument("--version", help="docs version; default: read from the asset name")
     ingest.add_argument("--force", action="store_true", help="publish even when the guard rails refuse")
+    ingest.add_argument("--task-runner", metavar="dask[=ADDRESS]",
+                        help="embed on Dask: a local cluster, or the scheduler at ADDRESS (default: threads)")
     ingest.add_argument("--json", action="store_true", help="print the run summary as JSON")
     ingest.set_defaults(run=_ingest)
 
@@ -91,10 +93,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _ingest(args) -> int:
-    load_settings(release_url=args.release)  # fail before starting Prefect when the config is wrong
-    from flows.ingest import ingest_release
+    settings = load_settings(release_url=args.release)  # fail before starting Prefect when the config is wrong
+    from flows.ingest import ingest_release, task_runner
 
-    summary = ingest_release(release=args.release, version=args.version, force=args.force, progress=True)
+    flow = ingest_release
+    if args.task_runner:
+        flow = ingest_release.with_options(task_runner=task_runner(args.task_runner, settings))
+    summary = flow(release=args.release, version=args.version, force=args.force, progress=True)
     if args.json:
         print(json.dumps(summary))
     else:

@@ -80,6 +80,21 @@ def ingest_release(release: str | None = None, version: str | None = None, force
     return summary
 
 
+def task_runner(spec: str, settings: Settings):
+    """``dask``: a local Dask cluster, one single-threaded worker process per embedding batch in
+    flight; ``dask=tcp://scheduler:8786``: an existing cluster. Only the embedding batches run
+    there: they are the work that scales; writes stay with the one writer in the flow."""
+    name, _, address = spec.partition("=")
+    if name != "dask":
+        raise ValueError(f"unknown task runner {spec!r}: use dask or dask=ADDRESS")
+    from prefect_dask import DaskTaskRunner
+
+    if address:
+        return DaskTaskRunner(address=address)
+    return DaskTaskRunner(cluster_kwargs={"n_workers": settings.embedding_concurrency, "threads_per_worker": 1,
+                                          "processes": True, "dashboard_address": None})
+
+
 def _build_and_publish(client, settings: Settings, rel: Release, chunks: list[chunking.Chunk],
                        clock: StageClock, force: bool, progress: bool) -> dict:
     alias, version_alias = settings.collection, store.version_alias(settings.collection, rel.version)

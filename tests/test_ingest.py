@@ -105,3 +105,30 @@ def test_hostile_release_is_refused_before_anything_changes(faq_ingested, tmp_pa
     assert "escapes the release folder" in capsys.readouterr().err
     assert not (tmp_path.parent / "outside.md").exists()
     assert store.served_collection(store.connect(load_settings()), "milvus_docs") == faq_ingested["collection"]
+
+
+def test_dask_task_runner_gives_the_same_ids_and_vectors(tmp_path, prefect_server, releases, capsys, monkeypatch):
+    """Embedding batches on an existing Dask cluster (local worker processes) build the same index."""
+    from distributed import Client, LocalCluster
+
+    from tasks import embedding
+
+    monkeypatch.setenv("DOCSRAG_EMBEDDING_BATCH_SIZE", "8")  # several batches, spread over the workers
+    built = {}
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as dask:
+        for runner in ("threads", f"dask={cluster.scheduler_address}"):
+            monkeypatch.setenv("DOCSRAG_HOME", str(tmp_path / runner.split("=")[0]))
+            extra = ["--task-runner", runner] if runner.startswith("dask") else []
+            summary = cli_json(capsys, "ingest", "--release", str(releases / "milvus_docs_faq_2.4.x_en.zip"),
+                               *extra)
+            client = store.connect(load_settings())
+            rows = client.query(store.loaded(client, summary["collection"]), filter="", output_fields=["dense"],
+                                limit=1000)
+            built[runner.split("=")[0]] = {row["id"]: row["dense"] for row in rows}
+        # the model was loaded where the batches ran: in the Dask workers
+        loaded = dask.run(lambda: embedding._cached_embedder.cache_info().currsize)
+        assert sum(loaded.values()) >= 1, loaded
+    assert built["dask"].keys() == built["threads"].keys() and len(built["dask"]) == summary["chunks"]
+    drift = max(abs(a - b) for key, vector in built["dask"].items() for a, b in zip(vector, built["threads"][key]))
+    assert drift < 1e-5  # the same model in other processes: equal up to float rounding

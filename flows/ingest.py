@@ -119,7 +119,7 @@ def _build_and_publish(client, settings: Settings, rel: Release, chunks: list[ch
                                 info={"build_key": build_key, "state": "building", "version": rel.version,
                                       "release_sha256": rel.sha256, "embedder": settings.embedder_id})
     with clock("embed+write"):
-        embedded, reused = _write_all(client, settings, base, target, diff, rel.version, progress)
+        embedded, reused = _write_all(client, settings, base, target, diff, rel.version, progress, clock)
     with clock("validate"):
         _validate(client, target, len(chunks))
     with clock("publish"):
@@ -177,10 +177,11 @@ def _copy_reused(client, base: str | None, target: str, chunks: list[chunking.Ch
 
 
 def _write_all(client, settings: Settings, base: str | None, target: str, diff: ReleaseDiff, version: str,
-               progress: bool) -> tuple[int, int]:
+               progress: bool, clock: StageClock) -> tuple[int, int]:
     """Embed new chunks in parallel batches and write each batch as it lands (one writer), so a
     killed run keeps every finished batch in the staging collection. Served vectors are copied
-    while the first batches embed. -> (embedded, reused)"""
+    while the first batches embed. The "write" stage is the writer's share of "embed+write".
+    -> (embedded, reused)"""
     chunks = diff.to_embed()
     # Similar lengths per batch: less padding. Longest first: the last batches are the cheap ones,
     # so no core idles long while the final batch runs alone.
@@ -197,13 +198,15 @@ def _write_all(client, settings: Settings, base: str | None, target: str, diff: 
             tqdm(total=len(chunks), unit="chunk", desc="embedding", disable=not progress or not chunks) as bar:
         for _ in range(settings.embedding_concurrency):  # bounds what a killed run can lose
             submit_next()
-        reused = _copy_reused(client, base, target, diff.reusable(), version)
+        with clock("write"):
+            reused = _copy_reused(client, base, target, diff.reusable(), version)
         while in_flight:
             future = next(as_completed(list(in_flight)))
             batch = in_flight.pop(future)
             vectors = future.result()
             submit_next()
-            write_batch(client, target, [_row(c, v, version) for c, v in zip(batch, vectors)])
+            with clock("write"):
+                write_batch(client, target, [_row(c, v, version) for c, v in zip(batch, vectors)])
             done += len(batch)
             bar.update(len(batch))
             update_progress_artifact(artifact, 100.0 * done / len(chunks))

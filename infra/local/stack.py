@@ -352,7 +352,8 @@ def up(home: Path, free_ports: bool, paused: bool, postgres: str, db_prefix: str
 
 def down(home: Path, purge: bool) -> list[str]:
     stack = home / "stack"
-    stopped = [name for name in ("worker", "prefect", "milvus", "s3") if stop(stack, name)]
+    grace_s = 0 if purge else 30  # data about to be deleted needs no clean shutdown
+    stopped = [name for name in ("worker", "prefect", "milvus", "s3") if stop(stack, name, grace_s)]
     if purge and (stack / "state.json").is_file():
         state = json.loads((stack / "state.json").read_text())
         _drop_databases(state)

@@ -38,7 +38,7 @@ class Settings(BaseSettings):
     milvus_uri: str = Field("", description="Milvus Lite file or server URI (default: <home>/milvus.db).")
     milvus_token: SecretStr | None = Field(None, description="Milvus token (user:password or API key).")
     milvus_bucket: str | None = Field(
-        None, description="The S3 bucket the Milvus server stores into (enables bulk import for full builds).")
+        None, description="The S3 bucket the Milvus server stores into (bulk-import files go there).")
     collection: str = Field("milvus_docs", description="The alias searches and answers are served from.")
     keep_collections: int = Field(2, ge=1, description="Physical collections kept per alias (for rollback).")
 

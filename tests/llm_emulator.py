@@ -70,6 +70,9 @@ class Emulator:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # TCP_NODELAY, as uvicorn (vLLM) sets it: the body would otherwise wait behind the headers
+            # for the client's delayed ACK (Nagle), up to 40 ms per response.
+            disable_nagle_algorithm = True
 
             def log_message(self, *args):
                 pass

@@ -12,6 +12,8 @@ import re
 import time
 from dataclasses import dataclass, field
 
+from openai.types.chat import ChatCompletion
+
 from tasks.settings import Settings
 
 NOT_COVERED = "The documentation does not cover this question."
@@ -76,9 +78,12 @@ class Generator:
     async def answer(self, question: str, sources: list[dict]) -> Generated:
         s = self.settings
         started = time.perf_counter()
-        response = await self.client.chat.completions.create(
-            model=s.llm_model, messages=prompt(question, sources), reasoning_effort=s.reasoning_effort,
-            max_tokens=s.llm_max_tokens, temperature=s.llm_temperature, top_p=s.llm_top_p)
+        # client.post keeps the SDK's retries, timeout, auth and typed response, and skips its
+        # per-request walk of the parameters' TypedDicts: a quarter of the client's CPU per request
+        # (measured), which at 32 requests in flight delays every wave of answers.
+        response = await self.client.post("/chat/completions", cast_to=ChatCompletion, body={
+            "model": s.llm_model, "messages": prompt(question, sources), "reasoning_effort": s.reasoning_effort,
+            "max_tokens": s.llm_max_tokens, "temperature": s.llm_temperature, "top_p": s.llm_top_p})
         message = response.choices[0].message
         if not (message.content or "").strip():
             raise RuntimeError(f"the model returned no answer (finish_reason={response.choices[0].finish_reason}); "

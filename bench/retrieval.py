@@ -33,15 +33,16 @@ def tutorial_items(root: Path) -> list[dict]:
         rel = path.relative_to(root).as_posix()
         for piece in path.read_text("utf-8").split("# "):
             if piece.strip():
-                items.append({"doc_path": rel, "heading": "", "text": piece, "embed": piece})
+                items.append({"doc_path": rel, "heading": "", "text": piece, "embed": piece, "search": piece})
     return items
 
 
-def markdown_items(root: Path, chunking_config: dict, with_headings: bool) -> list[dict]:
+def markdown_items(root: Path, chunking_config: dict, with_headings: bool, bm25_context: bool = True) -> list[dict]:
     parsed = markdown.parse_release(root)
     chunks = chunking.chunk_documents(parsed.documents, chunking_config, "bench")
     return [{"doc_path": c.doc_path, "heading": c.heading, "text": c.text,
-             "embed": c.embed_text if with_headings else c.text} for c in chunks]
+             "embed": c.embed_text if with_headings else c.text,
+             "search": c.search_text if bm25_context else c.text} for c in chunks]
 
 
 class CachedEmbedder:
@@ -57,16 +58,17 @@ class CachedEmbedder:
 
 
 def evaluate_variant(client, name: str, items: list[dict], embedder, gold: list[dict], hybrid: bool,
-                     min_relevance: float) -> tuple[dict, list[dict]]:
+                     min_relevance: float, rrf_k: int) -> tuple[dict, list[dict]]:
     vectors = embedder.embed([i["embed"] for i in items])
     store.create_collection(client, name, len(vectors[0]), bm25=hybrid, info={})
     rows = [{"id": hashlib.sha256(f"{n}:{i['doc_path']}".encode()).hexdigest()[:32], "doc_path": i["doc_path"],
-             "title": "", "heading": i["heading"][:4000], "version": "bench", "text": i["text"][:60000],
+             "title": "", "heading": i["heading"][:4000], "version": "bench",
+             "text": i["text"][:60000], "search_text": i["search"][:60000],
              "dense": v} for n, (i, v) in enumerate(zip(items, vectors))]
     for start in range(0, len(rows), 1000):
         store.upsert(client, name, rows[start:start + 1000])
     questions = [g["question"] for g in gold]
-    hits = store.search(client, name, embedder.embed(questions), questions, 10, hybrid=hybrid)
+    hits = store.search(client, name, embedder.embed(questions), questions, 10, hybrid=hybrid, rrf_k=rrf_k)
     scored = [score(g, h, min_relevance) for g, h in zip(gold, hits)]
     return {"chunks": len(items), **aggregate(scored)}, scored
 
@@ -86,19 +88,24 @@ def main() -> None:
     embedder = CachedEmbedder(embedding.embedder_for(settings))
     client = store.connect(settings)
     small = {"max_characters": 800, "new_after_n_chars": 500, "combine_text_under_n_chars": 200}
-    variants = [
-        ("tutorial: split on '# ', dense", tutorial_items(root), False),
-        ("markdown chunks, dense", markdown_items(root, DEFAULT_CHUNKING, False), False),
-        ("+ title/heading path embedded, dense", markdown_items(root, DEFAULT_CHUNKING, True), False),
-        ("+ BM25 hybrid (RRF) [default]", markdown_items(root, DEFAULT_CHUNKING, True), True),
-        ("smaller chunks (800/500), hybrid", markdown_items(root, small, True), True),
-        ("tutorial chunks, hybrid", tutorial_items(root), True),
+    default = markdown_items(root, DEFAULT_CHUNKING, True)
+    variants = [  # label, chunks, hybrid, RRF k
+        ("tutorial: split on '# ', dense", tutorial_items(root), False, 60),
+        ("markdown chunks, dense", markdown_items(root, DEFAULT_CHUNKING, False), False, 60),
+        ("+ title/heading path embedded, dense", default, False, 60),
+        ("+ BM25 on the chunk text, RRF k=60", markdown_items(root, DEFAULT_CHUNKING, True, False), True, 60),
+        ("+ doc path and headings in the BM25 text", default, True, 60),
+        ("+ RRF k=10", default, True, 10),
+        ("+ RRF k=5 [default]", default, True, 5),
+        ("smaller chunks (800/500), RRF k=10", markdown_items(root, small, True), True, 10),
+        ("tutorial chunks, hybrid, RRF k=10", tutorial_items(root), True, 10),
     ]
     results, default_scored = {}, None
     print("| variant | chunks | recall@1 | recall@3 | recall@5 | recall@10 | MRR@10 | contains |")
     print("|---|---|---|---|---|---|---|---|")
-    for n, (label, items, hybrid) in enumerate(variants):
-        figures, scored = evaluate_variant(client, f"bench_{n}", items, embedder, gold, hybrid, settings.min_relevance)
+    for n, (label, items, hybrid, rrf_k) in enumerate(variants):
+        figures, scored = evaluate_variant(client, f"bench_{n}", items, embedder, gold, hybrid, settings.min_relevance,
+                                           rrf_k)
         results[label] = figures
         default_scored = scored if "[default]" in label else default_scored
         print(f"| {label} | {figures['chunks']} | {figures['recall@1']} | {figures['recall@3']} | "

@@ -19,9 +19,9 @@ from prefect.utilities.annotations import quote
 from tqdm import tqdm
 
 from tasks import chunking, embedding, markdown, store
-from tasks.release import Release, TransientFetchError, extract_release, fetch_release
 from tasks.diff import ReleaseDiff
 from tasks.objectstore import open_store
+from tasks.release import Release, TransientFetchError, extract_release, fetch_release
 from tasks.report import StageClock, publish_artifacts
 from tasks.settings import Settings, load_settings
 
@@ -220,7 +220,7 @@ def batched(items: list, size: int):
 
 def _row(c: chunking.Chunk, vector: list[float], version: str) -> dict:
     return {"id": c.id, "doc_path": c.doc_path, "title": c.title[:1000], "heading": c.heading[:4000],
-            "version": version, "text": c.text, "dense": vector}
+            "version": version, "text": c.text, "search_text": c.search_text, "dense": vector}
 
 
 def _validate(client, collection: str, expected: int) -> None:

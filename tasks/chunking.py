@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass
 
@@ -26,6 +27,13 @@ class Chunk:
         about "limits" still knows it is about collections."""
         context = self.heading if self.heading.startswith(self.title) else f"{self.title} > {self.heading}"
         return f"{context.strip(' >')}\n\n{self.text}"
+
+    @property
+    def search_text(self) -> str:
+        """What BM25 indexes: the embedded text plus the words of the doc path, so "install
+        offline helm" finds getstarted/offline/install_offline-helm.md."""
+        words = re.sub(r"[/_\-.]+", " ", self.doc_path.removesuffix(".md"))
+        return f"{words}\n{self.embed_text}"
 
 
 def chunk_documents(documents: list[Document], chunking: dict, embedder_id: str) -> list[Chunk]:

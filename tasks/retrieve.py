@@ -36,4 +36,5 @@ class Retriever:
     def search_vectors(self, queries: list[str], vectors: list[list[float]], k: int = 5,
                        version: str | None = None) -> list[list[dict]]:
         name = self.collection(version)
-        return store.search(self.client, name, vectors, queries, k, hybrid=self._hybrid[name])
+        return store.search(self.client, name, vectors, queries, k, hybrid=self._hybrid[name],
+                            rrf_k=self.settings.rrf_k)

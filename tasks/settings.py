@@ -80,6 +80,7 @@ class Settings(BaseSettings):
     llm_timeout_s: float = Field(120.0, gt=0, description="Per-request timeout.")
     llm_max_retries: int = Field(3, ge=0, description="Retries with backoff on 429/5xx/timeouts.")
     top_k: int = Field(5, ge=1, le=50, description="Sources retrieved per question.")
+    rrf_k: int = Field(5, ge=1, le=1000, description="Reciprocal rank fusion constant: lower favors top ranks.")
     min_relevance: float = Field(0.3, ge=-1, le=1, description="Below this cosine, the docs do not cover it.")
 
     eval_gold: str = Field("", description="Gold questions (JSON lines) evaluated after each ingest.")

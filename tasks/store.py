@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pymilvus import AnnSearchRequest, DataType, Function, FunctionType, MilvusClient, RRFRanker
+from pymilvus import DataType, Function, FunctionType, MilvusClient
 from pymilvus.exceptions import MilvusException
 
 from tasks.settings import Settings
@@ -84,21 +84,23 @@ def new_collection_name(alias: str, version: str) -> str:
 
 
 def create_collection(client: MilvusClient, name: str, dim: int, *, bm25: bool, info: dict) -> None:
-    """Schema: id, doc path, title, heading path, version, text, dense vector (+ BM25 sparse)."""
+    """Schema: id, doc path, title, heading path, version, text, the text BM25 indexes (doc path
+    words, headings, text), dense vector (+ BM25 sparse where the server has BM25)."""
     schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
     schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=64)
     schema.add_field("doc_path", DataType.VARCHAR, max_length=1024)
     schema.add_field("title", DataType.VARCHAR, max_length=1024)
     schema.add_field("heading", DataType.VARCHAR, max_length=4096)
     schema.add_field("version", DataType.VARCHAR, max_length=64)
-    schema.add_field("text", DataType.VARCHAR, max_length=TEXT_MAX, enable_analyzer=bm25)
+    schema.add_field("text", DataType.VARCHAR, max_length=TEXT_MAX)
+    schema.add_field("search_text", DataType.VARCHAR, max_length=TEXT_MAX, enable_analyzer=bm25)
     schema.add_field("dense", DataType.FLOAT_VECTOR, dim=dim)
     index = client.prepare_index_params()
     index.add_index("dense", index_type="AUTOINDEX", metric_type="COSINE")
     if bm25:
         schema.add_field("sparse", DataType.SPARSE_FLOAT_VECTOR)
         schema.add_function(Function(name="text_bm25", function_type=FunctionType.BM25,
-                                     input_field_names=["text"], output_field_names=["sparse"]))
+                                     input_field_names=["search_text"], output_field_names=["sparse"]))
         index.add_index("sparse", index_type="SPARSE_INVERTED_INDEX", metric_type="BM25")
     client.create_collection(name, schema=schema, index_params=index, consistency_level="Strong")
     set_collection_info(client, name, info)
@@ -162,30 +164,40 @@ def drop_old_builds(client: MilvusClient, alias: str, keep: int) -> list[str]:
 
 
 def search(client: MilvusClient, collection: str, vectors: list[list[float]], texts: list[str],
-           k: int, *, hybrid: bool) -> list[list[dict]]:
+           k: int, *, hybrid: bool, rrf_k: int = 5) -> list[list[dict]]:
     """Top-k rows per query: dense + BM25 fused by RRF where the collection has BM25."""
-    if hybrid:
-        hits = client.hybrid_search(
-            collection,
-            reqs=[
-                AnnSearchRequest(vectors, "dense", {"metric_type": "COSINE"}, limit=k * 3),
-                AnnSearchRequest(texts, "sparse", {"metric_type": "BM25"}, limit=k * 3),
-            ],
-            ranker=RRFRanker(60), limit=k, output_fields=[*OUTPUT_FIELDS, "dense"],
-        )
-    else:
-        hits = client.search(collection, data=vectors, anns_field="dense", limit=k,
-                             search_params={"metric_type": "COSINE"}, output_fields=[*OUTPUT_FIELDS, "dense"])
-    return [[_hit(hit, vector) for hit in row] for row, vector in zip(hits, vectors)]
+    fields = [*OUTPUT_FIELDS, "dense"]
+    depth = k * 3 if hybrid else k
+    dense = client.search(collection, data=vectors, anns_field="dense", limit=depth,
+                          search_params={"metric_type": "COSINE"}, output_fields=fields)
+    if not hybrid:
+        return [[_hit(hit, vector, hit["distance"]) for hit in row] for row, vector in zip(dense, vectors)]
+    sparse = client.search(collection, data=texts, anns_field="sparse", limit=depth,
+                           search_params={"metric_type": "BM25"}, output_fields=fields)
+    return [_fused([d, s], vector, k, rrf_k) for d, s, vector in zip(dense, sparse, vectors)]
 
 
-def _hit(hit: dict, query: list[float]) -> dict:
+def _fused(rankings: list[list[dict]], query: list[float], k: int, rrf_k: int) -> list[dict]:
+    """Reciprocal rank fusion, here rather than in Milvus's ranker so that ties (a chunk first
+    in one list only vs. another first in the other only) go to the dense, semantic match:
+    +0.02 MRR@10 on the dev set (bench/retrieval.py)."""
+    scores: dict[str, float] = {}
+    rows: dict[str, dict] = {}
+    for ranking in rankings:  # dense first: sorted() is stable
+        for rank, hit in enumerate(ranking, 1):
+            scores[hit["id"]] = scores.get(hit["id"], 0.0) + 1.0 / (rrf_k + rank)
+            rows.setdefault(hit["id"], hit)
+    best = sorted(scores, key=scores.get, reverse=True)[:k]
+    return [_hit(rows[key], query, scores[key]) for key in best]
+
+
+def _hit(hit: dict, query: list[float], score: float) -> dict:
     """A result row; ``relevance`` is the cosine to the query (vectors are normalized), comparable
     across queries, unlike RRF scores."""
     entity = dict(hit["entity"])
     dense = entity.pop("dense")
     relevance = sum(a * float(b) for a, b in zip(query, dense))
-    return {**entity, "id": hit["id"], "score": float(hit["distance"]), "relevance": round(relevance, 4)}
+    return {**entity, "id": hit["id"], "score": float(score), "relevance": round(relevance, 4)}
 
 
 def doc_of_ids(client: MilvusClient, name: str) -> dict[str, str]:

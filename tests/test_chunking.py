@@ -50,3 +50,8 @@ def test_long_sections_are_split_under_the_limit():
 
 def test_embedded_text_names_the_section():
     assert chunks()[1].embed_text.startswith("Product FAQ > Where does Milvus store data?\n\n")
+
+
+def test_bm25_text_adds_the_words_of_the_doc_path():
+    chunk = chunks(path="en/getstarted/offline/install_offline-helm.md")[1]
+    assert chunk.search_text == "en getstarted offline install offline helm\n" + chunk.embed_text

@@ -7,7 +7,6 @@ import json
 import re
 import shutil
 import subprocess
-from pathlib import Path
 from urllib.parse import urlparse
 
 import kubernetes_validate
@@ -106,7 +105,8 @@ def test_every_docsrag_variable_in_infra_is_a_setting():
 
 def test_compose_runs_the_whole_stack_and_keeps_secrets_out(compose):
     services = compose["services"]
-    assert {"etcd", "minio", "milvus", "postgres", "prefect-server", "worker-cpu", "worker-gpu", "vllm"} <= set(services)
+    expected = {"etcd", "minio", "milvus", "postgres", "prefect-server", "worker-cpu", "worker-gpu", "vllm"}
+    assert expected <= set(services)
     assert services["milvus"]["ports"] == ["19530:19530"] and services["prefect-server"]["ports"] == ["4200:4200"]
     env = services["worker-cpu"]["environment"]
     assert env == services["worker-gpu"]["environment"]

@@ -34,7 +34,6 @@ MILVUS_PORTS = ("etcd_port", "root_coord_port", "proxy_internal_port", "query_co
 INTERNAL_PORTS = ("master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc", "s3_grpc",
                   "s3_iceberg", "s3_lance", "weed_metrics", "milvus_metrics", "etcd_peer_port", *MILVUS_PORTS)
 OBJECTS_BUCKET, MILVUS_BUCKET = "docsrag", "milvus"
-POOLS = ("docsrag-cpu", "docsrag-gpu")
 
 
 class StackError(RuntimeError):
@@ -269,8 +268,16 @@ def prefect_cli(stack: Path, state: dict, *args: str) -> None:
         raise StackError(f"prefect {' '.join(args)} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
 
 
+def work_pools() -> list[str]:
+    """The pools prefect.yaml deploys to; the first one (CPU) gets the local worker."""
+    import yaml
+
+    config = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    return [pool["name"] for pool in config["definitions"]["work_pools"].values()]
+
+
 def deploy(stack: Path, state: dict, paused: bool) -> None:
-    for pool in POOLS:
+    for pool in work_pools():
         prefect_cli(stack, state, "work-pool", "create", pool, "--type", "process", "--overwrite")
     prefect_cli(stack, state, "deploy", "--all")
     if paused:
@@ -294,7 +301,7 @@ def _pause_schedules(stack: Path, state: dict, name: str) -> None:
 
 def start_worker(stack: Path, state: dict) -> None:
     env = {**prefect_env(stack, state), **stack_env(stack.parent, state)}
-    spawn(stack, "worker", [str(BIN / "prefect"), "worker", "start", "--pool", POOLS[0], "--type", "process"],
+    spawn(stack, "worker", [str(BIN / "prefect"), "worker", "start", "--pool", work_pools()[0], "--type", "process"],
           env, cwd=ROOT)
     wait_for("Prefect worker", lambda: "started" in (stack / "worker.log").read_text(errors="replace").lower(),
              stack / "worker.log", timeout_s=120)

@@ -1,0 +1,22 @@
+"""Reciprocal rank fusion of the dense and BM25 rankings (pure, no Milvus needed)."""
+
+from tasks.store import _fused
+
+
+def hit(key: str, dense: list[float]) -> dict:
+    return {"id": key, "distance": 0.0, "entity": {"doc_path": f"{key}.md", "dense": dense}}
+
+
+def test_chunks_in_both_rankings_come_first_and_ties_go_to_dense():
+    dense = [hit("a", [1.0, 0.0]), hit("b", [0.6, 0.8])]
+    bm25 = [hit("c", [0.0, 1.0]), hit("b", [0.6, 0.8])]
+    fused = _fused([dense, bm25], query=[1.0, 0.0], k=3, rrf_k=10)
+    assert [h["id"] for h in fused] == ["b", "a", "c"]  # b is in both; a and c tie, dense wins
+    assert fused[0]["score"] == 1 / 12 + 1 / 12
+    assert [h["relevance"] for h in fused] == [0.6, 1.0, 0.0]  # cosine to the query, not the RRF score
+    assert "dense" not in fused[0]
+
+
+def test_fusion_keeps_k_results():
+    ranking = [hit(str(n), [1.0, 0.0]) for n in range(10)]
+    assert len(_fused([ranking, ranking[::-1]], [1.0, 0.0], k=4, rrf_k=10)) == 4

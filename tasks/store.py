@@ -25,6 +25,7 @@ TEXT_MAX = 65_535  # bytes; chunks are far below, but a VARCHAR needs a bound
 OUTPUT_FIELDS = ["doc_path", "title", "heading", "version", "text"]
 _BUILD_TIME = "%Y%m%dT%H%M%S%f"
 INFO_PROPERTY = "docsrag.info"
+SCHEMA_VERSION = 2  # 2: BM25 over search_text (doc path words, headings, text)
 
 
 class StoreError(RuntimeError):
@@ -221,8 +222,9 @@ def version_alias(alias: str, version: str) -> str:
 
 
 def build_key(sha256: str, version: str, embedder_id: str, chunking: dict) -> str:
-    """Identifies what a staging collection is being built from, so a killed run can resume it."""
-    raw = json.dumps([sha256, version, embedder_id, sorted(chunking.items())])
+    """Identifies what a staging collection is being built from, so a killed run can resume it
+    (never one made with another schema)."""
+    raw = json.dumps([sha256, version, embedder_id, sorted(chunking.items()), SCHEMA_VERSION])
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 

@@ -171,7 +171,6 @@ def milvus_uri(state: dict) -> str:
     return f"http://127.0.0.1:{state['ports']['milvus']}"
 
 
-
 def start_milvus(stack: Path, state: dict) -> None:
     """Milvus 2.3 standalone (embedded etcd and rocksmq) storing segments in its S3 bucket."""
     base = stack / "milvus"
@@ -213,6 +212,7 @@ def prepare_milvus(base: Path, state: dict) -> None:
     settings = yaml.safe_load(main_config.read_text())
     settings["etcd"]["config"] = {"path": str(etcd)}
     main_config.write_text(yaml.safe_dump(settings, sort_keys=False))
+    main_config.chmod(0o600)  # it holds the S3 secret key
 
 
 def milvus_login(state: dict) -> str:

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tasks import chunking, embedding, markdown, release, store  # noqa: E402
 from tasks.evaluate import aggregate, load_gold, score  # noqa: E402
 from tasks.objectstore import LocalStore  # noqa: E402
+from tasks.retrieve import covered  # noqa: E402
 from tasks.settings import load_settings  # noqa: E402
 
 DEFAULT_CHUNKING = {"max_characters": 1500, "new_after_n_chars": 1000, "combine_text_under_n_chars": 200}
@@ -58,7 +59,7 @@ class CachedEmbedder:
 
 
 def evaluate_variant(client, name: str, items: list[dict], embedder, gold: list[dict], hybrid: bool,
-                     min_relevance: float, rrf_k: int) -> tuple[dict, list[dict]]:
+                     settings, rrf_k: int) -> tuple[dict, list[list[dict]]]:
     vectors = embedder.embed([i["embed"] for i in items])
     store.create_collection(client, name, len(vectors[0]), bm25=hybrid, info={})
     rows = [{"id": hashlib.sha256(f"{n}:{i['doc_path']}".encode()).hexdigest()[:32], "doc_path": i["doc_path"],
@@ -69,8 +70,8 @@ def evaluate_variant(client, name: str, items: list[dict], embedder, gold: list[
         store.upsert(client, name, rows[start:start + 1000])
     questions = [g["question"] for g in gold]
     hits = store.search(client, name, embedder.embed(questions), questions, 10, hybrid=hybrid, rrf_k=rrf_k)
-    scored = [score(g, h, min_relevance) for g, h in zip(gold, hits)]
-    return {"chunks": len(items), **aggregate(scored)}, scored
+    scored = [score(g, h, not covered(h, settings.min_relevance, settings.weak_relevance)) for g, h in zip(gold, hits)]
+    return {"chunks": len(items), **aggregate(scored)}, hits
 
 
 def main() -> None:
@@ -100,27 +101,28 @@ def main() -> None:
         ("smaller chunks (800/500), RRF k=10", markdown_items(root, small, True), True, 10),
         ("tutorial chunks, hybrid, RRF k=10", tutorial_items(root), True, 10),
     ]
-    results, default_scored = {}, None
-    print("| variant | chunks | recall@1 | recall@3 | recall@5 | recall@10 | MRR@10 | contains |")
-    print("|---|---|---|---|---|---|---|---|")
+    results, default_hits = {}, None
+    print("| variant | chunks | recall@1 | recall@3 | recall@5 | recall@10 | MRR@10 | contains | not covered |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for n, (label, items, hybrid, rrf_k) in enumerate(variants):
-        figures, scored = evaluate_variant(client, f"bench_{n}", items, embedder, gold, hybrid, settings.min_relevance,
-                                           rrf_k)
+        figures, hits = evaluate_variant(client, f"bench_{n}", items, embedder, gold, hybrid, settings, rrf_k)
         results[label] = figures
-        default_scored = scored if "[default]" in label else default_scored
+        default_hits = hits if "[default]" in label else default_hits
         print(f"| {label} | {figures['chunks']} | {figures['recall@1']} | {figures['recall@3']} | "
-              f"{figures['recall@5']} | {figures['recall@10']} | {figures['mrr@10']} | {figures['contains']} |",
-              flush=True)
-    print("\n| min relevance | unanswerable said 'not covered' | answerable wrongly 'not covered' |")
+              f"{figures['recall@5']} | {figures['recall@10']} | {figures['mrr@10']} | {figures['contains']} | "
+              f"{figures['not_covered_unanswerable']} |", flush=True)
+    print("\n| rule | unanswerable said 'not covered' | answerable wrongly 'not covered' |")
     print("|---|---|---|")
+    answerable = [bool(g["gold_sources"]) for g in gold]
     sweep = {}
-    for threshold in (0.2, 0.25, 0.3, 0.35, 0.4, 0.45):
-        unanswerable = [r for r in default_scored if not r["answerable"]]
-        answerable = [r for r in default_scored if r["answerable"]]
-        hit = sum(r["best_relevance"] < threshold for r in unanswerable)
-        lost = sum(r["best_relevance"] < threshold for r in answerable)
-        sweep[threshold] = {"unanswerable": f"{hit}/{len(unanswerable)}", "answerable_lost": lost}
-        print(f"| {threshold} | {hit}/{len(unanswerable)} | {lost}/{len(answerable)} |")
+    rules = {f"cosine < {t}": (t, t) for t in (0.3, 0.35, 0.4, 0.45)}
+    rules |= {f"cosine < 0.3, or < {w} without dense/BM25 agreement": (0.3, w) for w in (0.35, 0.4, 0.45, 0.5)}
+    for rule, (low, weak) in rules.items():
+        said = [not covered(h, low, weak) for h in default_hits]
+        hit = sum(s for s, a in zip(said, answerable) if not a)
+        lost = sum(s for s, a in zip(said, answerable) if a)
+        sweep[rule] = {"unanswerable": f"{hit}/{answerable.count(False)}", "answerable_lost": lost}
+        print(f"| {rule} | {hit}/{answerable.count(False)} | {lost}/{answerable.count(True)} |")
     print(json.dumps({"variants": results, "not_covered_sweep": sweep}))
 
 

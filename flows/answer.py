@@ -18,7 +18,7 @@ from prefect.runtime import flow_run
 
 from tasks.generate import NOT_COVERED, Generated, Generator, numbered_sources
 from tasks.questions import Claimed, Queue
-from tasks.retrieve import Retriever
+from tasks.retrieve import Retriever, covered
 from tasks.settings import Settings, load_settings
 
 
@@ -59,7 +59,7 @@ def answer_questions(max_questions: int = 64, top_k: int | None = None) -> dict:
     batch = claim(queue, max_questions, owner)
     if not batch:
         return {"claimed": 0, "answered": 0, "failed": 0, "not_covered": 0}
-    sources = {qid: hits if isinstance(hits, Exception) else _relevant(hits, settings.min_relevance)
+    sources = {qid: hits if isinstance(hits, Exception) else _relevant(hits, settings)
                for qid, hits in retrieve(settings, batch, top_k or settings.top_k).items()}
     to_model = [item for item in batch if isinstance(sources[item.id], list) and sources[item.id]]
     generated = dict(zip((i.id for i in to_model),
@@ -73,11 +73,9 @@ def answer_questions(max_questions: int = 64, top_k: int | None = None) -> dict:
     return summary
 
 
-def _relevant(hits: list[dict], min_relevance: float) -> list[dict]:
-    """Nothing relevant when even the best hit is far from the question: no model call then."""
-    if not hits or max(h["relevance"] for h in hits) < min_relevance:
-        return []
-    return numbered_sources(hits)
+def _relevant(hits: list[dict], settings: Settings) -> list[dict]:
+    """No sources, and so no model call, when the docs do not cover the question."""
+    return numbered_sources(hits) if covered(hits, settings.min_relevance, settings.weak_relevance) else []
 
 
 def _store(queue: Queue, owner: str, settings: Settings, item: Claimed, sources, result) -> dict:

@@ -11,7 +11,7 @@ from prefect.cache_policies import NONE
 
 from tasks.evaluate import aggregate, load_gold, score
 from tasks.generate import Generator, numbered_sources
-from tasks.retrieve import Retriever
+from tasks.retrieve import Retriever, covered
 from tasks.settings import Settings, load_settings
 
 
@@ -47,7 +47,8 @@ def evaluate_retrieval(gold: str | None = None, k: int = 10, version: str | None
         return {"skipped": reason}
     items = load_gold(Path(gold))
     hits = retrieve_all(settings, [i["question"] for i in items], k, version)
-    rows = [score(item, h, settings.min_relevance) for item, h in zip(items, hits)]
+    rows = [score(item, h, not covered(h, settings.min_relevance, settings.weak_relevance))
+            for item, h in zip(items, hits)]
     figures = aggregate(rows)
     if answers:
         answerable = [(i, h) for i, h in zip(items, hits) if i["gold_sources"]]

@@ -39,7 +39,9 @@ def first_gold_rank(gold: list[str], hits: list[dict]) -> int | None:
     return next((rank for rank, doc in enumerate(distinct, 1) if doc in gold), None)
 
 
-def score(item: dict, hits: list[dict], min_relevance: float) -> dict:
+def score(item: dict, hits: list[dict], not_covered: bool) -> dict:
+    """One question: rank of the first gold doc, gold text found, and whether the system would
+    say "not covered" (decided by the caller, as the answer flow decides it)."""
     text = "\n".join(h["text"] for h in hits)
     best = max((h.get("relevance", 1.0) for h in hits), default=-1.0)
     return {
@@ -47,7 +49,7 @@ def score(item: dict, hits: list[dict], min_relevance: float) -> dict:
         "expected": ", ".join(item["gold_sources"]) or "(not covered)",
         "rank": first_gold_rank(item["gold_sources"], hits) if item["gold_sources"] else None,
         "contains": any(s in text for s in item["must_contain_any"]) if item["must_contain_any"] else None,
-        "not_covered": best < min_relevance, "best_relevance": round(best, 4),
+        "not_covered": not_covered, "best_relevance": round(best, 4),
         "retrieved": ", ".join(dict.fromkeys(h["doc_path"] for h in hits[:5])),
     }
 

@@ -38,3 +38,14 @@ class Retriever:
         name = self.collection(version)
         return store.search(self.client, name, vectors, queries, k, hybrid=self._hybrid[name],
                             rrf_k=self.settings.rrf_k)
+
+
+def covered(hits: list[dict], min_relevance: float, weak_relevance: float) -> bool:
+    """Whether the docs cover a question, from its hits: the best cosine reaches
+    ``min_relevance``, and where it stays under ``weak_relevance`` the dense and BM25 searches
+    agree on a document. Questions about another product (MongoDB's $lookup, Weaviate modules)
+    land near Milvus pages by meaning, but the words lead elsewhere."""
+    if not hits:
+        return False
+    best = max(h["relevance"] for h in hits)
+    return best >= min_relevance and (best >= weak_relevance or hits[0].get("agreement") is not False)

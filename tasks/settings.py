@@ -82,6 +82,8 @@ class Settings(BaseSettings):
     top_k: int = Field(5, ge=1, le=50, description="Sources retrieved per question.")
     rrf_k: int = Field(5, ge=1, le=1000, description="Reciprocal rank fusion constant: lower favors top ranks.")
     min_relevance: float = Field(0.3, ge=-1, le=1, description="Below this cosine, the docs do not cover it.")
+    weak_relevance: float = Field(
+        0.4, ge=-1, le=1, description="Below this cosine, covered only if dense and BM25 search agree on a doc.")
 
     eval_gold: str = Field("", description="Gold questions (JSON lines) evaluated after each ingest.")
     release_repo: str = Field("milvus-io/milvus-docs", description="GitHub repository whose releases are watched.")

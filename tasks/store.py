@@ -25,6 +25,7 @@ TEXT_MAX = 65_535  # bytes; chunks are far below, but a VARCHAR needs a bound
 OUTPUT_FIELDS = ["doc_path", "title", "heading", "version", "text"]
 _BUILD_TIME = "%Y%m%dT%H%M%S%f"
 INFO_PROPERTY = "docsrag.info"
+AGREEMENT_DEPTH = 5
 SCHEMA_VERSION = 2  # 2: BM25 over search_text (doc path words, headings, text)
 
 
@@ -181,7 +182,8 @@ def search(client: MilvusClient, collection: str, vectors: list[list[float]], te
 def _fused(rankings: list[list[dict]], query: list[float], k: int, rrf_k: int) -> list[dict]:
     """Reciprocal rank fusion, here rather than in Milvus's ranker so that ties (a chunk first
     in one list only vs. another first in the other only) go to the dense, semantic match:
-    +0.02 MRR@10 on the dev set (bench/retrieval.py)."""
+    +0.02 MRR@10 on the dev set (bench/retrieval.py). Each hit also says whether the rankings
+    agree on any document in their top 5, a sign the docs cover the question at all."""
     scores: dict[str, float] = {}
     rows: dict[str, dict] = {}
     for ranking in rankings:  # dense first: sorted() is stable
@@ -189,7 +191,9 @@ def _fused(rankings: list[list[dict]], query: list[float], k: int, rrf_k: int) -
             scores[hit["id"]] = scores.get(hit["id"], 0.0) + 1.0 / (rrf_k + rank)
             rows.setdefault(hit["id"], hit)
     best = sorted(scores, key=scores.get, reverse=True)[:k]
-    return [_hit(rows[key], query, scores[key]) for key in best]
+    top_docs = [{hit["entity"]["doc_path"] for hit in ranking[:AGREEMENT_DEPTH]} for ranking in rankings]
+    agreement = bool(set.intersection(*top_docs))
+    return [{**_hit(rows[key], query, scores[key]), "agreement": agreement} for key in best]
 
 
 def _hit(hit: dict, query: list[float], score: float) -> dict:

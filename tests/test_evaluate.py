@@ -6,6 +6,7 @@ import pytest
 
 from flows.cli import main
 from tasks.evaluate import aggregate, first_gold_rank, load_gold, score
+from tasks.retrieve import covered
 
 from .llm_emulator import Emulator
 
@@ -28,7 +29,7 @@ def test_aggregates_on_a_hand_made_gold_set():
         {"id": "4", "question": "q4", "gold_sources": [], "must_contain_any": []},
     ]
     results = [hits("a.md", "b.md"), hits("a.md", "c.md", "d.md", "b.md"), hits("a.md"), hits("a.md", relevance=0.1)]
-    rows = [score(g, h, min_relevance=0.3) for g, h in zip(gold, results)]
+    rows = [score(g, h, not covered(h, min_relevance=0.3, weak_relevance=0.3)) for g, h in zip(gold, results)]
     figures = aggregate(rows)
     assert [r["rank"] for r in rows] == [1, 4, None, None]
     assert figures["recall@1"] == round(1 / 3, 4) and figures["recall@3"] == round(1 / 3, 4)
@@ -71,3 +72,15 @@ def test_eval_runs_end_to_end_on_the_faq_release(home, prefect_server, releases,
     figures = json.loads(capsys.readouterr().out)
     assert figures["answers_citing_gold"] == 1.0 and figures["answer_errors"] == 0
     assert len(emulator.requests) == 2, "only answerable questions are asked"
+
+
+def test_weak_matches_count_only_when_dense_and_bm25_agree():
+    def found(relevance, agreement):
+        return [{"doc_path": "a.md", "text": "", "relevance": relevance, "agreement": agreement}]
+
+    assert covered(found(0.5, False), 0.3, 0.4)  # close enough on meaning alone
+    assert covered(found(0.35, True), 0.3, 0.4)  # weak, but both searches point at the same doc
+    assert not covered(found(0.35, False), 0.3, 0.4)  # weak and the words lead elsewhere
+    assert not covered(found(0.2, True), 0.3, 0.4)  # too far whatever the words say
+    assert covered(found(0.35, None), 0.3, 0.4)  # dense-only servers: the cosine threshold alone
+    assert not covered([], 0.3, 0.4)

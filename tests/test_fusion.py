@@ -15,6 +15,12 @@ def test_chunks_in_both_rankings_come_first_and_ties_go_to_dense():
     assert fused[0]["score"] == 1 / 12 + 1 / 12
     assert [h["relevance"] for h in fused] == [0.6, 1.0, 0.0]  # cosine to the query, not the RRF score
     assert "dense" not in fused[0]
+    assert all(h["agreement"] for h in fused)  # both rankings hold b.md
+
+
+def test_rankings_with_no_document_in_common_disagree():
+    fused = _fused([[hit("a", [1.0, 0.0])], [hit("c", [0.0, 1.0])]], [1.0, 0.0], k=2, rrf_k=5)
+    assert [h["agreement"] for h in fused] == [False, False]
 
 
 def test_fusion_keeps_k_results():

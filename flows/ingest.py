@@ -61,6 +61,7 @@ def ingest_release(release: str | None = None, version: str | None = None, force
     """Ingest one docs release (https, s3, file URL or path; default DOCSRAG_RELEASE_URL)."""
     settings = load_settings(release_url=release)
     clock = StageClock()
+    embedding.preload(settings)
     objects = open_store(settings.object_store, settings.s3_endpoint_url)
     with clock("fetch"):
         rel = fetch(settings.release_url, home=settings.home, store=objects, version=version,

@@ -5,12 +5,14 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import threading
 from contextlib import contextmanager
 from typing import Protocol
 
 from tasks.settings import Settings
 
 PACKAGED_MODEL = "all-MiniLM-L6-v2"
+_LOADING = threading.Lock()
 
 
 class Embedder(Protocol):
@@ -57,7 +59,13 @@ class OpenAIEmbedder:
 
 def embedder_for(settings: Settings) -> Embedder:
     key = settings.embedding_api_key.get_secret_value() if settings.embedding_api_key else None
-    return _cached_embedder(settings.embedding, settings.embedding_model, settings.embedding_base_url, key)
+    with _LOADING:  # a second caller waits for the model being loaded instead of loading it again
+        return _cached_embedder(settings.embedding, settings.embedding_model, settings.embedding_base_url, key)
+
+
+def preload(settings: Settings) -> None:
+    """Load the model in the background (seconds on CPU) while the release is fetched and parsed."""
+    threading.Thread(target=embedder_for, args=(settings,), name="embedder-preload", daemon=True).start()
 
 
 @functools.cache

@@ -65,7 +65,14 @@ def embedder_for(settings: Settings) -> Embedder:
 
 def preload(settings: Settings) -> None:
     """Load the model in the background (seconds on CPU) while the release is fetched and parsed."""
-    threading.Thread(target=embedder_for, args=(settings,), name="embedder-preload", daemon=True).start()
+
+    def load() -> None:
+        try:
+            embedder_for(settings)
+        except Exception:  # noqa: BLE001 - the flow's own call raises it again, where it is reported
+            pass
+
+    threading.Thread(target=load, name="embedder-preload", daemon=True).start()
 
 
 @functools.cache

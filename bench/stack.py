@@ -21,7 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-FIELDS = ["id", "doc_path", "title", "heading", "version", "text", "dense"]
+FIELDS = ["id", "doc_path", "title", "heading", "version", "text", "search_text", "dense"]
 
 
 def load_env(path: Path) -> None:

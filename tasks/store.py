@@ -166,7 +166,7 @@ def drop_old_builds(client: MilvusClient, alias: str, keep: int) -> list[str]:
 
 
 def search(client: MilvusClient, collection: str, vectors: list[list[float]], texts: list[str],
-           k: int, *, hybrid: bool, rrf_k: int = 5) -> list[list[dict]]:
+           k: int, *, hybrid: bool, rrf_k: int) -> list[list[dict]]:
     """Top-k rows per query: dense + BM25 fused by RRF where the collection has BM25."""
     fields = [*OUTPUT_FIELDS, "dense"]
     depth = k * 3 if hybrid else k

@@ -13,9 +13,11 @@ not running; ``down`` stops only the processes whose pid files it wrote.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -281,22 +283,17 @@ def deploy(stack: Path, state: dict, paused: bool) -> None:
         prefect_cli(stack, state, "work-pool", "create", pool, "--type", "process", "--overwrite")
     prefect_cli(stack, state, "deploy", "--all")
     if paused:
-        for name in ("ingest-docs", "watch-releases", "answer-questions"):
-            _pause_schedules(stack, state, name)
+        asyncio.run(_pause_schedules(state))
 
 
-def _pause_schedules(stack: Path, state: dict, name: str) -> None:
+async def _pause_schedules(state: dict) -> None:
     """Tests and demos trigger runs by hand: no schedule fires behind their back."""
-    code = ("import asyncio, sys\n"
-            "from prefect.client.orchestration import get_client\n"
-            "async def main(name):\n"
-            "    async with get_client() as c:\n"
-            "        d = await c.read_deployment_by_name(f'{name}/{name}')\n"
-            "        for s in d.schedules:\n"
-            "            await c.update_deployment_schedule(d.id, s.id, active=False)\n"
-            "asyncio.run(main(sys.argv[1]))\n")
-    env = {**os.environ, **prefect_env(stack, state)}
-    subprocess.run([sys.executable, "-c", code, name], env=env, check=True, timeout=120)
+    from prefect.client.orchestration import PrefectClient
+
+    async with PrefectClient(prefect_api(state)) as client:
+        for deployment in await client.read_deployments():
+            for schedule in deployment.schedules:
+                await client.update_deployment_schedule(deployment.id, schedule.id, active=False)
 
 
 def start_worker(stack: Path, state: dict) -> None:
@@ -364,7 +361,8 @@ def down(home: Path, purge: bool) -> list[str]:
     if purge and (stack / "state.json").is_file():
         state = json.loads((stack / "state.json").read_text())
         _drop_databases(state)
-        subprocess.run(["rm", "-rf", str(stack), str(home / "stack.env")], check=True)
+        shutil.rmtree(stack)
+        (home / "stack.env").unlink(missing_ok=True)
     return stopped
 
 

@@ -1,104 +1,101 @@
-"""The serving job: answer a batch of queued questions with gpt-oss, citing the docs.
+"""The serving job: drain the question queue with gpt-oss, citing the docs.
 
-claim (leased) -> retrieve (one embedding call, hybrid search per question) -> generate
-(concurrent requests) -> check citations -> store -> mark answered; failures go back to
-the queue with a backoff and are dead-lettered after DOCSRAG_MAX_ATTEMPTS.
+open the index (before claiming anything) -> drain: claim, retrieve and generate in a sliding
+window of DOCSRAG_LLM_CONCURRENCY requests until the queue is empty or the time budget is
+spent, storing each answer as it lands -> report. A dead LLM server or Milvus puts the
+claimed questions back without spending their attempts, and the run fails saying which.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
-from collections import defaultdict
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, \
+    update_progress_artifact
 from prefect.cache_policies import NONE
+from prefect.events import emit_event
+from prefect.events.worker import EventsWorker
 from prefect.runtime import flow_run
+from pydantic import Field
+from typing_extensions import Annotated
 
-from tasks.generate import NOT_COVERED, Generated, Generator, numbered_sources
-from tasks.questions import Claimed, Queue
-from tasks.retrieve import Retriever, covered
+from tasks.drain import Drain, DrainSummary, ServingOutage
+from tasks.questions import Queue
+from tasks.retrieve import Retriever
 from tasks.settings import Settings, load_settings
 
 
-@task(name="claim", retries=2, retry_delay_seconds=5, cache_policy=NONE)
-def claim(queue: Queue, limit: int, owner: str) -> list[Claimed]:
-    return queue.claim(limit, owner)
+QUESTION_SUBMITTED = "docsrag.question.submitted"
 
 
-@task(name="retrieve", retries=2, retry_delay_seconds=5, cache_policy=NONE)
-def retrieve(settings: Settings, batch: list[Claimed], k: int) -> dict[int, list[dict] | Exception]:
-    """Sources per question; questions on the same version share one embedding call and one search."""
+def announce_question(question_id: int, version: str | None) -> None:
+    """Tell the Prefect server a question waits: the answer-questions deployment's trigger starts a run.
+    Sent before the CLI exits (the events client otherwise sends in the background)."""
+    emit_event(event=QUESTION_SUBMITTED, resource={"prefect.resource.id": f"docsrag.question.{question_id}"},
+               payload={"id": question_id, "version": version})
+    EventsWorker.drain_all(timeout=10)
+
+
+@task(name="open-index", retries=2, retry_delay_seconds=5, cache_policy=NONE)
+def open_index(settings: Settings) -> Retriever:
+    """The model loaded and the served alias checked, so a locked or missing index fails the run
+    before a single question is claimed."""
     retriever = Retriever(settings)
-    by_version: dict[str | None, list[Claimed]] = defaultdict(list)
-    for item in batch:
-        by_version[item.version].append(item)
-    found: dict[int, list[dict] | Exception] = {}
-    for version, items in by_version.items():
-        try:
-            hits = retriever.search([i.question for i in items], k, version)
-        except Exception as exc:  # e.g. a version nobody ingested: those questions fail, others go on
-            found.update((i.id, exc) for i in items)
-            continue
-        found.update((i.id, h) for i, h in zip(items, hits))
-    return found
-
-
-@task(name="generate", cache_policy=NONE)
-def generate(settings: Settings, items: list[tuple[str, list[dict]]]) -> list[Generated | Exception]:
-    return asyncio.run(Generator(settings).answer_all(items))
+    retriever.collection()
+    return retriever
 
 
 @flow(name="answer-questions")
-def answer_questions(max_questions: int = 64, top_k: int | None = None) -> dict:
-    """Answer up to ``max_questions`` queued questions."""
+def answer_questions(max_seconds: Annotated[float, Field(gt=0)] = 3600,
+                     max_questions: Annotated[int, Field(ge=1)] | None = None,
+                     top_k: Annotated[int, Field(ge=1, le=50)] | None = None) -> dict:
+    """Answer queued questions until the queue is empty, ``max_seconds`` have passed (the deployment
+    sets it under its schedule's interval) or ``max_questions`` were claimed."""
     settings = load_settings()
     queue = Queue.from_settings(settings)
+    retriever = open_index(settings)
+    logger = get_run_logger()
     owner = flow_run.get_id() or f"local-{uuid.uuid4().hex[:12]}"
-    batch = claim(queue, max_questions, owner)
-    if not batch:
-        return {"claimed": 0, "answered": 0, "failed": 0, "not_covered": 0}
-    sources = {qid: hits if isinstance(hits, Exception) else _relevant(hits, settings)
-               for qid, hits in retrieve(settings, batch, top_k or settings.top_k).items()}
-    to_model = [item for item in batch if isinstance(sources[item.id], list) and sources[item.id]]
-    generated = dict(zip((i.id for i in to_model),
-                         generate(settings, [(i.question, sources[i.id]) for i in to_model]) if to_model else []))
-    rows = [_store(queue, owner, settings, item, sources[item.id], generated.get(item.id)) for item in batch]
-    _report(rows)
-    summary = {"claimed": len(batch), "answered": sum(r["status"] == "answered" for r in rows),
-               "failed": sum(r["status"] in ("failed", "dead") for r in rows),
-               "not_covered": sum(r["not_covered"] for r in rows)}
-    get_run_logger().info("Answered %(answered)s of %(claimed)s questions (%(failed)s failed)", summary)
-    return summary
+    waiting = sum(queue.counts()[status] for status in ("pending", "failed", "claimed"))
+    progress = create_progress_artifact(0.0, key="answer-questions-progress",
+                                        description=f"Questions answered of the {waiting} waiting at the start")
+
+    started = time.monotonic()
+
+    def report_progress(summary: DrainSummary, in_flight: int) -> None:
+        update_progress_artifact(progress, min(100.0, 100.0 * summary.answered / max(1, waiting)))
+        logger.info("answered %d (%.1f/s), %d in flight, %d failed, %d put back", summary.answered,
+                    summary.answered / (time.monotonic() - started), in_flight, summary.failed, summary.released)
+
+    summary = asyncio.run(Drain(settings, queue, retriever, owner=owner, max_seconds=max_seconds,
+                                max_questions=max_questions, top_k=top_k, on_progress=report_progress).run())
+    update_progress_artifact(progress, 100.0)
+    _report(summary, queue.stats())
+    logger.info("Answered %d of %d claimed questions in %.1f s (%.2f/s; %d not covered, %d failed, %d dead, "
+                "%d put back, %d lost); stopped: %s", summary.answered, summary.claimed, summary.seconds,
+                summary.answers_per_s, summary.not_covered, summary.failed, summary.dead, summary.released,
+                summary.lost, summary.outage or summary.stopped)
+    if summary.outage:
+        raise ServingOutage(f"{summary.outage}. {summary.released} claimed questions went back to the queue "
+                            "without spending an attempt; they are answered once the server is back")
+    return {k: v for k, v in summary.as_dict().items() if k != "problems"}
 
 
-def _relevant(hits: list[dict], settings: Settings) -> list[dict]:
-    """No sources, and so no model call, when the docs do not cover the question."""
-    return numbered_sources(hits) if covered(hits, settings.min_relevance, settings.weak_relevance) else []
-
-
-def _store(queue: Queue, owner: str, settings: Settings, item: Claimed, sources, result) -> dict:
-    row = {"id": item.id, "question": item.question[:120], "latency_ms": 0, "sources": "", "not_covered": False}
-    error = sources if isinstance(sources, Exception) else result if isinstance(result, Exception) else None
-    if error is not None:
-        row["status"] = queue.fail(item.id, owner, f"{type(error).__name__}: {error}") or "lease lost"
-        return row
-    listed = [{k: s[k] for k in ("n", "doc_path", "heading", "score")} for s in sources]
-    if result is None:  # nothing relevant retrieved
-        stored = queue.answer(item.id, owner, answer=NOT_COVERED, sources=[], model=None,
-                              reasoning_effort=None, latency_ms=0)
-        row["not_covered"] = True
-    else:
-        stored = queue.answer(item.id, owner, answer=result.answer, reasoning=result.reasoning, sources=listed,
-                              model=settings.llm_model, reasoning_effort=settings.reasoning_effort,
-                              usage=result.usage, latency_ms=result.latency_ms)
-        row.update(latency_ms=result.latency_ms, sources=", ".join(f"[{n}] {sources[n - 1]['doc_path']}"
-                                                                   for n in result.cited))
-    row["status"] = "answered" if stored else "lease lost"
-    return row
-
-
-def _report(rows: list[dict]) -> None:
-    create_table_artifact(table=rows, key="answer-questions-batch",
-                          description=f"Batch of {len(rows)} questions: latency, cited sources, status")
+def _report(summary: DrainSummary, stats: dict) -> None:
+    counts = stats["counts"]
+    create_markdown_artifact(key="answer-questions-summary", description="What this answer run did", markdown=(
+        f"### Answer run: {summary.answered} answered in {summary.seconds} s ({summary.answers_per_s}/s)\n\n"
+        f"| claimed | answered | not covered | failed | dead | put back | lost | output tokens |\n"
+        f"|---|---|---|---|---|---|---|---|\n"
+        f"| {summary.claimed} | {summary.answered} | {summary.not_covered} | {summary.failed} | {summary.dead} "
+        f"| {summary.released} | {summary.lost} | {summary.output_tokens} |\n\n"
+        f"Stopped: **{summary.outage or summary.stopped}**.\n\n"
+        f"Queue now: {', '.join(f'{k} {v}' for k, v in counts.items())}; oldest waiting "
+        f"{stats['oldest_waiting_s'] if stats['oldest_waiting_s'] is not None else '–'} s; "
+        f"{stats['answers_per_s']} answers/s over the last {stats['window_s']:.0f} s."))
+    if summary.problems:
+        create_table_artifact(table=summary.problems[:500], key="answer-questions-problems",
+                              description="Questions this run did not answer, and why")

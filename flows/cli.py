@@ -49,12 +49,16 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("question")
     ask.add_argument("--version", help="answer from this docs version instead of the newest")
     ask.add_argument("--key", help="client key: asking again with the same key returns the same question")
-    ask.add_argument("--wait", type=float, default=0, metavar="SECONDS", help="wait this long for the answer")
+    ask.add_argument("--priority", type=int, default=0, metavar="N",
+                     help="-10..10: each level counts as five minutes of waiting (the rest are never starved)")
+    ask.add_argument("--wait", type=float, default=0, metavar="SECONDS",
+                     help="wait this long for the answer; answer it here when no worker takes it")
     ask.add_argument("--json", action="store_true")
     ask.set_defaults(run=_ask)
 
-    answer = commands.add_parser("answer", help="run the serving flow once on the queued questions")
-    answer.add_argument("--max", type=int, default=64, help="questions to claim")
+    answer = commands.add_parser("answer", help="drain the queue once: answer until it is empty")
+    answer.add_argument("--max", type=int, help="claim at most this many questions")
+    answer.add_argument("--max-seconds", type=float, default=3600, help="stop claiming after this long")
     answer.add_argument("-k", type=int, help="sources per question (default DOCSRAG_TOP_K)")
     answer.add_argument("--json", action="store_true")
     answer.set_defaults(run=_answer)
@@ -68,6 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     listing = commands.add_parser("questions", help="list queued and answered questions")
     listing.add_argument("--status", choices=["pending", "claimed", "answered", "failed", "dead"])
     listing.add_argument("--limit", type=int, default=50)
+    listing.add_argument("--stats", action="store_true",
+                         help="counts per status, the oldest waiting question's age, answers/s lately")
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(run=_questions)
 
@@ -138,20 +144,23 @@ def _results(hits: list[dict]) -> list[dict]:
     return [{k: hit[k] for k in ("doc_path", "heading", "score", "relevance", "text", "version")} for hit in hits]
 
 
-def _queue():
+def _queue(settings=None):
     from tasks.questions import Queue
 
-    return Queue.from_settings(load_settings())
+    return Queue.from_settings(settings or load_settings())
 
 
 def _ask(args) -> int:
-    queue = _queue()
-    question_id, _ = queue.submit(args.question, version=args.version, client_key=args.key)
-    deadline = time.monotonic() + args.wait
-    record = queue.get(question_id)
-    while record["status"] not in ("answered", "dead") and time.monotonic() < deadline:
-        time.sleep(0.5)
-        record = queue.get(question_id)
+    settings = load_settings()
+    queue = _queue(settings)
+    question_id, created = queue.submit(args.question, version=args.version, client_key=args.key,
+                                        priority=args.priority)
+    server = _prefect_server()
+    if created and server:
+        from flows.answer import announce_question
+
+        announce_question(question_id, args.version)
+    record = _wait_for_answer(queue, question_id, args.wait, settings, worker_expected=bool(server))
     if args.json:
         shown = {"id": question_id, "status": record["status"]}
         if record["status"] == "answered":
@@ -164,13 +173,53 @@ def _ask(args) -> int:
     return 0
 
 
+# With a server, a worker started by the question's event should claim it well within this.
+WORKER_GRACE_S = 30.0
+
+
+def _wait_for_answer(queue, question_id: int, wait_s: float, settings, worker_expected: bool) -> dict:
+    """Poll until answered (or dead). With no worker to expect, or none taking the question
+    within the grace period, answer it here: the same drain a worker runs."""
+    started = time.monotonic()
+    record = queue.get(question_id)
+    while record["status"] not in ("answered", "dead") and time.monotonic() - started < wait_s:
+        waited = time.monotonic() - started
+        if record["status"] == "pending" and (not worker_expected or waited > min(WORKER_GRACE_S, wait_s / 2)):
+            _drain_here(settings, queue, max_seconds=max(1.0, wait_s - waited))
+        else:
+            time.sleep(0.5)
+        record = queue.get(question_id)
+    return record
+
+
+def _drain_here(settings, queue, max_seconds: float) -> None:
+    import asyncio
+    import uuid
+
+    from tasks.drain import Drain
+    from tasks.retrieve import Retriever
+
+    retriever = Retriever(settings)
+    retriever.collection()
+    asyncio.run(Drain(settings, queue, retriever, owner=f"cli-{uuid.uuid4().hex[:12]}",
+                      max_seconds=max_seconds).run())
+
+
+def _prefect_server() -> str | None:
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value()
+
+
 def _answer(args) -> int:
     load_settings()
     from flows.answer import answer_questions
 
-    summary = answer_questions(max_questions=args.max, top_k=args.k)
+    summary = answer_questions(max_seconds=args.max_seconds, max_questions=args.max, top_k=args.k)
     print(json.dumps(summary) if args.json else
-          f"claimed {summary['claimed']}, answered {summary['answered']}, failed {summary['failed']}")
+          f"claimed {summary['claimed']}, answered {summary['answered']} ({summary['not_covered']} not covered), "
+          f"failed {summary['failed']}, dead {summary['dead']}, put back {summary['released']}, "
+          f"{summary['answers_per_s']} answers/s")
     return 0
 
 
@@ -203,12 +252,26 @@ def _print_record(record: dict, reasoning: bool) -> None:
 
 
 def _questions(args) -> int:
-    records = _queue().list(args.status, args.limit)
+    queue = _queue()
+    if args.stats:
+        stats = queue.stats()
+        print(json.dumps(stats) if args.json else
+              "  ".join(f"{status} {n}" for status, n in stats["counts"].items()) +
+              f"\noldest waiting: {_age(stats['oldest_waiting_s'])}\n"
+              f"answers/s over the last {stats['window_s'] / 60:.0f} min: {stats['answers_per_s']}")
+        return 0
+    records = queue.list(args.status, args.limit)
     if args.json:
         print(json.dumps([{k: r[k] for k in ("id", "status", "question", "attempts", "created_at")} for r in records]))
     for r in records if not args.json else []:
         print(f"{r['id']:>6}  {r['status']:<8}  {r['question'][:90]}")
     return 0
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "nothing waits"
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
 def _watch(args) -> int:

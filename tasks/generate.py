@@ -2,7 +2,8 @@
 
 Requests go out concurrently (bounded), so the server can batch them; the client retries
 429/5xx/timeouts with exponential backoff. The reasoning the server returns (``reasoning`` or
-``reasoning_content``) is kept apart from the final answer.
+``reasoning_content``) is kept apart from the final answer. ``server_fault`` tells a failure
+of the server (unreachable, overloaded, erroring, too slow) from one of the question.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import re
 import time
 from dataclasses import dataclass, field
 
+import httpx
+from openai import APIConnectionError, APIStatusError, DefaultAsyncHttpxClient
 from openai.types.chat import ChatCompletion
 
 from tasks.settings import Settings
@@ -33,7 +36,18 @@ class Generated:
     usage: dict = field(default_factory=dict)
     latency_ms: int = 0
     cited: list[int] = field(default_factory=list)
-    dropped_citations: list[int] = field(default_factory=list)
+
+
+class EmptyAnswer(RuntimeError):
+    """The model produced no final answer (e.g. its reasoning used every token): the question's failure."""
+
+
+def server_fault(exc: BaseException) -> bool:
+    """Whether a failed request says the server is in trouble (connection refused, timeout, 429, 5xx
+    after the client's retries) rather than the question (400, an empty answer)."""
+    if isinstance(exc, APIConnectionError):  # APITimeoutError included
+        return True
+    return isinstance(exc, APIStatusError) and (exc.status_code >= 500 or exc.status_code in (408, 429))
 
 
 def numbered_sources(hits: list[dict]) -> list[dict]:
@@ -53,12 +67,11 @@ def prompt(question: str, sources: list[dict]) -> list[dict]:
     ]
 
 
-def checked_citations(answer: str, count: int) -> tuple[str, list[int], list[int]]:
+def checked_citations(answer: str, count: int) -> tuple[str, list[int]]:
     """Keep citations of sources that exist; drop the others from the text."""
     cited = sorted({int(n) for n in _CITATION.findall(answer) if 1 <= int(n) <= count})
-    dropped = sorted({int(n) for n in _CITATION.findall(answer)} - set(cited))
     text = _CITATION.sub(lambda m: m.group(0) if 1 <= int(m.group(1)) <= count else "", answer)
-    return text.strip(), cited, dropped
+    return text.strip(), cited
 
 
 def _reasoning(message) -> str | None:
@@ -72,8 +85,12 @@ class Generator:
 
         self.settings = settings
         key = settings.llm_api_key.get_secret_value() if settings.llm_api_key else "not-needed"
+        # One connection per request in flight: httpx would otherwise queue requests past its pool
+        # (100 kept alive by default) and the server would see fewer than DOCSRAG_LLM_CONCURRENCY.
+        slots = settings.llm_concurrency
         self.client = AsyncOpenAI(base_url=settings.llm_base_url, api_key=key, timeout=settings.llm_timeout_s,
-                                  max_retries=settings.llm_max_retries)
+                                  max_retries=settings.llm_max_retries, http_client=DefaultAsyncHttpxClient(
+                                      limits=httpx.Limits(max_connections=slots, max_keepalive_connections=slots)))
 
     async def answer(self, question: str, sources: list[dict]) -> Generated:
         s = self.settings
@@ -86,11 +103,11 @@ class Generator:
             "max_tokens": s.llm_max_tokens, "temperature": s.llm_temperature, "top_p": s.llm_top_p})
         message = response.choices[0].message
         if not (message.content or "").strip():
-            raise RuntimeError(f"the model returned no answer (finish_reason={response.choices[0].finish_reason}); "
+            raise EmptyAnswer(f"the model returned no answer (finish_reason={response.choices[0].finish_reason}); "
                                "raise DOCSRAG_LLM_MAX_TOKENS or lower DOCSRAG_REASONING_EFFORT")
-        text, cited, dropped = checked_citations(message.content, len(sources))
+        text, cited = checked_citations(message.content, len(sources))
         usage = response.usage.model_dump(exclude_none=True) if response.usage else {}
-        return Generated(text, _reasoning(message), usage, int(1000 * (time.perf_counter() - started)), cited, dropped)
+        return Generated(text, _reasoning(message), usage, int(1000 * (time.perf_counter() - started)), cited)
 
     async def answer_all(self, items: list[tuple[str, list[dict]]]) -> list[Generated | Exception]:
         """All at once, at most DOCSRAG_LLM_CONCURRENCY in flight; an error is returned, not raised."""
@@ -106,4 +123,7 @@ class Generator:
         try:
             return await asyncio.gather(*(one(q, s) for q, s in items))
         finally:
-            await self.client.close()
+            await self.close()
+
+    async def close(self) -> None:
+        await self.client.close()

@@ -1,12 +1,18 @@
 """The question queue (SQLAlchemy Core): SQLite by default, PostgreSQL in production.
 
 pending -> claimed (leased to one worker) -> answered
-                                           -> failed (claimable again after a backoff)
+                                           -> failed (the question's fault: claimable again after a backoff)
                                            -> dead (after max attempts, with the last error)
+                                           -> pending (released: not the question's fault, no attempt spent)
 A claim is one UPDATE ... WHERE id IN (SELECT ... FOR UPDATE SKIP LOCKED) RETURNING, so
 several workers never claim the same question; a worker that dies lets its lease expire
-and the question is claimed again. Every state change after a claim checks the lease owner,
-so a late worker cannot overwrite the answer of the one that took over.
+and the question is claimed again (that attempt counts: a question that kills every worker
+that takes it ends dead). Every state change after a claim checks the lease owner, so a late
+worker cannot overwrite the answer of the one that took over; a worker renews the leases of
+the questions it holds while it works on them.
+
+Order: oldest first by ``claim_rank`` = submit time minus ``priority`` x PRIORITY_STEP_S, so a
+priority buys a bounded head start and never starves the questions already waiting.
 """
 
 from __future__ import annotations
@@ -15,8 +21,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import (
-    JSON, Column, DateTime, Integer, MetaData, String, Table, Text, create_engine, event, func, insert, or_,
-    select, update,
+    JSON, Column, DateTime, Float, Index, Integer, MetaData, String, Table, Text, case, create_engine, event, func,
+    insert, inspect, or_, select, text, update,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
@@ -24,6 +30,8 @@ from sqlalchemy.exc import IntegrityError
 from tasks.settings import Settings
 
 STATUSES = ("pending", "claimed", "answered", "failed", "dead")
+PRIORITY_STEP_S = 300.0  # one priority level counts as five minutes of waiting
+MAX_PRIORITY = 10
 metadata = MetaData()
 questions = Table(
     "docsrag_questions", metadata,
@@ -31,6 +39,8 @@ questions = Table(
     Column("client_key", String(200), unique=True),
     Column("question", Text, nullable=False),
     Column("version", String(64)),
+    Column("priority", Integer, nullable=False, default=0),
+    Column("claim_rank", Float, nullable=False, default=0.0),  # claim order: submit time minus the priority's head start
     Column("status", String(16), nullable=False, index=True, default="pending"),
     Column("attempts", Integer, nullable=False, default=0),
     Column("last_error", Text),
@@ -47,7 +57,10 @@ questions = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
     Column("answered_at", DateTime(timezone=True)),
+    Index("docsrag_questions_due", "status", "claim_rank"),
 )
+# Columns added after the first release: an existing queue gets them on open (ALTER TABLE ... ADD).
+_ADDED_COLUMNS = {"priority": "INTEGER NOT NULL DEFAULT 0", "claim_rank": "FLOAT NOT NULL DEFAULT 0"}
 
 
 class QuestionError(ValueError):
@@ -72,13 +85,15 @@ class Queue:
         self.engine = _engine(url)
         self.max_chars, self.max_attempts, self.lease_s, self.backoff_s = max_chars, max_attempts, lease_s, backoff_s
         metadata.create_all(self.engine)
+        _add_missing_columns(self.engine)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Queue:
         return cls(settings.queue_url, max_chars=settings.max_question_chars,
                    max_attempts=settings.max_attempts, lease_s=settings.lease_s, backoff_s=settings.retry_backoff_s)
 
-    def submit(self, question: str, *, version: str | None = None, client_key: str | None = None) -> tuple[int, bool]:
+    def submit(self, question: str, *, version: str | None = None, client_key: str | None = None,
+               priority: int = 0) -> tuple[int, bool]:
         """Queue a question; with a client key, submitting again returns the first id. -> (id, created)."""
         question = question.strip()
         if not question:
@@ -86,11 +101,14 @@ class Queue:
         if len(question) > self.max_chars:
             raise QuestionError(f"the question has {len(question)} characters, over the limit of {self.max_chars} "
                                 "(DOCSRAG_MAX_QUESTION_CHARS)")
+        if not -MAX_PRIORITY <= priority <= MAX_PRIORITY:
+            raise QuestionError(f"the priority must be between -{MAX_PRIORITY} and {MAX_PRIORITY}, not {priority}")
         stamp = now()
         try:
             with self.engine.begin() as db:
                 new_id = db.execute(insert(questions).values(
                     question=question, version=version, client_key=client_key, status="pending", attempts=0,
+                    priority=priority, claim_rank=stamp.timestamp() - priority * PRIORITY_STEP_S,
                     available_at=stamp, created_at=stamp, updated_at=stamp)).inserted_primary_key[0]
             return int(new_id), True
         except IntegrityError:
@@ -100,45 +118,90 @@ class Queue:
                 return int(db.scalar(select(questions.c.id).where(questions.c.client_key == client_key))), False
 
     def claim(self, limit: int, owner: str) -> list[Claimed]:
-        """Lease up to ``limit`` questions that are due: pending, failed past their backoff,
-        or claimed by a worker whose lease has expired."""
+        """Lease up to ``limit`` questions that are due, in claim order: pending, failed past their
+        backoff, or claimed by a worker whose lease has expired (with attempts left)."""
         stamp = now()
-        due = or_(
-            (questions.c.status.in_(("pending", "failed"))) & (questions.c.available_at <= stamp),
-            (questions.c.status == "claimed") & (questions.c.lease_expires_at < stamp),
-        )
-        chosen = (select(questions.c.id).where(due).order_by(questions.c.id).limit(limit)
+        expired = (questions.c.status == "claimed") & (questions.c.lease_expires_at < stamp)
+        due = or_((questions.c.status.in_(("pending", "failed"))) & (questions.c.available_at <= stamp), expired)
+        chosen = (select(questions.c.id).where(due).order_by(questions.c.claim_rank, questions.c.id).limit(limit)
                   .with_for_update(skip_locked=True))
         claim = (update(questions).where(questions.c.id.in_(chosen.scalar_subquery()))
                  .values(status="claimed", lease_owner=owner, lease_expires_at=stamp + timedelta(seconds=self.lease_s),
-                         attempts=questions.c.attempts + 1, updated_at=stamp)
+                         attempts=questions.c.attempts + 1, updated_at=stamp,
+                         last_error=case((expired, "a lease expired: its worker stopped before answering"),
+                                         else_=questions.c.last_error))
                  .returning(questions.c.id, questions.c.question, questions.c.version, questions.c.attempts))
         with self.engine.begin() as db:
+            self._bury_expired(db, stamp)
             rows = db.execute(claim).all()
         return sorted((Claimed(r.id, r.question, r.version, r.attempts) for r in rows), key=lambda c: c.id)
 
+    def _bury_expired(self, db, stamp: datetime) -> None:
+        """Questions whose every attempt ended with the worker gone are dead, with that reason."""
+        db.execute(update(questions).where(
+            (questions.c.status == "claimed") & (questions.c.lease_expires_at < stamp)
+            & (questions.c.attempts >= self.max_attempts)).values(
+            status="dead", lease_expires_at=None, updated_at=stamp,
+            last_error=f"its worker stopped before answering (lease expired) on all {self.max_attempts} attempts"))
+
+    def renew(self, ids: list[int], owner: str) -> set[int]:
+        """Extend the leases this worker still holds. -> the ids still held."""
+        if not ids:
+            return set()
+        stamp = now()
+        held = (questions.c.id.in_(ids)) & (questions.c.status == "claimed") & (questions.c.lease_owner == owner)
+        with self.engine.begin() as db:
+            rows = db.execute(update(questions).where(held).values(
+                lease_expires_at=stamp + timedelta(seconds=self.lease_s)).returning(questions.c.id)).all()
+        return {r.id for r in rows}
+
+    def release(self, ids: list[int], owner: str, reason: str) -> int:
+        """Put questions back, not their fault (a server down, a worker stopping): the attempt is
+        given back and the reason kept. -> how many were still held."""
+        if not ids:
+            return 0
+        stamp = now()
+        held = (questions.c.id.in_(ids)) & (questions.c.status == "claimed") & (questions.c.lease_owner == owner)
+        with self.engine.begin() as db:
+            done = db.execute(update(questions).where(held).values(
+                status="pending", attempts=questions.c.attempts - 1, last_error=reason[:4000], lease_owner=None,
+                lease_expires_at=None, available_at=stamp, updated_at=stamp))
+        return done.rowcount
+
+    def settle(self, owner: str, answers: dict[int, dict] | None = None,
+               failures: dict[int, str] | None = None) -> dict[int, str | None]:
+        """Store answers and failures of questions this worker holds, in one transaction.
+        -> the new status per id: answered, failed (back after a backoff), dead, or None (lease lost)."""
+        stamp = now()
+        outcome: dict[int, str | None] = {}
+        with self.engine.begin() as db:
+            for question_id, record in (answers or {}).items():
+                done = db.execute(update(questions).where(_held(question_id, owner)).values(
+                    status="answered", last_error=None, lease_expires_at=None, answered_at=stamp, updated_at=stamp,
+                    **record))
+                outcome[question_id] = "answered" if done.rowcount == 1 else None
+            for question_id, error in (failures or {}).items():
+                outcome[question_id] = self._fail(db, question_id, owner, error, stamp)
+        return outcome
+
+    def _fail(self, db, question_id: int, owner: str, error: str, stamp: datetime) -> str | None:
+        attempts = db.scalar(select(questions.c.attempts).where(_held(question_id, owner)))
+        if attempts is None:
+            return None
+        status = "dead" if attempts >= self.max_attempts else "failed"
+        backoff = timedelta(seconds=min(self.backoff_s * 2 ** (attempts - 1), 3600))
+        db.execute(update(questions).where(questions.c.id == question_id).values(
+            status=status, last_error=error[:4000], lease_expires_at=None, available_at=stamp + backoff,
+            updated_at=stamp))
+        return status
+
     def answer(self, question_id: int, owner: str, **record) -> bool:
         """Store the answer if this worker still holds the lease. -> stored?"""
-        stamp = now()
-        with self.engine.begin() as db:
-            done = db.execute(update(questions).where(_held(question_id, owner)).values(
-                status="answered", last_error=None, lease_expires_at=None, answered_at=stamp, updated_at=stamp,
-                **record))
-        return done.rowcount == 1
+        return self.settle(owner, answers={question_id: record})[question_id] == "answered"
 
     def fail(self, question_id: int, owner: str, error: str) -> str | None:
-        """Record a failure: back to the queue after a backoff, or dead after the last attempt."""
-        stamp = now()
-        with self.engine.begin() as db:
-            attempts = db.scalar(select(questions.c.attempts).where(_held(question_id, owner)))
-            if attempts is None:
-                return None
-            status = "dead" if attempts >= self.max_attempts else "failed"
-            backoff = timedelta(seconds=min(self.backoff_s * 2 ** (attempts - 1), 3600))
-            db.execute(update(questions).where(questions.c.id == question_id).values(
-                status=status, last_error=error[:4000], lease_expires_at=None, available_at=stamp + backoff,
-                updated_at=stamp))
-        return status
+        """Record the question's own failure: back to the queue after a backoff, or dead after the last attempt."""
+        return self.settle(owner, failures={question_id: error})[question_id]
 
     def get(self, question_id: int) -> dict | None:
         with self.engine.begin() as db:
@@ -157,6 +220,20 @@ class Queue:
             found = dict(db.execute(select(questions.c.status, func.count()).group_by(questions.c.status)).all())
         return {status: int(found.get(status, 0)) for status in STATUSES}
 
+    def stats(self, window_s: float = 300.0) -> dict:
+        """What an operator asks first: how much waits, for how long, and how fast answers come."""
+        stamp = now()
+        with self.engine.begin() as db:
+            oldest = db.scalar(select(func.min(questions.c.created_at)).where(
+                questions.c.status.in_(("pending", "failed", "claimed"))))
+            recent = db.scalar(select(func.count()).where(
+                (questions.c.status == "answered") & (questions.c.answered_at >= stamp - timedelta(seconds=window_s))))
+        if oldest is not None and oldest.tzinfo is None:  # SQLite hands back naive UTC
+            oldest = oldest.replace(tzinfo=timezone.utc)
+        return {"counts": self.counts(),
+                "oldest_waiting_s": round((stamp - oldest).total_seconds(), 1) if oldest else None,
+                "answers_per_s": round(recent / window_s, 3), "window_s": window_s}
+
 
 def _held(question_id: int, owner: str):
     """The question is still leased to this worker."""
@@ -169,6 +246,14 @@ def _record(row) -> dict:
         if record.get(key) is not None:
             record[key] = record[key].isoformat()
     return record
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    present = {column["name"] for column in inspect(engine).get_columns(questions.name)}
+    with engine.begin() as db:
+        for name, ddl in _ADDED_COLUMNS.items():
+            if name not in present:
+                db.execute(text(f"ALTER TABLE {questions.name} ADD COLUMN {name} {ddl}"))
 
 
 def _engine(url: str) -> Engine:

@@ -76,7 +76,8 @@ class Settings(BaseSettings):
     # gpt-oss is tuned for sampling at temperature 1.0, top_p 1.0 (its model card).
     llm_temperature: float = Field(1.0, ge=0, le=2)
     llm_top_p: float = Field(1.0, gt=0, le=1)
-    llm_concurrency: int = Field(32, ge=1, le=1024, description="Requests in flight, so the server can batch them.")
+    llm_concurrency: int = Field(
+        256, ge=1, le=1024, description="Requests in flight, so the server can batch them (vLLM's max_num_seqs).")
     llm_timeout_s: float = Field(120.0, gt=0, description="Per-request timeout.")
     llm_max_retries: int = Field(3, ge=0, description="Retries with backoff on 429/5xx/timeouts.")
     top_k: int = Field(5, ge=1, le=50, description="Sources retrieved per question.")

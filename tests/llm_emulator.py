@@ -3,7 +3,16 @@
 A real HTTP server: POST /v1/chat/completions returns ``content`` plus the reasoning in a
 separate field (``reasoning``, as vLLM does, or ``reasoning_content``), accepts
 ``reasoning_effort``, records every request, and can inject latency, 429, 500 and hangs.
-Run alone: python tests/llm_emulator.py --port 8000 --latency 0.5
+
+With ``step_s`` set it behaves like a GPU under continuous batching: every decoding step
+produces one token for each sequence in flight, a step takes longer the more sequences it
+serves (``step_s=(at one sequence, at max_num_seqs)``), and requests beyond ``max_num_seqs``
+wait for a free slot. An answer costs ``output_tokens`` steps (reasoning included), capped
+by the request's ``max_tokens``: a capped answer ends with ``finish_reason: length`` and no
+content, as gpt-oss does when its reasoning runs out of room. GET /stats reports the tokens
+produced and the busy window, so a bench can compute the utilization the server saw.
+
+Run alone: python -m tests.llm_emulator --port 8000 --max-num-seqs 256 --step-ms 20 60 --output-tokens 300
 """
 
 from __future__ import annotations
@@ -13,18 +22,96 @@ import json
 import re
 import threading
 import time
+from collections import deque
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+_TOKEN = re.compile(r"\w+|[^\w\s]")
+
+
+def count_tokens(text: str) -> int:
+    """Words and punctuation: close enough to a BPE count for throughput figures."""
+    return len(_TOKEN.findall(text))
 
 
 class _Server(ThreadingHTTPServer):
-    request_queue_size = 256  # the default backlog of 5 drops connections when 32 clients arrive at once
+    request_queue_size = 1024  # the default backlog of 5 drops connections when hundreds of clients arrive at once
+
+
+@dataclass
+class _Sequence:
+    tokens: int
+    produced: int = 0
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class Engine:
+    """Continuous batching: one token per running sequence per step; the step time grows with the batch."""
+
+    def __init__(self, max_num_seqs: int, step_s: tuple[float, float]):
+        self.max_num_seqs, self.step_s = max_num_seqs, step_s
+        self.waiting: deque[_Sequence] = deque()
+        self.running: list[_Sequence] = []
+        self.cond = threading.Condition()
+        self.tokens = self.steps = self.batch_sum = 0
+        self.first_start: float | None = None
+        self.last_end: float | None = None
+        threading.Thread(target=self._loop, daemon=True).start()
+
+    @property
+    def capacity_tokens_per_s(self) -> float:
+        """Output tokens per second with every slot busy."""
+        return self.max_num_seqs / self.step_s[1]
+
+    def generate(self, tokens: int) -> None:
+        sequence = _Sequence(tokens)
+        with self.cond:
+            self.waiting.append(sequence)
+            self.cond.notify()
+        sequence.done.wait()
+
+    def _loop(self) -> None:
+        while True:
+            with self.cond:
+                while not self.waiting and not self.running:
+                    self.cond.wait()
+                while self.waiting and len(self.running) < self.max_num_seqs:
+                    self.running.append(self.waiting.popleft())
+                batch = len(self.running)
+                if self.first_start is None:
+                    self.first_start = time.monotonic()
+            low, high = self.step_s
+            time.sleep(low + (high - low) * (batch - 1) / max(1, self.max_num_seqs - 1))
+            with self.cond:
+                for sequence in self.running:
+                    sequence.produced += 1
+                finished = [s for s in self.running if s.produced >= s.tokens]
+                self.running = [s for s in self.running if s.produced < s.tokens]
+                self.tokens += batch
+                self.steps += 1
+                self.batch_sum += batch
+                self.last_end = time.monotonic()
+            for sequence in finished:
+                sequence.done.set()
+
+    def stats(self) -> dict:
+        with self.cond:
+            busy = (self.last_end - self.first_start) if self.first_start and self.last_end else 0.0
+            return {"tokens": self.tokens, "steps": self.steps, "busy_s": round(busy, 3),
+                    "mean_batch": round(self.batch_sum / self.steps, 1) if self.steps else 0,
+                    "max_num_seqs": self.max_num_seqs, "capacity_tokens_per_s": round(self.capacity_tokens_per_s, 1),
+                    "running": len(self.running), "waiting": len(self.waiting)}
 
 
 class Emulator:
     def __init__(self, latency_s: float = 0.0, reasoning_field: str = "reasoning", host: str = "127.0.0.1",
-                 port: int = 0):
+                 port: int = 0, *, max_num_seqs: int = 256, step_s: tuple[float, float] | None = None,
+                 output_tokens: int = 20, reasoning_share: float = 0.6):
         self.latency_s = latency_s
         self.reasoning_field = reasoning_field
+        self.output_tokens = output_tokens
+        self.reasoning_share = reasoning_share
+        self.engine = Engine(max_num_seqs, step_s) if step_s else None
         self.requests: list[dict] = []
         self.failures: list[int] = []  # statuses to answer with, one per request, before succeeding
         self.always_fail: int | None = None
@@ -33,13 +120,15 @@ class Emulator:
         self.lock = threading.Lock()
         self.server = _Server((host, port), self._handler())
         self.server.daemon_threads = True
-        self.url = f"http://{host}:{self.server.server_address[1]}/v1"
+        self.port = self.server.server_address[1]
+        self.url = f"http://{host}:{self.port}/v1"
 
     def start(self) -> Emulator:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         return self
 
     def stop(self) -> None:
+        """The server goes away: new connections are refused until a server starts on the port again."""
         self.server.shutdown()
         self.server.server_close()
 
@@ -53,16 +142,24 @@ class Emulator:
         if status != 200:
             return status, {"error": {"message": f"injected {status}", "type": "server_error", "code": status}}
         prompt = body["messages"][-1]["content"]
+        tokens = min(self.output_tokens, int(body.get("max_tokens") or self.output_tokens))
+        if self.engine:
+            self.engine.generate(tokens)
+        capped = tokens < self.output_tokens
         docs = re.findall(r'<source n="(\d+)" doc="([^"]+)"', prompt)
-        content = self.answer_text or (
+        content = "" if capped else self.answer_text or (
             f"According to {docs[0][1]}, this is covered [{docs[0][0]}]." if docs else "No sources were given.")
         message = {"role": "assistant", "content": content,
                    self.reasoning_field: f"Reasoning ({body.get('reasoning_effort')}): read {len(docs)} sources."}
-        tokens = len(prompt) // 4
+        prompt_tokens = sum(count_tokens(m["content"]) for m in body["messages"])
+        reasoning_tokens = tokens if capped else int(tokens * self.reasoning_share)
         return 200, {
             "id": f"chatcmpl-{len(self.requests)}", "object": "chat.completion", "created": int(time.time()),
-            "model": body.get("model"), "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": tokens, "completion_tokens": 20, "total_tokens": tokens + 20},
+            "model": body.get("model"),
+            "choices": [{"index": 0, "message": message, "finish_reason": "length" if capped else "stop"}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": tokens,
+                      "total_tokens": prompt_tokens + tokens,
+                      "completion_tokens_details": {"reasoning_tokens": reasoning_tokens}},
         }
 
     def _handler(self):
@@ -88,6 +185,8 @@ class Emulator:
             def do_GET(self):
                 if self.path.rstrip("/").endswith("/models"):
                     self._send(200, {"object": "list", "data": [{"id": "openai/gpt-oss-20b", "object": "model"}]})
+                elif self.path.rstrip("/").endswith("/stats"):
+                    self._send(200, emulator.engine.stats() if emulator.engine else {})
                 else:
                     self._send(404, {"error": {"message": "not found"}})
 
@@ -107,7 +206,13 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--latency", type=float, default=0.0)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--step-ms", type=float, nargs=2, metavar=("AT_ONE", "AT_FULL"),
+                        help="decoding step time at one sequence and at max-num-seqs (continuous batching)")
+    parser.add_argument("--output-tokens", type=int, default=20)
     args = parser.parse_args()
-    emulator = Emulator(args.latency, port=args.port).start()
+    emulator = Emulator(args.latency, port=args.port, max_num_seqs=args.max_num_seqs,
+                        step_s=tuple(ms / 1000 for ms in args.step_ms) if args.step_ms else None,
+                        output_tokens=args.output_tokens).start()
     print(f"serving on {emulator.url}", flush=True)  # the bench reads the URL from this line
     threading.Event().wait()

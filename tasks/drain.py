@@ -1,0 +1,276 @@
+"""The answer worker: keep DOCSRAG_LLM_CONCURRENCY requests in flight until the queue is empty.
+
+claim a batch (when the buffer of prepared questions has room) -> retrieve it (one embedding
+call, a search per question, in a thread, a full window ahead of the model) -> generate (a
+sliding window: each slot that frees takes the next prepared question) -> settle (answers and
+failures written as they land, together in one transaction when several land at once).
+
+Every claimed question ends answered, failed (its own fault: an attempt spent, dead after the
+last), or released back to the queue with the reason (not its fault: the LLM server or Milvus
+down, the time budget spent, the run stopped; no attempt spent). The leases of the questions
+held are renewed while they wait and generate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from functools import partial
+
+from tasks.generate import NOT_COVERED, Generator, numbered_sources, server_fault
+from tasks.questions import Claimed, Queue
+from tasks.retrieve import Retriever, covered
+from tasks.settings import Settings
+from tasks.store import StoreError
+
+CLAIM_BATCH = 64  # questions claimed, embedded and searched together
+POLL_S = 0.5  # how often an otherwise idle feeder looks for new questions while answers are in flight
+PROGRESS_S = 5.0
+OUTAGE_AFTER = 3  # server faults in a row, none answered since they were sent: the server is down
+
+
+@dataclass
+class Prepared:
+    item: Claimed
+    sources: list[dict] = field(default_factory=list)  # numbered; empty: the docs do not cover it
+    error: str | None = None  # the question's own failure before generation (e.g. an unknown version)
+
+
+@dataclass
+class DrainSummary:
+    claimed: int = 0
+    answered: int = 0
+    not_covered: int = 0
+    failed: int = 0  # the question's fault, back after a backoff
+    dead: int = 0
+    released: int = 0  # put back without spending an attempt
+    lost: int = 0  # its lease went to another worker, which answers it
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    seconds: float = 0.0
+    stopped: str = ""
+    outage: str | None = None
+    problems: list[dict] = field(default_factory=list)  # {id, question, status, reason} of what was not answered
+
+    @property
+    def answers_per_s(self) -> float:
+        return round(self.answered / self.seconds, 2) if self.seconds else 0.0
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "answers_per_s": self.answers_per_s}
+
+
+class ServingOutage(RuntimeError):
+    """A service every question needs is down; the claimed questions went back to the queue."""
+
+
+class Drain:
+    def __init__(self, settings: Settings, queue: Queue, retriever: Retriever, *, owner: str, max_seconds: float,
+                 max_questions: int | None = None, top_k: int | None = None,
+                 on_progress: Callable[[DrainSummary, int], None] | None = None):
+        self.settings, self.queue, self.retriever, self.owner = settings, queue, retriever, owner
+        self.max_seconds, self.max_questions = max_seconds, max_questions
+        self.top_k = top_k or settings.top_k
+        self.on_progress = on_progress
+        self.slots = settings.llm_concurrency
+        self.summary = DrainSummary()
+        self.held: set[int] = set()  # claimed by this run and not settled yet
+        self.busy = 0
+        self.last_success = 0.0
+        self.faults_in_a_row = 0
+        # The queue is used from one thread at a time; retrieval (model and Milvus client) from another.
+        self.db = ThreadPoolExecutor(1, thread_name_prefix="docsrag-queue")
+        self.search = ThreadPoolExecutor(1, thread_name_prefix="docsrag-retrieve")
+
+    async def run(self) -> DrainSummary:
+        started = time.monotonic()
+        self.deadline = started + self.max_seconds
+        self.generator = Generator(self.settings)
+        # A full window of prepared questions waits in the buffer, so a slot that frees never waits on retrieval.
+        self.ready: asyncio.Queue[Prepared | None] = asyncio.Queue(maxsize=self.slots)
+        self.settled: asyncio.Queue[tuple | None] = asyncio.Queue()
+        self.workers = [asyncio.create_task(self._worker()) for _ in range(self.slots)]
+        self.feeder = asyncio.create_task(self._feed())
+        writer = asyncio.create_task(self._write())
+        background = [asyncio.create_task(self._renew_leases()), asyncio.create_task(self._progress())]
+        try:
+            done = await asyncio.gather(self.feeder, *self.workers, return_exceptions=True)
+            errors = [r for r in done if isinstance(r, Exception) and not isinstance(r, ServingOutage)]
+            if errors:  # a bug or the queue's own database: the leases held are released below
+                raise errors[0]
+        finally:
+            for task in [*self.workers, self.feeder, *background]:
+                task.cancel()
+            await self.settled.put(None)
+            await writer
+            reason = self.summary.outage or "the answer run stopped before answering it"
+            self.summary.released += await self._db(self.queue.release, sorted(self.held), self.owner, reason)
+            self.held.clear()
+            await self.generator.close()
+            self.db.shutdown()
+            self.search.shutdown()
+            self.summary.seconds = round(time.monotonic() - started, 2)
+        return self.summary
+
+    async def _db(self, call, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.db, partial(call, *args))
+
+    # -- claim and retrieve -------------------------------------------------------------------
+    async def _feed(self) -> None:
+        try:
+            self.summary.stopped = await self._claim_until_done()
+        except BaseException as exc:
+            self._stop_workers()
+            if not isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        for _ in self.workers:  # every worker finishes what it holds, then stops
+            await self.ready.put(None)
+
+    async def _claim_until_done(self) -> str:
+        while True:
+            if time.monotonic() >= self.deadline:
+                return "time budget"
+            want = CLAIM_BATCH if self.max_questions is None else min(
+                CLAIM_BATCH, self.max_questions - self.summary.claimed)
+            if want <= 0:
+                return "max questions"
+            batch = await self._db(self.queue.claim, want, self.owner)
+            if not batch:
+                if self.busy == 0 and self.ready.empty():
+                    return "queue empty"
+                await asyncio.sleep(POLL_S)  # answers in flight: questions asked meanwhile join this run
+                continue
+            self.held.update(item.id for item in batch)
+            self.summary.claimed += len(batch)
+            try:
+                prepared = await asyncio.get_running_loop().run_in_executor(self.search, self._retrieve, batch)
+            except Exception as exc:
+                self.summary.outage = (f"Milvus at {self.settings.milvus_uri} failed while retrieving: "
+                                       f"{type(exc).__name__}: {exc}")
+                raise ServingOutage(self.summary.outage) from exc
+            for item in prepared:
+                await self.ready.put(item)
+
+    def _retrieve(self, batch: list[Claimed]) -> list[Prepared]:
+        """Questions on the same version share one embedding call. A version nobody ingested is
+        that question's failure; any other error means Milvus is in trouble and is raised."""
+        by_version: dict[str | None, list[Claimed]] = defaultdict(list)
+        for item in batch:
+            by_version[item.version].append(item)
+        prepared = []
+        for version, items in by_version.items():
+            try:
+                hits = self.retriever.search([i.question for i in items], self.top_k, version)
+            except StoreError as exc:
+                prepared += [Prepared(i, error=f"{type(exc).__name__}: {exc}") for i in items]
+                continue
+            s = self.settings
+            prepared += [Prepared(i, numbered_sources(h) if covered(h, s.min_relevance, s.weak_relevance) else [])
+                         for i, h in zip(items, hits)]
+        order = {item.id: n for n, item in enumerate(batch)}
+        return sorted(prepared, key=lambda p: order[p.item.id])
+
+    # -- generate ---------------------------------------------------------------------------------
+    async def _worker(self) -> None:
+        while (prepared := await self.ready.get()) is not None:
+            self.busy += 1
+            try:
+                await self._answer(prepared)
+            finally:
+                self.busy -= 1
+
+    async def _answer(self, prepared: Prepared) -> None:
+        item = prepared.item
+        if prepared.error:
+            return await self.settled.put(("failed", item, prepared.error))
+        if not prepared.sources:
+            return await self.settled.put(("answered", item, {
+                "answer": NOT_COVERED, "sources": [], "model": None, "reasoning_effort": None, "latency_ms": 0}))
+        if time.monotonic() >= self.deadline:
+            return await self._release([item], "put back: the answer run's time budget (max_seconds) ran out")
+        sent = time.monotonic()
+        try:
+            result = await self.generator.answer(item.question, prepared.sources)
+        except Exception as exc:
+            if server_fault(exc) and self.last_success < sent:
+                return await self._server_fault(item, exc)
+            return await self.settled.put(("failed", item, f"{type(exc).__name__}: {exc}"))
+        self.last_success, self.faults_in_a_row = time.monotonic(), 0
+        s = self.settings
+        await self.settled.put(("answered", item, {
+            "answer": result.answer, "reasoning": result.reasoning, "model": s.llm_model,
+            "reasoning_effort": s.reasoning_effort, "usage": result.usage, "latency_ms": result.latency_ms,
+            "sources": [{k: src[k] for k in ("n", "doc_path", "heading", "score")} for src in prepared.sources]}))
+
+    async def _server_fault(self, item: Claimed, exc: Exception) -> None:
+        """Nothing was answered since this request went out: the server, not the question, failed."""
+        reason = f"the LLM server at {self.settings.llm_base_url} failed: {type(exc).__name__}: {exc}"
+        await self._release([item], reason + " (put back, no attempt spent)")
+        self.faults_in_a_row += 1
+        if self.faults_in_a_row >= OUTAGE_AFTER and self.summary.outage is None:
+            self.summary.outage = reason
+            self.feeder.cancel()
+
+    async def _release(self, items: list[Claimed], reason: str) -> None:
+        ids = [i.id for i in items if i.id in self.held]
+        self.held.difference_update(ids)
+        self.summary.released += await self._db(self.queue.release, ids, self.owner, reason)
+        self.summary.problems += [{"id": i.id, "question": i.question[:120], "status": "released", "reason": reason}
+                                  for i in items]
+
+    def _stop_workers(self) -> None:
+        current = asyncio.current_task()
+        for worker in self.workers:
+            if worker is not current:
+                worker.cancel()
+
+    # -- settle, renew, report ----------------------------------------------------------------
+    async def _write(self) -> None:
+        """Settle what has landed, in one transaction per wake-up: answers are stored as they come."""
+        while True:
+            landed = [await self.settled.get()]
+            while not self.settled.empty():
+                landed.append(self.settled.get_nowait())
+            last = None in landed
+            landed = [entry for entry in landed if entry is not None]
+            answers = {item.id: record for kind, item, record in landed if kind == "answered"}
+            failures = {item.id: error for kind, item, error in landed if kind == "failed"}
+            outcome = await self._db(self.queue.settle, self.owner, answers, failures) if landed else {}
+            for kind, item, detail in landed:
+                self._count(item, outcome[item.id], detail)
+            if last:
+                return
+
+    def _count(self, item: Claimed, status: str | None, detail) -> None:
+        self.held.discard(item.id)
+        s = self.summary
+        if status == "answered":
+            s.answered += 1
+            s.not_covered += detail["answer"] == NOT_COVERED and not detail["sources"]
+            usage = detail.get("usage") or {}
+            s.prompt_tokens += usage.get("prompt_tokens", 0)
+            s.output_tokens += usage.get("completion_tokens", 0)
+            return
+        if status is None:
+            s.lost += 1
+        else:
+            s.failed += status == "failed"
+            s.dead += status == "dead"
+        reason = detail if isinstance(detail, str) else "its lease went to another worker"
+        s.problems.append({"id": item.id, "question": item.question[:120], "status": status or "lost",
+                           "reason": reason})
+
+    async def _renew_leases(self) -> None:
+        while True:
+            await asyncio.sleep(self.queue.lease_s / 3)
+            await self._db(self.queue.renew, sorted(self.held), self.owner)
+
+    async def _progress(self) -> None:
+        while self.on_progress:
+            await asyncio.sleep(PROGRESS_S)
+            self.on_progress(self.summary, self.busy)

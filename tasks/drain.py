@@ -1,9 +1,10 @@
 """The answer worker: keep DOCSRAG_LLM_CONCURRENCY requests in flight until the queue is empty.
 
-claim a batch (when the buffer of prepared questions has room) -> retrieve it (one embedding
-call, a search per question, in a thread, a full window ahead of the model) -> generate (a
-sliding window: each slot that frees takes the next prepared question) -> settle (answers and
-failures written as they land, together in one transaction when several land at once).
+claim a batch (while the run holds fewer than two windows of questions) -> retrieve it (one
+embedding call, a search per question, in a thread, up to a full window ahead of the model) ->
+generate (a sliding window: each slot that frees takes the next prepared question) -> settle
+(answers and failures written as they land, together in one transaction when several land at
+once). A worker killed at any point holds at most two windows: only those wait for their leases.
 
 Every claimed question ends answered, failed (its own fault: an attempt spent, dead after the
 last), or released back to the queue with the reason (not its fault: the LLM server or Milvus
@@ -21,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from functools import partial
 
-from tasks.generate import NOT_COVERED, Generator, numbered_sources, server_fault
+from tasks.generate import NOT_COVERED, Generator, numbered_sources, overloaded, server_fault
 from tasks.questions import Claimed, Queue
 from tasks.retrieve import Retriever, covered
 from tasks.settings import Settings
@@ -30,7 +31,6 @@ from tasks.store import StoreError
 CLAIM_BATCH = 64  # questions claimed, embedded and searched together
 POLL_S = 0.5  # how often an otherwise idle feeder looks for new questions while answers are in flight
 PROGRESS_S = 5.0
-OUTAGE_AFTER = 3  # server faults in a row, none answered since they were sent: the server is down
 
 
 @dataclass
@@ -81,7 +81,6 @@ class Drain:
         self.held: set[int] = set()  # claimed by this run and not settled yet
         self.busy = 0
         self.last_success = 0.0
-        self.faults_in_a_row = 0
         # The queue is used from one thread at a time; retrieval (model and Milvus client) from another.
         self.db = ThreadPoolExecutor(1, thread_name_prefix="docsrag-queue")
         self.search = ThreadPoolExecutor(1, thread_name_prefix="docsrag-retrieve")
@@ -90,8 +89,10 @@ class Drain:
         started = time.monotonic()
         self.deadline = started + self.max_seconds
         self.generator = Generator(self.settings)
-        # A full window of prepared questions waits in the buffer, so a slot that frees never waits on retrieval.
-        self.ready: asyncio.Queue[Prepared | None] = asyncio.Queue(maxsize=self.slots)
+        # Up to a full window of prepared questions waits beside the window in flight, so a slot
+        # that frees never waits on retrieval; a permit per question held bounds both.
+        self.permits = asyncio.Semaphore(2 * self.slots)
+        self.ready: asyncio.Queue[Prepared | None] = asyncio.Queue()
         self.settled: asyncio.Queue[tuple | None] = asyncio.Queue()
         self.workers = [asyncio.create_task(self._worker()) for _ in range(self.slots)]
         self.feeder = asyncio.create_task(self._feed())
@@ -135,13 +136,18 @@ class Drain:
         while True:
             if time.monotonic() >= self.deadline:
                 return "time budget"
-            want = CLAIM_BATCH if self.max_questions is None else min(
-                CLAIM_BATCH, self.max_questions - self.summary.claimed)
+            want = min(CLAIM_BATCH, self.slots)
+            if self.max_questions is not None:
+                want = min(want, self.max_questions - self.summary.claimed)
             if want <= 0:
                 return "max questions"
+            for _ in range(want):
+                await self.permits.acquire()
             batch = await self._db(self.queue.claim, want, self.owner)
+            for _ in range(want - len(batch)):
+                self.permits.release()
             if not batch:
-                if self.busy == 0 and self.ready.empty():
+                if not self.held:  # everything claimed is settled: a failure may be due again at once
                     return "queue empty"
                 await asyncio.sleep(POLL_S)  # answers in flight: questions asked meanwhile join this run
                 continue
@@ -197,29 +203,33 @@ class Drain:
         try:
             result = await self.generator.answer(item.question, prepared.sources)
         except Exception as exc:
-            if server_fault(exc) and self.last_success < sent:
-                return await self._server_fault(item, exc)
+            if server_fault(exc) and (self.last_success < sent or overloaded(exc)):
+                return await self._server_fault(item, exc, down=self.last_success < sent)
             return await self.settled.put(("failed", item, f"{type(exc).__name__}: {exc}"))
-        self.last_success, self.faults_in_a_row = time.monotonic(), 0
+        self.last_success = time.monotonic()
         s = self.settings
         await self.settled.put(("answered", item, {
             "answer": result.answer, "reasoning": result.reasoning, "model": s.llm_model,
             "reasoning_effort": s.reasoning_effort, "usage": result.usage, "latency_ms": result.latency_ms,
             "sources": [{k: src[k] for k in ("n", "doc_path", "heading", "score")} for src in prepared.sources]}))
 
-    async def _server_fault(self, item: Claimed, exc: Exception) -> None:
-        """Nothing was answered since this request went out: the server, not the question, failed."""
+    async def _server_fault(self, item: Claimed, exc: Exception, down: bool) -> None:
+        """The server, not the question, failed: down (nothing answered since this request went out,
+        after the client's retries) stops the run; overloaded (a timeout or 429 while others are
+        answered) puts the question back for later. No attempt is spent either way."""
         reason = f"the LLM server at {self.settings.llm_base_url} failed: {type(exc).__name__}: {exc}"
-        await self._release([item], reason + " (put back, no attempt spent)")
-        self.faults_in_a_row += 1
-        if self.faults_in_a_row >= OUTAGE_AFTER and self.summary.outage is None:
+        await self._release([item], reason + " (put back, no attempt spent)",
+                            retry_after_s=0 if down else self.settings.retry_backoff_s)
+        if down and self.summary.outage is None:
             self.summary.outage = reason
             self.feeder.cancel()
 
-    async def _release(self, items: list[Claimed], reason: str) -> None:
+    async def _release(self, items: list[Claimed], reason: str, retry_after_s: float = 0) -> None:
         ids = [i.id for i in items if i.id in self.held]
         self.held.difference_update(ids)
-        self.summary.released += await self._db(self.queue.release, ids, self.owner, reason)
+        for _ in ids:
+            self.permits.release()
+        self.summary.released += await self._db(self.queue.release, ids, self.owner, reason, retry_after_s)
         self.summary.problems += [{"id": i.id, "question": i.question[:120], "status": "released", "reason": reason}
                                   for i in items]
 
@@ -248,6 +258,7 @@ class Drain:
 
     def _count(self, item: Claimed, status: str | None, detail) -> None:
         self.held.discard(item.id)
+        self.permits.release()
         s = self.summary
         if status == "answered":
             s.answered += 1

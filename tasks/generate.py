@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 
 import httpx
-from openai import APIConnectionError, APIStatusError, DefaultAsyncHttpxClient
+from openai import APIConnectionError, APIStatusError, APITimeoutError, DefaultAsyncHttpxClient
 from openai.types.chat import ChatCompletion
 
 from tasks.settings import Settings
@@ -48,6 +48,11 @@ def server_fault(exc: BaseException) -> bool:
     if isinstance(exc, APIConnectionError):  # APITimeoutError included
         return True
     return isinstance(exc, APIStatusError) and (exc.status_code >= 500 or exc.status_code in (408, 429))
+
+
+def overloaded(exc: BaseException) -> bool:
+    """Too slow or rate-limited: the server is busy (the window is larger than it serves at once)."""
+    return isinstance(exc, APITimeoutError) or isinstance(exc, APIStatusError) and exc.status_code in (408, 429)
 
 
 def numbered_sources(hits: list[dict]) -> list[dict]:

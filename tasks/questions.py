@@ -130,11 +130,12 @@ class Queue:
                          attempts=questions.c.attempts + 1, updated_at=stamp,
                          last_error=case((expired, "a lease expired: its worker stopped before answering"),
                                          else_=questions.c.last_error))
-                 .returning(questions.c.id, questions.c.question, questions.c.version, questions.c.attempts))
+                 .returning(questions.c.id, questions.c.question, questions.c.version, questions.c.attempts,
+                            questions.c.claim_rank))
         with self.engine.begin() as db:
             self._bury_expired(db, stamp)
             rows = db.execute(claim).all()
-        return sorted((Claimed(r.id, r.question, r.version, r.attempts) for r in rows), key=lambda c: c.id)
+        return [Claimed(r.id, r.question, r.version, r.attempts) for r in sorted(rows, key=lambda r: (r.claim_rank, r.id))]
 
     def _bury_expired(self, db, stamp: datetime) -> None:
         """Questions whose every attempt ended with the worker gone are dead, with that reason."""
@@ -155,9 +156,9 @@ class Queue:
                 lease_expires_at=stamp + timedelta(seconds=self.lease_s)).returning(questions.c.id)).all()
         return {r.id for r in rows}
 
-    def release(self, ids: list[int], owner: str, reason: str) -> int:
-        """Put questions back, not their fault (a server down, a worker stopping): the attempt is
-        given back and the reason kept. -> how many were still held."""
+    def release(self, ids: list[int], owner: str, reason: str, retry_after_s: float = 0) -> int:
+        """Put questions back, not their fault (a server down or busy, a worker stopping): the attempt
+        is given back and the reason kept. -> how many were still held."""
         if not ids:
             return 0
         stamp = now()
@@ -165,7 +166,7 @@ class Queue:
         with self.engine.begin() as db:
             done = db.execute(update(questions).where(held).values(
                 status="pending", attempts=questions.c.attempts - 1, last_error=reason[:4000], lease_owner=None,
-                lease_expires_at=None, available_at=stamp, updated_at=stamp))
+                lease_expires_at=None, available_at=stamp + timedelta(seconds=retry_after_s), updated_at=stamp))
         return done.rowcount
 
     def settle(self, owner: str, answers: dict[int, dict] | None = None,

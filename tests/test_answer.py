@@ -42,6 +42,10 @@ def llm(faq_home, tmp_path, monkeypatch):
     emulator.stop()
 
 
+def subset(summary: dict, **expected) -> bool:
+    return {k: summary[k] for k in expected} == expected
+
+
 def cli(capsys, *args):
     code = main([*args, "--json"])
     out, err = capsys.readouterr()
@@ -52,7 +56,7 @@ def cli(capsys, *args):
 def test_questions_are_answered_with_citations_of_faq_docs(llm, capsys, monkeypatch):
     monkeypatch.setenv("DOCSRAG_REASONING_EFFORT", "high")
     ids = [cli(capsys, "ask", q)["id"] for q in QUESTIONS]
-    assert cli(capsys, "answer") == {"claimed": 3, "answered": 3, "failed": 0, "not_covered": 0}
+    assert subset(cli(capsys, "answer"), claimed=3, answered=3, failed=0, not_covered=0)
     for qid, question in zip(ids, QUESTIONS):
         record = cli(capsys, "show", str(qid))
         assert record["status"] == "answered" and record["question"] == question
@@ -104,30 +108,18 @@ def test_transient_errors_are_retried(llm, capsys):
     assert len(llm.requests) == 3 and cli(capsys, "show", str(qid))["status"] == "answered"
 
 
-def test_model_failing_every_time_ends_dead_with_the_error(llm, capsys, monkeypatch):
-    monkeypatch.setenv("DOCSRAG_LLM_MAX_RETRIES", "1")
-    monkeypatch.setenv("DOCSRAG_MAX_ATTEMPTS", "2")
-    llm.always_fail = 500
-    qid = cli(capsys, "ask", QUESTIONS[0])["id"]
-    assert cli(capsys, "answer") == {"claimed": 1, "answered": 0, "failed": 1, "not_covered": 0}
-    assert cli(capsys, "show", str(qid))["status"] == "failed"
-    assert cli(capsys, "answer")["failed"] == 1
-    record = cli(capsys, "show", str(qid))
-    assert (record["status"], record["attempts"]) == ("dead", 2)
-    assert "InternalServerError" in record["last_error"] and "injected 500" in record["last_error"]
-    assert len(llm.requests) == 4  # two attempts, each one request and one retry
-    assert cli(capsys, "answer")["claimed"] == 0
-
-
-def test_hung_model_times_out(llm, capsys, monkeypatch):
+def test_hung_model_server_stops_the_run_and_keeps_the_question(llm, capsys, monkeypatch):
     monkeypatch.setenv("DOCSRAG_LLM_TIMEOUT_S", "0.5")
     monkeypatch.setenv("DOCSRAG_LLM_MAX_RETRIES", "0")
     llm.hang_s = 3
     qid = cli(capsys, "ask", QUESTIONS[0])["id"]
     started = time.monotonic()
-    assert cli(capsys, "answer")["failed"] == 1
+    assert main(["answer"]) == 1
     assert time.monotonic() - started < 3
-    assert "Timeout" in cli(capsys, "show", str(qid))["last_error"]
+    assert "APITimeoutError" in capsys.readouterr().err
+    record = cli(capsys, "show", str(qid))
+    assert (record["status"], record["attempts"]) == ("pending", 0)
+    assert "Timeout" in record["last_error"] and "no attempt spent" in record["last_error"]
 
 
 def test_oversized_question_is_refused_at_submit(llm, capsys):
@@ -139,8 +131,9 @@ def test_oversized_question_is_refused_at_submit(llm, capsys):
 def test_unknown_version_fails_the_question_not_the_batch(llm, capsys):
     bad = cli(capsys, "ask", QUESTIONS[0], "--version", "9.9.x")["id"]
     good = cli(capsys, "ask", QUESTIONS[1])["id"]
-    assert cli(capsys, "answer")["answered"] == 1
-    assert "nothing is served as 'milvus_docs_9_9_x'" in cli(capsys, "show", str(bad))["last_error"]
+    assert subset(cli(capsys, "answer"), answered=1, dead=1)  # no backoff here: retried at once, then dead
+    record = cli(capsys, "show", str(bad))
+    assert record["status"] == "dead" and "nothing is served as 'milvus_docs_9_9_x'" in record["last_error"]
     assert cli(capsys, "show", str(good))["status"] == "answered"
 
 
@@ -168,7 +161,7 @@ def test_worker_killed_after_claiming_is_answered_once(llm, capsys, monkeypatch,
     assert cli(capsys, "answer")["claimed"] == 0, "the dead worker's lease still holds"
     expires = datetime.fromisoformat(lease["lease_expires_at"]).replace(tzinfo=timezone.utc)
     time.sleep(max(0.0, (expires - datetime.now(timezone.utc)).total_seconds()) + 0.5)
-    assert cli(capsys, "answer") == {"claimed": 1, "answered": 1, "failed": 0, "not_covered": 0}
+    assert subset(cli(capsys, "answer"), claimed=1, answered=1, failed=0, not_covered=0)
     record = cli(capsys, "show", str(qid))
     assert (record["status"], record["attempts"]) == ("answered", 2)
     assert Queue.from_settings(load_settings()).counts()["answered"] == 1

@@ -106,3 +106,73 @@ def test_failures_back_off_then_dead_letter_with_the_error(queue_url):
     assert (record["status"], record["attempts"], record["last_error"]) == ("dead", 2, "RuntimeError: boom 2")
     time.sleep(0.7)
     assert queue.claim(1, "w") == []
+
+
+def age(queue: Queue, question_id: int, seconds: float) -> None:
+    """As if the question had been submitted ``seconds`` earlier."""
+    from tasks.questions import questions
+
+    with queue.engine.begin() as db:
+        db.execute(questions.update().where(questions.c.id == question_id).values(
+            claim_rank=questions.c.claim_rank - seconds))
+
+
+def test_oldest_first_and_a_priority_gets_a_bounded_head_start(queue_url):
+    queue = make(queue_url)
+    waited_long, _ = queue.submit("asked ten minutes ago")
+    age(queue, waited_long, 600)
+    recent = [queue.submit(f"recent {i}")[0] for i in range(3)]
+    urgent, _ = queue.submit("urgent", priority=1)  # five minutes ahead: before the recent ones only
+    assert [c.id for c in queue.claim(10, "w")] == [waited_long, urgent, *recent]
+    with pytest.raises(QuestionError, match="priority must be between -10 and 10"):
+        queue.submit("too eager", priority=11)
+
+
+def test_released_questions_get_their_attempt_back_and_keep_the_reason(queue_url):
+    queue = make(queue_url)
+    ids = [queue.submit(f"q{i}")[0] for i in range(3)]
+    assert [c.attempts for c in queue.claim(3, "w")] == [1, 1, 1]
+    assert queue.release(ids[:2], "w", "the LLM server at http://x failed: APIConnectionError") == 2
+    assert queue.release(ids[:2], "other", "not mine") == 0
+    record = queue.get(ids[0])
+    assert (record["status"], record["attempts"]) == ("pending", 0)
+    assert "APIConnectionError" in record["last_error"]
+    assert [c.id for c in queue.claim(3, "w2")] == ids[:2]
+
+
+def test_a_renewed_lease_is_not_taken_over(queue_url):
+    queue = make(queue_url, lease_s=0.5)
+    qid, _ = queue.submit("q?")
+    queue.claim(1, "w")
+    for _ in range(3):
+        time.sleep(0.3)
+        assert queue.renew([qid], "w") == {qid}
+    assert queue.claim(1, "other") == []
+    assert queue.renew([qid], "other") == set()
+    assert queue.answer(qid, "w", answer="kept")
+
+
+def test_a_question_whose_workers_all_died_ends_dead_with_the_reason(queue_url):
+    queue = make(queue_url, lease_s=0.2, max_attempts=2)
+    qid, _ = queue.submit("kills its worker")
+    queue.claim(1, "w1")
+    time.sleep(0.3)
+    [again] = queue.claim(1, "w2")
+    assert again.attempts == 2 and "lease expired" in queue.get(qid)["last_error"]
+    time.sleep(0.3)
+    assert queue.claim(1, "w3") == []
+    record = queue.get(qid)
+    assert (record["status"], record["attempts"]) == ("dead", 2)
+    assert "lease expired) on all 2 attempts" in record["last_error"]
+
+
+def test_stats_count_waiting_age_and_recent_answers(queue_url):
+    queue = make(queue_url)
+    ids = [queue.submit(f"q{i}")[0] for i in range(4)]
+    for c in queue.claim(2, "w"):
+        queue.answer(c.id, "w", answer="a")
+    time.sleep(0.2)
+    stats = queue.stats(window_s=60)
+    assert stats["counts"]["answered"] == 2 and stats["counts"]["pending"] == 2
+    assert stats["oldest_waiting_s"] >= 0.2 and stats["answers_per_s"] == round(2 / 60, 3)
+    assert len(ids) == 4

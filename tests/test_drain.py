@@ -1,0 +1,288 @@
+"""The draining answer worker under load and under faults.
+
+The FAQ index lives on a real Milvus server (Milvus Lite's gRPC server in its own process), so
+a test can kill it and start it again, and several workers (threads or processes) can search
+it at once. The model is the continuous-batching emulator; Prefect is real.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from flows.cli import main
+from tasks.questions import Queue
+from tasks.settings import load_settings
+
+from .conftest import DOCSRAG, ROOT, api_env
+from .llm_emulator import Emulator
+
+QUESTIONS = ["Where does Milvus store data?", "Is Docker the only way to install and run Milvus?",
+             "What are the main factors affecting recall?", "Can I upsert data in Milvus?"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MilvusServer:
+    """Milvus Lite served over gRPC from its own process: killed and restarted on the same port and data."""
+
+    def __init__(self, data_dir):
+        self.data_dir, self.port = data_dir, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.process = None
+
+    def start(self) -> "MilvusServer":
+        self.process = subprocess.Popen([sys.executable, "-m", "milvus_lite", "server", "--data-dir",
+                                         str(self.data_dir), "--port", str(self.port)],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return self
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError("Milvus Lite server did not start")
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait()
+
+
+@pytest.fixture(scope="module")
+def milvus(tmp_path_factory, prefect_server, releases):
+    server = MilvusServer(tmp_path_factory.mktemp("milvus-data")).start()
+    home = tmp_path_factory.mktemp("drain") / "home"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DOCSRAG_HOME", str(home))
+        patch.setenv("DOCSRAG_MILVUS_URI", server.uri)
+        assert main(["ingest", "--release", str(releases / "milvus_docs_faq_2.4.x_en.zip")]) == 0
+    yield server
+    server.kill()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def queue_url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'questions.db'}"
+    return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture
+def llm(milvus, tmp_path, monkeypatch):
+    """A small GPU: 8 sequences at once, 40 tokens per answer, 2-6 ms per step."""
+    emulator = Emulator(max_num_seqs=8, step_s=(0.002, 0.006), output_tokens=40).start()
+    monkeypatch.setenv("DOCSRAG_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("DOCSRAG_MILVUS_URI", milvus.uri)
+    monkeypatch.setenv("DOCSRAG_QUEUE_URL", f"sqlite:///{tmp_path / 'questions.db'}")
+    monkeypatch.setenv("DOCSRAG_LLM_BASE_URL", emulator.url)
+    monkeypatch.setenv("DOCSRAG_LLM_CONCURRENCY", "8")
+    monkeypatch.setenv("DOCSRAG_LLM_MAX_RETRIES", "1")
+    monkeypatch.setenv("DOCSRAG_MIN_RELEVANCE", "-1")  # every question goes to the model
+    yield emulator
+    emulator.stop()
+
+
+def queue() -> Queue:
+    return Queue.from_settings(load_settings())
+
+
+def submit(n: int, start: int = 0) -> list[int]:
+    q = queue()
+    return [q.submit(f"{QUESTIONS[i % len(QUESTIONS)]} (#{i})")[0] for i in range(start, start + n)]
+
+
+def answer(capsys, *args) -> tuple[int, dict | None, str]:
+    code = main(["answer", "--json", *args])
+    out, err = capsys.readouterr()
+    return code, (json.loads(out) if code == 0 else None), err
+
+
+def asked(emulator: Emulator) -> list[str]:
+    """The question of each request, in the order the server received them."""
+    return [r["messages"][-1]["content"].rsplit("Question: ", 1)[-1] for r in emulator.requests]
+
+
+def test_backlog_larger_than_a_claim_drains_while_questions_keep_coming(llm, capsys, monkeypatch, queue_url):
+    monkeypatch.setenv("DOCSRAG_QUEUE_URL", queue_url)
+    ids = submit(150)
+    late: list[int] = []
+
+    def keep_asking():  # 50 more while the run drains
+        for i in range(5):
+            time.sleep(0.3)
+            late.extend(submit(10, start=150 + 10 * i))
+
+    asker = threading.Thread(target=keep_asking)
+    asker.start()
+    code, summary, err = answer(capsys)
+    asker.join()
+    assert code == 0, err
+    code, rest, _ = answer(capsys)  # whatever came after the first run saw an empty queue
+    answered = summary["answered"] + rest["answered"]
+    assert summary["claimed"] > 64 and answered == 200 and summary["stopped"] == "queue empty"
+    records = [queue().get(qid) for qid in ids + late]
+    assert all(r["status"] == "answered" and r["attempts"] == 1 for r in records), "each answered once"
+    order = asked(llm)
+    assert sorted(order) == sorted(r["question"] for r in records), "one request per question, none twice"
+    # Oldest first: a question is sent no later than a window (slots + buffer) after its turn.
+    position = {question: n for n, question in enumerate(order)}
+    first = [r["question"] for r in records[:150]]
+    assert all(abs(position[q] - n) <= 2 * 8 for n, q in enumerate(first))
+    assert summary["output_tokens"] == 40 * summary["answered"]
+
+
+def test_server_is_kept_busy_while_questions_wait(llm, capsys):
+    submit(120)
+    code, summary, err = answer(capsys)
+    assert code == 0, err
+    stats = llm.engine.stats()
+    assert stats["mean_batch"] >= 0.75 * stats["max_num_seqs"], stats  # a sliding window, not waves
+
+
+def test_llm_server_down_then_up_spends_no_attempt(llm, capsys, monkeypatch):
+    ids = submit(20)
+    llm.stop()  # connection refused
+    code, _, err = answer(capsys)
+    assert code == 1 and f"the LLM server at {llm.url} failed" in err and "APIConnectionError" in err
+    assert "went back to the queue without spending an attempt" in err
+    records = [queue().get(qid) for qid in ids]
+    assert all(r["status"] == "pending" and r["attempts"] == 0 for r in records)
+    assert "APIConnectionError" in records[0]["last_error"]
+    again = Emulator(port=llm.port, max_num_seqs=8, step_s=(0.002, 0.006), output_tokens=40).start()
+    try:
+        code, summary, err = answer(capsys)
+        assert code == 0, err
+        assert summary["answered"] == 20
+        assert all(queue().get(qid)["attempts"] == 1 for qid in ids)
+    finally:
+        again.stop()
+
+
+def test_a_ten_minute_outage_dead_letters_nothing(llm, capsys, monkeypatch):
+    monkeypatch.setenv("DOCSRAG_MAX_ATTEMPTS", "2")
+    ids = submit(5)
+    llm.always_fail = 503
+    for _ in range(4):  # every scheduled run during the outage
+        assert answer(capsys)[0] == 1
+    assert queue().counts()["pending"] == 5
+    llm.always_fail = None
+    assert answer(capsys)[1]["answered"] == 5
+    assert {queue().get(qid)["status"] for qid in ids} == {"answered"}
+
+
+def test_poison_question_is_dead_lettered_with_its_reason(llm, capsys, monkeypatch):
+    monkeypatch.setenv("DOCSRAG_MAX_ATTEMPTS", "2")
+    monkeypatch.setenv("DOCSRAG_LLM_MAX_TOKENS", "16")  # the reasoning runs out of room: no answer
+    monkeypatch.setenv("DOCSRAG_RETRY_BACKOFF_S", "0")
+    [qid] = submit(1)
+    code, summary, _ = answer(capsys)
+    assert code == 0 and (summary["failed"], summary["dead"]) == (1, 1), "failed, retried within the run, then dead"
+    record = queue().get(qid)
+    assert (record["status"], record["attempts"]) == ("dead", 2)
+    assert "EmptyAnswer" in record["last_error"] and "finish_reason=length" in record["last_error"]
+
+
+def test_milvus_down_after_claiming_puts_the_questions_back(llm, capsys, monkeypatch, milvus):
+    ids = submit(100)
+    llm.latency_s = 0.3  # the first batch is still generating when Milvus goes away
+    threading.Timer(1.0, milvus.kill).start()
+    try:
+        code, _, err = answer(capsys)
+        assert code == 1 and f"Milvus at {milvus.uri} failed while retrieving" in err
+        records = [queue().get(qid) for qid in ids]
+        statuses = {r["status"] for r in records}
+        assert statuses <= {"answered", "pending"} and "pending" in statuses
+        assert all(r["attempts"] == (1 if r["status"] == "answered" else 0) for r in records)
+    finally:
+        milvus.kill()
+        milvus.start()
+    llm.latency_s = 0
+    code, summary, err = answer(capsys)
+    assert code == 0, err
+    assert {queue().get(qid)["status"] for qid in ids} == {"answered"}
+
+
+def test_locked_store_fails_before_claiming(llm, capsys, monkeypatch, tmp_path):
+    from pymilvus import MilvusClient
+
+    lite = tmp_path / "locked.db"
+    monkeypatch.setenv("DOCSRAG_MILVUS_URI", str(lite))
+    holder = subprocess.Popen([sys.executable, "-c", f"from pymilvus import MilvusClient; "
+                               f"MilvusClient({str(lite)!r}); import time; print('ok', flush=True); time.sleep(120)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ok"
+        ids = submit(3)
+        code, _, err = answer(capsys)
+        assert code == 1 and "Milvus Lite serves one process at a time" in err
+        assert all(queue().get(qid)["attempts"] == 0 for qid in ids)
+        assert queue().counts()["pending"] == 3
+    finally:
+        holder.kill()
+        holder.wait()
+    del MilvusClient
+
+
+def test_leases_hold_under_a_slow_model_and_a_second_worker(llm, capsys, monkeypatch):
+    monkeypatch.setenv("DOCSRAG_LEASE_S", "1.5")  # renewed every 0.5 s
+    llm.latency_s = 3.0  # twice the lease
+    ids = submit(8)
+    second: dict = {}
+
+    def second_worker():
+        time.sleep(1.0)
+        from tasks.drain import Drain
+        from tasks.retrieve import Retriever
+        import asyncio
+
+        settings = load_settings()
+        second["summary"] = asyncio.run(Drain(settings, Queue.from_settings(settings), Retriever(settings),
+                                              owner="second", max_seconds=3).run())
+
+    other = threading.Thread(target=second_worker)
+    other.start()
+    code, summary, err = answer(capsys)
+    other.join()
+    assert code == 0, err
+    assert (summary["answered"], summary["lost"]) == (8, 0)
+    assert second["summary"].claimed == 0, "no lease expired while the model worked"
+    assert all(queue().get(qid)["attempts"] == 1 for qid in ids)
+
+
+def test_worker_killed_mid_drain_loses_only_its_in_flight_questions(llm, capsys, monkeypatch):
+    monkeypatch.setenv("DOCSRAG_LEASE_S", "4")
+    llm.latency_s = 0.25
+    ids = submit(80)
+    worker = subprocess.Popen([DOCSRAG, "answer"], cwd=ROOT, env=api_env(), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while queue().counts()["answered"] < 20 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert queue().counts()["answered"] >= 20, "the worker answered some"
+    finally:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
+    held = [r["id"] for r in (queue().get(qid) for qid in ids) if r["status"] == "claimed"]
+    answered_before = queue().counts()["answered"]
+    assert held, "the kill caught questions in flight"
+    assert len(held) <= 2 * 8, "at most the window and its buffer"
+    llm.latency_s = 0
+    time.sleep(4.5)  # their leases expire
+    code, summary, err = answer(capsys)
+    assert code == 0, err
+    assert summary["answered"] == 80 - answered_before
+    records = [queue().get(qid) for qid in ids]
+    assert {r["status"] for r in records} == {"answered"}
+    assert sorted(r["id"] for r in records if r["attempts"] == 2) == sorted(held), "only those in flight again"

@@ -9,6 +9,7 @@ claimed questions back without spending their attempts, and the run fails saying
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 
@@ -36,6 +37,7 @@ def announce_question(question_id: int, version: str | None) -> None:
     Sent before the CLI exits (the events client otherwise sends in the background)."""
     emit_event(event=QUESTION_SUBMITTED, resource={"prefect.resource.id": f"docsrag.question.{question_id}"},
                payload={"id": question_id, "version": version})
+    logging.getLogger("EventsWorker").setLevel(logging.ERROR)  # "still processing 1 item" is no news here
     EventsWorker.drain_all(timeout=10)
 
 

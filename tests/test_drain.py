@@ -286,3 +286,61 @@ def test_worker_killed_mid_drain_loses_only_its_in_flight_questions(llm, capsys,
     records = [queue().get(qid) for qid in ids]
     assert {r["status"] for r in records} == {"answered"}
     assert sorted(r["id"] for r in records if r["attempts"] == 2) == sorted(held), "only those in flight again"
+
+
+def test_a_burst_of_questions_starts_one_answer_run_on_the_server(llm, tmp_path):
+    """prefect.yaml's trigger, deployed as a user deploys it, on a real Prefect server."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    prefect = str(ROOT / ".venv" / "bin" / "prefect") if (ROOT / ".venv").is_dir() else "prefect"
+    env = api_env()
+    for command in (["work-pool", "create", "docsrag-gpu", "--type", "process", "--overwrite"],
+                    ["--no-prompt", "deploy", "--name", "answer-questions"]):
+        subprocess.run([prefect, *command], cwd=ROOT, env=env, check=True, capture_output=True, timeout=120)
+    asks = [subprocess.Popen([DOCSRAG, "ask", f"{q}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for q in QUESTIONS[:3]]
+    outputs = [ask.communicate(timeout=120) for ask in asks]
+    assert all(ask.returncode == 0 for ask in asks), outputs
+    assert not any("EventsWorker" in err for _, err in outputs), "the terminal shows the answer, not Prefect's internals"
+
+    async def triggered_runs():
+        async with get_client() as client:
+            runs = await client.read_flow_runs(deployment_filter=DeploymentFilter(
+                name=DeploymentFilterName(any_=["answer-questions"])))
+        return [r for r in runs if r.created_by and r.created_by.type == "AUTOMATION"]
+
+    deadline = time.monotonic() + 60
+    while not (runs := asyncio.run(triggered_runs())) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert runs, "the question's event started a run"
+    time.sleep(3)
+    runs = asyncio.run(triggered_runs())
+    assert len(runs) == 1, "debounced: one run for the burst"
+    assert runs[0].parameters == {"max_seconds": 240}
+
+
+def test_ask_wait_without_a_server_answers_it_here(llm, capsys, monkeypatch):
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: None}):
+        assert main(["ask", QUESTIONS[0], "--wait", "60", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["status"] == "answered" and shown["sources"][0]["doc_path"].startswith("en/faq/")
+    assert len(llm.requests) == 1
+
+
+def test_questions_stats_show_what_waits_and_how_fast_answers_come(llm, capsys):
+    submit(5)
+    queue().claim(2, "somebody")
+    assert main(["questions", "--stats"]) == 0
+    out = capsys.readouterr().out
+    assert "pending 3  claimed 2  answered 0" in out and "oldest waiting: 0 s" in out
+    assert main(["answer", "--json"]) == 0
+    capsys.readouterr()
+    assert main(["questions", "--stats", "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["counts"]["answered"] == 3 and stats["answers_per_s"] == round(3 / 300, 3)

@@ -12,16 +12,17 @@ import asyncio
 import logging
 import time
 import uuid
+from typing import Annotated
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, \
-    update_progress_artifact
+from prefect.artifacts import (
+    create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact,
+)
 from prefect.cache_policies import NONE
 from prefect.events import emit_event
 from prefect.events.worker import EventsWorker
 from prefect.runtime import flow_run
 from pydantic import Field
-from typing_extensions import Annotated
 
 from tasks.drain import Drain, DrainSummary, ServingOutage
 from tasks.questions import Queue

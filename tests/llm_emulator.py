@@ -10,7 +10,8 @@ serves (``step_s=(at one sequence, at max_num_seqs)``), and requests beyond ``ma
 wait for a free slot. An answer costs ``output_tokens`` steps (reasoning included), capped
 by the request's ``max_tokens``: a capped answer ends with ``finish_reason: length`` and no
 content, as gpt-oss does when its reasoning runs out of room. GET /stats reports the tokens
-produced and the busy window, so a bench can compute the utilization the server saw.
+produced and the busy window, so a bench can compute the utilization the server saw (POST
+/stats/reset starts a new window).
 
 Run alone: python -m tests.llm_emulator --port 8000 --max-num-seqs 256 --step-ms 20 60 --output-tokens 300
 """
@@ -93,6 +94,11 @@ class Engine:
                 self.last_end = time.monotonic()
             for sequence in finished:
                 sequence.done.set()
+
+    def reset(self) -> None:
+        with self.cond:
+            self.tokens = self.steps = self.batch_sum = 0
+            self.first_start = self.last_end = None
 
     def stats(self) -> dict:
         with self.cond:
@@ -192,6 +198,9 @@ class Emulator:
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+                if self.path.rstrip("/").endswith("/stats/reset") and emulator.engine:
+                    emulator.engine.reset()
+                    return self._send(200, {})
                 if not self.path.endswith("/chat/completions"):
                     return self._send(404, {"error": {"message": "not found"}})
                 try:

@@ -8,7 +8,6 @@ it at once. The model is the continuous-batching emulator; Prefect is real.
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,41 +21,10 @@ from tasks.settings import load_settings
 
 from .conftest import DOCSRAG, ROOT, api_env
 from .llm_emulator import Emulator
+from .milvus_server import MilvusServer
 
 QUESTIONS = ["Where does Milvus store data?", "Is Docker the only way to install and run Milvus?",
              "What are the main factors affecting recall?", "Can I upsert data in Milvus?"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class MilvusServer:
-    """Milvus Lite served over gRPC from its own process: killed and restarted on the same port and data."""
-
-    def __init__(self, data_dir):
-        self.data_dir, self.port = data_dir, free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.process = None
-
-    def start(self) -> "MilvusServer":
-        self.process = subprocess.Popen([sys.executable, "-m", "milvus_lite", "server", "--data-dir",
-                                         str(self.data_dir), "--port", str(self.port)],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return self
-            except OSError:
-                time.sleep(0.2)
-        raise RuntimeError("Milvus Lite server did not start")
-
-    def kill(self) -> None:
-        self.process.kill()
-        self.process.wait()
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +112,7 @@ def test_backlog_larger_than_a_claim_drains_while_questions_keep_coming(llm, cap
 
 def test_server_is_kept_busy_while_questions_wait(llm, capsys):
     submit(120)
-    code, summary, err = answer(capsys)
+    code, _, err = answer(capsys)
     assert code == 0, err
     stats = llm.engine.stats()
     assert stats["mean_batch"] >= 0.75 * stats["max_num_seqs"], stats  # a sliding window, not waves
@@ -208,19 +176,16 @@ def test_milvus_down_after_claiming_puts_the_questions_back(llm, capsys, monkeyp
         milvus.kill()
         milvus.start()
     llm.latency_s = 0
-    code, summary, err = answer(capsys)
+    code, _, err = answer(capsys)
     assert code == 0, err
     assert {queue().get(qid)["status"] for qid in ids} == {"answered"}
 
 
 def test_locked_store_fails_before_claiming(llm, capsys, monkeypatch, tmp_path):
-    from pymilvus import MilvusClient
-
     lite = tmp_path / "locked.db"
     monkeypatch.setenv("DOCSRAG_MILVUS_URI", str(lite))
-    holder = subprocess.Popen([sys.executable, "-c", f"from pymilvus import MilvusClient; "
-                               f"MilvusClient({str(lite)!r}); import time; print('ok', flush=True); time.sleep(120)"],
-                              stdout=subprocess.PIPE, text=True)
+    hold = f"from pymilvus import MilvusClient; MilvusClient({str(lite)!r}); print('ok', flush=True); input()"
+    holder = subprocess.Popen([sys.executable, "-c", hold], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "ok"
         ids = submit(3)
@@ -231,7 +196,6 @@ def test_locked_store_fails_before_claiming(llm, capsys, monkeypatch, tmp_path):
     finally:
         holder.kill()
         holder.wait()
-    del MilvusClient
 
 
 def test_leases_hold_under_a_slow_model_and_a_second_worker(llm, capsys, monkeypatch):
@@ -241,11 +205,12 @@ def test_leases_hold_under_a_slow_model_and_a_second_worker(llm, capsys, monkeyp
     second: dict = {}
 
     def second_worker():
-        time.sleep(1.0)
-        from tasks.drain import Drain
-        from tasks.retrieve import Retriever
         import asyncio
 
+        from tasks.drain import Drain
+        from tasks.retrieve import Retriever
+
+        time.sleep(1.0)
         settings = load_settings()
         second["summary"] = asyncio.run(Drain(settings, Queue.from_settings(settings), Retriever(settings),
                                               owner="second", max_seconds=3).run())

@@ -24,6 +24,7 @@ from prefect.events.worker import EventsWorker
 from prefect.runtime import flow_run
 from pydantic import Field
 
+from tasks import embedding
 from tasks.drain import Drain, DrainSummary, ServingOutage
 from tasks.questions import Queue
 from tasks.retrieve import Retriever
@@ -58,6 +59,7 @@ def answer_questions(max_seconds: Annotated[float, Field(gt=0)] = 3600,
     """Answer queued questions until the queue is empty, ``max_seconds`` have passed (the deployment
     sets it under its schedule's interval) or ``max_questions`` were claimed."""
     settings = load_settings()
+    embedding.preload(settings)  # the model loads while the queue and Milvus are opened
     queue = Queue.from_settings(settings)
     retriever = open_index(settings)
     logger = get_run_logger()

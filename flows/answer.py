@@ -14,7 +14,7 @@ import time
 import uuid
 from typing import Annotated
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_client, get_run_logger, task
 from prefect.artifacts import (
     create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact,
 )
@@ -65,6 +65,7 @@ def answer_questions(max_seconds: Annotated[float, Field(gt=0)] = 3600,
     logger = get_run_logger()
     owner = flow_run.get_id() or f"local-{uuid.uuid4().hex[:12]}"
     waiting = sum(queue.counts()[status] for status in ("pending", "failed", "claimed"))
+    _name_run(f"answer: {waiting:,} waiting")
     progress = create_progress_artifact(0.0, key="answer-questions-progress",
                                         description=f"Questions answered of the {waiting} waiting at the start")
 
@@ -78,7 +79,10 @@ def answer_questions(max_seconds: Annotated[float, Field(gt=0)] = 3600,
     summary = asyncio.run(Drain(settings, queue, retriever, owner=owner, max_seconds=max_seconds,
                                 max_questions=max_questions, top_k=top_k, on_progress=report_progress).run())
     update_progress_artifact(progress, 100.0)
+    _name_run(f"answer {summary.claimed:,} questions ({summary.answered:,} answered"
+              + (f", {summary.dead} dead)" if summary.dead else ")"))
     _report(summary, queue.stats())
+    _announce_dead(summary, owner)
     logger.info("Answered %d of %d claimed questions in %.1f s (%.2f/s; %d not covered, %d failed, %d dead, "
                 "%d put back, %d lost); stopped: %s", summary.answered, summary.claimed, summary.seconds,
                 summary.answers_per_s, summary.not_covered, summary.failed, summary.dead, summary.released,
@@ -87,6 +91,22 @@ def answer_questions(max_seconds: Annotated[float, Field(gt=0)] = 3600,
         raise ServingOutage(f"{summary.outage}. {summary.released} claimed questions went back to the queue "
                             "without spending an attempt; they are answered once the server is back")
     return {k: v for k, v in summary.as_dict().items() if k != "problems"}
+
+
+def _name_run(name: str) -> None:
+    """Runs named for what they did, not `crouching-loon`."""
+    run_id = flow_run.get_id()
+    if run_id:
+        with get_client(sync_client=True) as client:
+            client.update_flow_run(run_id, name=name)
+
+
+def _announce_dead(summary: DrainSummary, owner: str) -> None:
+    """One event per run that dead-lettered questions: the shipped automation notifies someone."""
+    dead = [p for p in summary.problems if p["status"] == "dead"]
+    if dead:
+        emit_event(event="docsrag.questions.dead", resource={"prefect.resource.id": f"docsrag.answer-run.{owner}"},
+                   payload={"count": len(dead), "ids": [p["id"] for p in dead][:50], "reason": dead[0]["reason"]})
 
 
 def _report(summary: DrainSummary, stats: dict) -> None:

@@ -92,6 +92,12 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(run=_eval)
 
+    automations = commands.add_parser(
+        "automations", help="create the shipped automations (failed runs, stale index, dead questions) on the "
+                            "Prefect server, notifying DOCSRAG_NOTIFY_WEBHOOK_URL or DOCSRAG_NOTIFY_BLOCK")
+    automations.add_argument("--json", action="store_true")
+    automations.set_defaults(run=_automations)
+
     rollback = commands.add_parser("rollback", help="serve the previous collection again")
     rollback.add_argument("--json", action="store_true")
     rollback.set_defaults(run=_rollback)
@@ -290,6 +296,18 @@ def _eval(args) -> int:
 
     figures = evaluate_retrieval(gold=args.gold, k=args.k, version=args.version, answers=args.answers)
     print(json.dumps(figures) if args.json else "\n".join(f"{k:>26}  {v}" for k, v in figures.items()))
+    return 0
+
+
+def _automations(args) -> int:
+    settings = load_settings()
+    if not _prefect_server():
+        print("docsrag automations: set PREFECT_API_URL to the Prefect server to create them on", file=sys.stderr)
+        return 2
+    from tasks.automations import apply_automations, notification_block
+
+    names = apply_automations(notification_block(settings))
+    print(json.dumps({"automations": names}) if args.json else "\n".join(f"created: {name}" for name in names))
     return 0
 
 

@@ -86,6 +86,11 @@ class Settings(BaseSettings):
     weak_relevance: float = Field(
         0.4, ge=-1, le=1, description="Below this cosine, covered only if dense and BM25 search agree on a doc.")
 
+    notify_webhook_url: SecretStr | None = Field(
+        None, description="Webhook the shipped automations notify (stored as a Prefect block secret).")
+    notify_block: str | None = Field(
+        None, description="Or an existing notification block, as <block-type-slug>/<name>.")
+
     eval_gold: str = Field("", description="Gold questions (JSON lines) evaluated after each ingest.")
     release_repo: str = Field("milvus-io/milvus-docs", description="GitHub repository whose releases are watched.")
     releases_api: str = Field("", description="Releases feed URL (default: the GitHub REST API for the repo).")

@@ -284,6 +284,20 @@ def deploy(stack: Path, state: dict, paused: bool) -> None:
     prefect_cli(stack, state, "deploy", "--all")
     if paused:
         asyncio.run(_pause_schedules(state))
+    create_automations(stack, state)
+
+
+def create_automations(stack: Path, state: dict) -> None:
+    """The shipped automations, where the user has said whom to notify (never stored here)."""
+    if not (os.environ.get("DOCSRAG_NOTIFY_WEBHOOK_URL") or os.environ.get("DOCSRAG_NOTIFY_BLOCK")):
+        print("stack: automations not created: set DOCSRAG_NOTIFY_WEBHOOK_URL or DOCSRAG_NOTIFY_BLOCK and run "
+              "`docsrag automations` (with stack.env sourced) to be told when runs fail", file=sys.stderr)
+        return
+    env = {**os.environ, **prefect_env(stack, state), **stack_env(stack.parent, state)}
+    done = subprocess.run([str(BIN / "docsrag"), "automations"], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    if done.returncode:
+        raise StackError(f"docsrag automations failed:\n{done.stderr[-2000:]}")
 
 
 async def _pause_schedules(state: dict) -> None:

@@ -49,6 +49,11 @@ class Settings(BaseSettings):
     embedding_model: str = Field(
         "all-MiniLM-L6-v2", description="Local: packaged model name or a sentence-transformers path; openai: model id."
     )
+    embedding_precision: Literal["auto", "int8", "fp32", "torch"] = Field(
+        "auto", description="Local model: onnxruntime int8 or fp32, or sentence-transformers (torch, fp32); "
+                            "auto: int8 where the CPU has VNNI, else torch.")
+    model_cache: Path = Field(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "docsrag",
+                              description="Where exported ONNX models are kept (shared by every home).")
     embedding_base_url: str | None = Field(None, description="OpenAI-compatible embeddings server (/v1).")
     embedding_api_key: SecretStr | None = Field(None, description="API key of the embeddings server.")
     embedding_batch_size: int = Field(128, ge=1, le=4096, description="Chunks per embedding task.")
@@ -129,6 +134,8 @@ class Settings(BaseSettings):
             object.__setattr__(self, "releases_api", f"https://api.github.com/repos/{self.release_repo}/releases")
         if not self.queue_url:
             object.__setattr__(self, "queue_url", f"sqlite:///{self.home / 'questions.db'}")
+        if self.embedding_precision == "auto":
+            object.__setattr__(self, "embedding_precision", "int8" if _cpu_has_vnni() else "torch")
         if self.chunk_new_after_chars > self.chunk_max_chars:
             raise ValueError("DOCSRAG_CHUNK_NEW_AFTER_CHARS must not exceed DOCSRAG_CHUNK_MAX_CHARS")
         return self
@@ -143,7 +150,18 @@ class Settings(BaseSettings):
 
     @property
     def embedder_id(self) -> str:
-        return f"{self.embedding}:{self.embedding_model}"
+        """Part of every chunk id: another model or precision re-embeds everything, as it must."""
+        local_variant = self.embedding == "local" and self.embedding_precision != "torch"
+        return f"{self.embedding}:{self.embedding_model}" + (f":{self.embedding_precision}" if local_variant else "")
+
+
+def _cpu_has_vnni() -> bool:
+    """int8 matrix products run on VNNI (AVX-512 or AVX); without it int8 gains little over fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
 
 
 def load_settings(**overrides) -> Settings:

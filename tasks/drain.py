@@ -97,7 +97,10 @@ class Drain:
         self.workers = [asyncio.create_task(self._worker()) for _ in range(self.slots)]
         self.feeder = asyncio.create_task(self._feed())
         writer = asyncio.create_task(self._write())
-        background = [asyncio.create_task(self._renew_leases()), asyncio.create_task(self._progress())]
+        renewer = asyncio.create_task(self._renew_leases())
+        for essential in (writer, renewer):  # without the queue's database nothing can be settled: stop
+            essential.add_done_callback(self._stop_if_failed)
+        background = [renewer, asyncio.create_task(self._progress())]
         try:
             done = await asyncio.gather(self.feeder, *self.workers, return_exceptions=True)
             errors = [r for r in done if isinstance(r, Exception) and not isinstance(r, ServingOutage)]
@@ -107,14 +110,16 @@ class Drain:
             for task in [*self.workers, self.feeder, *background]:
                 task.cancel()
             await self.settled.put(None)
-            await writer
-            reason = self.summary.outage or "the answer run stopped before answering it"
-            self.summary.released += await self._db(self.queue.release, sorted(self.held), self.owner, reason)
-            self.held.clear()
-            await self.generator.close()
-            self.db.shutdown()
-            self.search.shutdown()
-            self.summary.seconds = round(time.monotonic() - started, 2)
+            try:
+                await writer  # raises what made a write fail
+                reason = self.summary.outage or "the answer run stopped before answering it"
+                self.summary.released += await self._db(self.queue.release, sorted(self.held), self.owner, reason)
+            finally:
+                self.held.clear()
+                await self.generator.close()
+                self.db.shutdown()
+                self.search.shutdown()
+                self.summary.seconds = round(time.monotonic() - started, 2)
         return self.summary
 
     async def _db(self, call, *args):
@@ -232,6 +237,11 @@ class Drain:
         self.summary.released += await self._db(self.queue.release, ids, self.owner, reason, retry_after_s)
         self.summary.problems += [{"id": i.id, "question": i.question[:120], "status": "released", "reason": reason}
                                   for i in items]
+
+    def _stop_if_failed(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self.feeder.cancel()
+            self._stop_workers()
 
     def _stop_workers(self) -> None:
         current = asyncio.current_task()

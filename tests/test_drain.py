@@ -309,3 +309,34 @@ def test_questions_stats_show_what_waits_and_how_fast_answers_come(llm, capsys):
     assert main(["questions", "--stats", "--json"]) == 0
     stats = json.loads(capsys.readouterr().out)
     assert stats["counts"]["answered"] == 3 and stats["answers_per_s"] == round(3 / 300, 3)
+
+
+def test_queue_database_lost_mid_drain_stops_the_run(llm, capsys, monkeypatch, postgres_url):
+    import sqlalchemy
+
+    monkeypatch.setenv("DOCSRAG_QUEUE_URL", postgres_url)
+    monkeypatch.setenv("DOCSRAG_LEASE_S", "3")
+    ids = submit(60)
+    llm.latency_s = 0.2
+    name = postgres_url.rsplit("/", 1)[1]
+    admin = sqlalchemy.create_engine(postgres_url.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
+                                     + "/postgres", isolation_level="AUTOCOMMIT")
+
+    def lose_database():
+        with admin.connect() as db:
+            db.exec_driver_sql(f"ALTER DATABASE {name} ALLOW_CONNECTIONS false")
+            db.exec_driver_sql(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'")
+
+    threading.Timer(1.5, lose_database).start()
+    started = time.monotonic()
+    code, _, err = answer(capsys)
+    assert code == 1 and time.monotonic() - started < 60, "the run stops instead of waiting forever"
+    assert "OperationalError" in err or "connection" in err.lower()
+    with admin.connect() as db:
+        db.exec_driver_sql(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
+    admin.dispose()
+    time.sleep(3.5)  # leases of what was in flight expire
+    llm.latency_s = 0
+    code, _, err = answer(capsys)
+    assert code == 0, err
+    assert {queue().get(qid)["status"] for qid in ids} == {"answered"}, "nothing lost"

@@ -231,10 +231,12 @@ class Drain:
 
     async def _release(self, items: list[Claimed], reason: str, retry_after_s: float = 0) -> None:
         ids = [i.id for i in items if i.id in self.held]
+        # Shielded, and forgotten only once done: a run stopping meanwhile releases them again, harmlessly.
+        self.summary.released += await asyncio.shield(
+            self._db(self.queue.release, ids, self.owner, reason, retry_after_s))
         self.held.difference_update(ids)
         for _ in ids:
             self.permits.release()
-        self.summary.released += await self._db(self.queue.release, ids, self.owner, reason, retry_after_s)
         self.summary.problems += [{"id": i.id, "question": i.question[:120], "status": "released", "reason": reason}
                                   for i in items]
 

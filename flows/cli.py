@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -32,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     ingest.add_argument("--release", help="zip URL (https, s3, file) or path; default DOCSRAG_RELEASE_URL")
     ingest.add_argument("--version", help="docs version; default: read from the asset name")
     ingest.add_argument("--force", action="store_true", help="publish even when the guard rails refuse")
+    ingest.add_argument("--publish-main", action="store_true",
+                        help="serve a release without a version (e.g. docs.zip) as the main alias too")
     ingest.add_argument("--task-runner", metavar="dask[=ADDRESS]",
                         help="embed on Dask: a local cluster, or the scheduler at ADDRESS (default: threads)")
     ingest.add_argument("--json", action="store_true", help="print the run summary as JSON")
@@ -107,16 +110,25 @@ def _parser() -> argparse.ArgumentParser:
 def _ingest(args) -> int:
     settings = load_settings(release_url=args.release)  # fail before starting Prefect when the config is wrong
     from flows.ingest import ingest_release, task_runner
+    from tasks.release import has_credentials
 
     flow = ingest_release
     if args.task_runner:
         flow = ingest_release.with_options(task_runner=task_runner(args.task_runner, settings))
-    summary = flow(release=args.release, version=args.version, force=args.force, progress=True)
+    release = args.release
+    if release and has_credentials(release):
+        # Flow parameters are stored by Prefect and shown in its UI: credentials travel in the environment.
+        os.environ["DOCSRAG_RELEASE_URL"], release = release, None
+    summary = flow(release=release, version=args.version, force=args.force, progress=True,
+                   publish_main=args.publish_main)
     if args.json:
         print(json.dumps(summary))
     else:
         state = "unchanged" if summary["unchanged"] else f"published {summary['collection']}"
-        print(f"{summary['version']}: {state} as {summary['alias']} — {summary['documents']} documents, "
+        served = summary["alias"] if summary["named_version"] or args.publish_main else (
+            f"{summary['version_alias']} only (no version in its name: --version or --publish-main serves it "
+            f"as {summary['alias']})")
+        print(f"{summary['version']}: {state} as {served} — {summary['documents']} documents, "
               f"{summary['chunks']} chunks ({summary['embedded']} embedded, {summary['reused']} reused, "
               f"{summary['deleted']} deleted), {len(summary['skipped'])} skipped, {summary['seconds']} s")
     return 0

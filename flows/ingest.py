@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 
 from prefect import flow, get_run_logger, task
@@ -21,7 +23,7 @@ from tqdm import tqdm
 from tasks import chunking, embedding, markdown, store
 from tasks.diff import ReleaseDiff
 from tasks.objectstore import open_store
-from tasks.release import Release, TransientFetchError, extract_release, fetch_release
+from tasks.release import Release, ReleaseError, TransientFetchError, extract_release, fetch_release
 from tasks.report import StageClock, publish_artifacts
 from tasks.settings import Settings, load_settings
 
@@ -38,7 +40,7 @@ fetch = task(fetch_release, name="fetch", retries=3, retry_delay_seconds=[2, 10,
              retry_condition_fn=_transient, cache_policy=NONE)
 extract = task(extract_release, name="extract", cache_policy=NONE)
 parse = task(markdown.parse_release, name="parse", cache_policy=NONE)
-chunk = task(chunking.chunk_documents, name="chunk", cache_policy=NONE)
+chunk = task(chunking.chunk_release, name="chunk", cache_policy=NONE)
 
 
 @task(name="embed-batch", retries=2, retry_delay_seconds=5, cache_policy=NONE)
@@ -57,25 +59,31 @@ def write_batch(client, collection: str, rows: list[dict]) -> None:
 
 @flow(name="ingest-docs", task_runner=ThreadPoolTaskRunner(max_workers=4))
 def ingest_release(release: str | None = None, version: str | None = None, force: bool = False,
-                   progress: bool = False) -> dict:
-    """Ingest one docs release (https, s3, file URL or path; default DOCSRAG_RELEASE_URL)."""
+                   progress: bool = False, publish_main: bool = False) -> dict:
+    """Ingest one docs release (https, s3, file URL or path; default DOCSRAG_RELEASE_URL). A release
+    without a version (none given, none in its name) is served on its own alias only, unless
+    ``publish_main``."""
     settings = load_settings(release_url=release)
     clock = StageClock()
     embedding.preload(settings)
     objects = open_store(settings.object_store, settings.s3_endpoint_url)
     with clock("fetch"):
         rel = fetch(settings.release_url, home=settings.home, store=objects, version=version,
-                    timeout_s=settings.download_timeout_s, s3_endpoint_url=settings.s3_endpoint_url)
-    with clock("extract"):
+                    timeout_s=settings.download_timeout_s, s3_endpoint_url=settings.s3_endpoint_url,
+                    max_bytes=settings.max_archive_bytes, deadline_s=settings.download_deadline_s)
+    with clock("extract"), _forgotten_if_refused(rel, objects):
         root = extract(rel, settings.home / "releases", max_bytes=settings.max_archive_bytes,
                        max_files=settings.max_archive_files)
     with clock("parse"):
-        parsed = parse(root)
+        parsed = parse(root, settings.parse_budgets)
     with clock("chunk"):
-        chunks = chunk(parsed.documents, settings.chunking_config, settings.embedder_id)
+        chunks = chunk(parsed, settings.chunking_config, settings.embedder_id,
+                       max_document_chunks=settings.max_document_chunks,
+                       max_release_chunks=settings.max_release_chunks)
     with store.build_lock(settings.home, settings.collection), store.milvus_errors(settings.milvus_uri):
         client = store.connect(settings)
-        summary, diff = _build_and_publish(client, settings, rel, chunks, clock, force, progress)
+        summary, diff = _build_and_publish(client, settings, rel, chunks, clock, force, progress,
+                                           main=rel.named or publish_main)
     summary.update(skipped=parsed.skipped, warnings=parsed.warnings, stages=clock.seconds, seconds=clock.total)
     _report(summary, diff, objects)
     return summary
@@ -96,8 +104,22 @@ def task_runner(spec: str, settings: Settings):
                                           "processes": True, "dashboard_address": None})
 
 
+@contextmanager
+def _forgotten_if_refused(rel: Release, objects) -> Iterator[None]:
+    """An archive refused at extraction (a bomb, a corrupt zip) is not kept: not in the object
+    store if this run put it there, not in the downloads folder."""
+    try:
+        yield
+    except ReleaseError:
+        if rel.newly_archived:
+            objects.delete(rel.archive_key)
+        if rel.path.parent.name == "downloads":
+            rel.path.unlink(missing_ok=True)
+        raise
+
+
 def _build_and_publish(client, settings: Settings, rel: Release, chunks: list[chunking.Chunk],
-                       clock: StageClock, force: bool, progress: bool) -> dict:
+                       clock: StageClock, force: bool, progress: bool, main: bool) -> dict:
     alias, version_alias = settings.collection, store.version_alias(settings.collection, rel.version)
     base = store.served_collection(client, version_alias) or store.served_collection(client, alias)
     base = base and store.loaded(client, base)
@@ -124,7 +146,8 @@ def _build_and_publish(client, settings: Settings, rel: Release, chunks: list[ch
     with clock("validate"):
         _validate(client, target, len(chunks))
     with clock("publish"):
-        previous = store.publish(client, alias, version_alias, target, rel.version, settings.keep_collections)
+        previous = store.publish(client, alias, version_alias, target, rel.version, settings.keep_collections,
+                                 main=main)
     return {**summary, "collection": target, "previous_collection": previous, "embedded": embedded,
             "reused": reused, "search": _search_mode(client, target),
             "seconds_saved": _seconds_saved(clock, embedded, reused)}, diff
@@ -139,6 +162,7 @@ def _summary(settings: Settings, rel: Release, diff: ReleaseDiff, base: str | No
     return {
         "release": rel.url, "version": rel.version, "sha256": rel.sha256, "size": rel.size,
         "archived": rel.archive_key, "alias": settings.collection, "version_alias": version_alias,
+        "named_version": rel.named,
         "collection": None, "previous_collection": base, "unchanged": False,
         "documents": len({c.doc_path for c in diff.chunks}), "chunks": len(diff.chunks),
         "embedded": 0, "reused": 0, "deleted": diff.deleted, "document_changes": diff.document_counts(),

@@ -12,18 +12,24 @@ from prefect.cache_policies import NONE
 from prefect.events import emit_event
 
 from flows.ingest import ingest_release
-from tasks.feed import PublishedAsset, SeenReleases, read_feed
+from tasks.feed import PublishedAsset, RateLimited, SeenReleases, read_feed
 from tasks.objectstore import open_store
+from tasks.release import version_order
 from tasks.settings import Settings, load_settings
-from tasks.store import version_order
 
 EVENT = "docsrag.release.published"
 
 
-@task(name="read-feed", retries=2, retry_delay_seconds=[5, 30], cache_policy=NONE)
+def _not_rate_limited(task, task_run, state) -> bool:
+    return not isinstance(state.result(raise_on_failure=False), RateLimited)  # its message says when to come back
+
+
+@task(name="read-feed", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_not_rate_limited,
+      cache_policy=NONE)
 def fetch_feed(settings: Settings, etag: str | None) -> tuple[list[PublishedAsset] | None, str | None]:
     token = settings.github_token.get_secret_value() if settings.github_token else None
-    return read_feed(settings.releases_api, settings.release_asset_pattern, etag=etag, token=token)
+    return read_feed(settings.releases_api, settings.release_asset_pattern, etag=etag, token=token,
+                     timeout_s=settings.download_timeout_s, trusted=settings.trusted_release_hosts)
 
 
 def announce(asset: PublishedAsset) -> None:
@@ -40,7 +46,10 @@ def watch_releases(ingest: bool = False) -> dict:
     settings = load_settings()
     seen = SeenReleases(open_store(settings.object_store, settings.s3_endpoint_url), settings.release_repo)
     assets, etag = fetch_feed(settings, seen.etag)
-    new = sorted((a for a in assets or [] if seen.is_new(a)), key=lambda a: version_order(a.version))
+    refused = [a for a in assets or [] if a.refused]
+    for asset in refused:
+        get_run_logger().warning("refused release asset %s (%s): %s", asset.name[:200], asset.tag, asset.refused)
+    new = sorted((a for a in assets or [] if seen.is_new(a) and not a.refused), key=lambda a: version_order(a.version))
     failed = []
     for asset in new:  # oldest first, so the main alias ends on the newest version
         try:
@@ -56,4 +65,5 @@ def watch_releases(ingest: bool = False) -> dict:
     if failed:
         raise RuntimeError("could not ingest " + "; ".join(failed))
     get_run_logger().info("%d new release(s): %s", len(new), ", ".join(a.version for a in new) or "none")
-    return {"new": [a.version for a in new], "seen": len(seen.seen), "events": 0 if ingest else len(new)}
+    return {"new": [a.version for a in new], "seen": len(seen.seen), "events": 0 if ingest else len(new),
+            "refused": [{"asset": a.name, "tag": a.tag, "reason": a.refused} for a in refused]}

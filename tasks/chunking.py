@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -10,7 +11,15 @@ from dataclasses import dataclass
 
 from unstructured.chunking.title import chunk_by_title
 
-from tasks.markdown import Document
+from tasks.markdown import Document, ParsedRelease
+
+# Bounds of the row fields (UTF-8 bytes); the store's schema is declared with them, and a chunk is
+# cut to fit here, before embedding, rather than refused by Milvus after it.
+FIELD_MAX = {"doc_path": 1024, "title": 1024, "heading": 4096}
+
+
+class ReleaseTooLarge(ValueError):
+    """The release has more chunks than DOCSRAG_MAX_RELEASE_CHUNKS allows: nothing is embedded."""
 
 
 @dataclass(frozen=True)
@@ -38,6 +47,46 @@ class Chunk:
 
 def chunk_documents(documents: list[Document], chunking: dict, embedder_id: str) -> list[Chunk]:
     return [chunk for doc in documents for chunk in chunk_document(doc, chunking, embedder_id)]
+
+
+def chunk_release(parsed: ParsedRelease, chunking: dict, embedder_id: str, *, max_document_chunks: int,
+                  max_release_chunks: int) -> list[Chunk]:
+    """Chunk every document; one that fails or runs over its budget moves to ``parsed.skipped`` with
+    the reason, fields too long for the index are cut (a warning says so). A release over its
+    budget fails here, before anything is embedded."""
+    chunks: list[Chunk] = []
+    for doc in list(parsed.documents):
+        try:
+            found = chunk_document(doc, chunking, embedder_id)
+        except Exception as exc:  # noqa: BLE001 - whatever breaks on one document stays with it
+            found, reason = [], f"could not be chunked: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+        else:
+            reason = (f"over budget: {len(found)} chunks, over the limit of {max_document_chunks} "
+                      "(DOCSRAG_MAX_DOCUMENT_CHUNKS)") if len(found) > max_document_chunks else None
+        if reason:
+            parsed.documents.remove(doc)
+            parsed.skipped.append({"path": doc.path, "reason": reason})
+            continue
+        chunks += [_fitted(chunk, parsed.warnings) for chunk in found]
+    if len(chunks) > max_release_chunks:
+        raise ReleaseTooLarge(f"the release has {len(chunks)} chunks, over the limit of {max_release_chunks} "
+                              "(DOCSRAG_MAX_RELEASE_CHUNKS); nothing was embedded and the served index is "
+                              "unchanged")
+    return chunks
+
+
+def _fitted(chunk: Chunk, warnings: list[dict]) -> Chunk:
+    cut = {name: _cut(getattr(chunk, name), limit) for name, limit in FIELD_MAX.items()
+           if len(getattr(chunk, name).encode("utf-8")) > limit}
+    for name in cut:
+        warnings.append({"path": _cut(chunk.doc_path, FIELD_MAX["doc_path"]),
+                         "reason": f"{name} longer than {FIELD_MAX[name]} bytes, cut to fit the index"})
+    return dataclasses.replace(chunk, **cut) if cut else chunk
+
+
+def _cut(text: str, limit: int) -> str:
+    """At most ``limit`` bytes of UTF-8 (Milvus bounds VARCHAR in bytes), never half a character."""
+    return text.encode("utf-8")[:limit].decode("utf-8", errors="ignore")
 
 
 def chunk_document(doc: Document, chunking: dict, embedder_id: str) -> list[Chunk]:

@@ -12,15 +12,20 @@ import fnmatch
 import json
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
+from urllib.parse import urlparse
 
 import httpx
 
 from tasks.objectstore import ObjectStore
-from tasks.release import release_version
+from tasks.release import ReleaseError, checked_version, redacted, release_version
 
 
 class FeedError(RuntimeError):
     """The feed could not be read; the message says why and what to do."""
+
+
+class RateLimited(FeedError):
+    """The API asked us to wait: retrying sooner only burns the limit."""
 
 
 @dataclass(frozen=True)
@@ -32,6 +37,7 @@ class PublishedAsset:
     size: int
     url: str
     published_at: str | None
+    refused: str | None = None  # why this asset must not be ingested (an untrusted URL, a hostile version)
 
     @property
     def key(self) -> str:
@@ -39,7 +45,7 @@ class PublishedAsset:
 
 
 def read_feed(api_url: str, pattern: str, *, etag: str | None = None, token: str | None = None,
-              timeout_s: float = 30.0) -> tuple[list[PublishedAsset] | None, str | None]:
+              timeout_s: float = 30.0, trusted: tuple[str, ...] = ()) -> tuple[list[PublishedAsset] | None, str | None]:
     """Assets of published releases matching ``pattern``; ``None`` when the feed is unchanged."""
     headers = {"Accept": "application/vnd.github+json", "X-GitHub-Api-Version": "2022-11-28"}
     if etag:
@@ -54,10 +60,10 @@ def read_feed(api_url: str, pattern: str, *, etag: str | None = None, token: str
     if response.status_code == 304:
         return None, etag
     if response.status_code in (403, 429) and _rate_limited(response):
-        raise FeedError(_rate_limit_message(api_url, response, token is not None))
+        raise RateLimited(_rate_limit_message(api_url, response, token is not None))
     if response.status_code >= 400:
         raise FeedError(f"the releases feed {api_url} answered HTTP {response.status_code}: {response.text[:200]}")
-    return _assets(api_url, response, pattern), response.headers.get("etag")
+    return _assets(api_url, response, pattern, trusted), response.headers.get("etag")
 
 
 def _rate_limited(response: httpx.Response) -> bool:
@@ -77,7 +83,23 @@ def _rate_limit_message(api_url: str, response: httpx.Response, authenticated: b
     return f"GitHub rate limit reached for {api_url} (HTTP {response.status_code}): {when}{hint}"
 
 
-def _assets(api_url: str, response: httpx.Response, pattern: str) -> list[PublishedAsset]:
+def _refusal(url: str, version: str, api_url: str, trusted: tuple[str, ...]) -> str | None:
+    """A feed says what to download: only what the configured API's own site serves (or hosts the
+    user allowed with DOCSRAG_RELEASE_HOSTS) is followed, never a file on the worker."""
+    try:
+        checked_version(version)
+    except ReleaseError as exc:
+        return str(exc)
+    asset, api = urlparse(url), urlparse(api_url)
+    origin = f"{asset.scheme}://{asset.netloc}"
+    own_site = asset.scheme == "https" and asset.hostname in {api.hostname, (api.hostname or "").removeprefix("api.")}
+    if origin == f"{api.scheme}://{api.netloc}" or own_site or origin in trusted or asset.hostname in trusted:
+        return None
+    return (f"asset URL {redacted(url)[:200]!r} is not served by {api.hostname} over https; add its host to "
+            "DOCSRAG_RELEASE_HOSTS if it is trusted")
+
+
+def _assets(api_url: str, response: httpx.Response, pattern: str, trusted: tuple[str, ...]) -> list[PublishedAsset]:
     try:
         releases = response.json()
         if not isinstance(releases, list):
@@ -88,10 +110,12 @@ def _assets(api_url: str, response: httpx.Response, pattern: str) -> list[Publis
                 continue
             for asset in release.get("assets") or []:
                 if fnmatch.fnmatch(asset["name"], pattern):
+                    version = release_version(asset["name"]) or str(release["tag_name"])
+                    url = str(asset["browser_download_url"])
                     found.append(PublishedAsset(
-                        version=release_version(asset["name"]) or release["tag_name"], tag=release["tag_name"],
-                        asset_id=int(asset["id"]), name=asset["name"], size=int(asset["size"]),
-                        url=asset["browser_download_url"], published_at=release.get("published_at")))
+                        version=version, tag=release["tag_name"], asset_id=int(asset["id"]), name=asset["name"],
+                        size=int(asset["size"]), url=url, published_at=release.get("published_at"),
+                        refused=_refusal(url, version, api_url, trusted)))
         return found
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise FeedError(f"malformed releases feed from {api_url}: {exc.__class__.__name__}: {exc}") from None

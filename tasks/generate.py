@@ -9,6 +9,7 @@ of the server (unreachable, overloaded, erroring, too slow) from one of the ques
 from __future__ import annotations
 
 import asyncio
+import html
 import re
 import time
 from dataclasses import dataclass, field
@@ -60,12 +61,20 @@ def numbered_sources(hits: list[dict]) -> list[dict]:
              "relevance": h.get("relevance"), "text": h["text"]} for n, h in enumerate(hits, 1)]
 
 
+_SOURCE_TAG = re.compile(r"<(/?\s*source)", re.IGNORECASE)
+
+
+def fenced(text: str) -> str:
+    """Text that cannot open or close a source tag, in any case or spacing."""
+    return _SOURCE_TAG.sub(r"&lt;\1", text)
+
+
 def prompt(question: str, sources: list[dict]) -> list[dict]:
-    """Sources fenced in tags the text cannot close, then the question."""
+    """Sources fenced in tags the text cannot close or forge (attributes escaped), then the question."""
     blocks = []
     for s in sources:
-        text = s["text"].replace("</source", "&lt;/source")
-        blocks.append(f'<source n="{s["n"]}" doc="{s["doc_path"]}" heading="{s["heading"]}">\n{text}\n</source>')
+        doc, heading = html.escape(s["doc_path"], quote=True), html.escape(s["heading"], quote=True)
+        blocks.append(f'<source n="{s["n"]}" doc="{doc}" heading="{heading}">\n{fenced(s["text"])}\n</source>')
     return [
         {"role": "system", "content": INSTRUCTIONS},
         {"role": "user", "content": "Sources:\n\n" + "\n\n".join(blocks) + f"\n\nQuestion: {question}"},

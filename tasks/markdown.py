@@ -32,6 +32,8 @@ _VARIABLE = re.compile(r"\{\{\s*var\.([\w.]+)\s*\}\}")
 _TAB_MARKER = re.compile(r"^[ \t]*\{\{\s*tab\s*\}\}[ \t]*$", re.M)  # language-tab marker, no content
 _INLINE_TAG = re.compile(r"</?[A-Za-z][\w-]*(?:\s[^<>]*)?/?>")
 _MAX_INCLUDE_DEPTH = 5
+_MAX_FRONT_MATTER_BYTES = 64 * 1024
+_MAX_VARIABLES_BYTES = 1024 * 1024
 
 _markdown = MarkdownIt("commonmark").enable("table")
 
@@ -44,6 +46,20 @@ class Document:
     elements: list[Element]
 
 
+@dataclass(frozen=True)
+class Budgets:
+    """What one file may cost. The real docs stay far below (2.5.x: 96 KB, 776 elements at most);
+    a file over budget is skipped with its reason, so a crafted file cannot take the release's memory."""
+
+    file_bytes: int = 1024 * 1024
+    document_bytes: int = 2 * 1024 * 1024  # after includes and variables are expanded
+    document_elements: int = 10_000
+
+
+class OverBudget(ValueError):
+    """A file would cost more than its budget."""
+
+
 @dataclass
 class ParsedRelease:
     documents: list[Document] = field(default_factory=list)
@@ -51,22 +67,46 @@ class ParsedRelease:
     warnings: list[dict] = field(default_factory=list)  # {path, reason}: indexed best-effort
 
 
-def parse_release(root: Path) -> ParsedRelease:
-    """Parse every markdown document under ``root``; fragments only feed includes."""
+def parse_release(root: Path, budgets: Budgets = Budgets()) -> ParsedRelease:
+    """Parse every markdown document under ``root``; fragments only feed includes. One bad file
+    never fails the release: whatever goes wrong with it becomes its skip reason."""
     result = ParsedRelease()
-    context = _IncludeContext(root, _load_variables(root, result))
+    context = _IncludeContext(root, _load_variables(root, result), budgets.document_bytes)
     for path in sorted(root.rglob("*.md")):
         rel = path.relative_to(root).as_posix()
         if FRAGMENTS_DIR in path.relative_to(root).parts[:-1]:
             continue
         notes: list[str] = []
-        document = parse_document(rel, _read_text(path, notes), context, notes)
+        try:
+            document = _parse_file(path, rel, context, notes, budgets)
+        except Exception as exc:  # noqa: BLE001 - RecursionError, a parser bug, a budget: this file only
+            result.skipped.append({"path": rel, "reason": _skip_reason(exc)})
+            continue
         result.warnings.extend({"path": rel, "reason": note} for note in notes)
         if document.elements:
             result.documents.append(document)
         else:
             result.skipped.append({"path": rel, "reason": "no text content"})
     return result
+
+
+def _parse_file(path: Path, rel: str, context: _IncludeContext, notes: list[str], budgets: Budgets) -> Document:
+    size = path.stat().st_size
+    if size > budgets.file_bytes:
+        raise OverBudget(f"{size} bytes, over the limit of {budgets.file_bytes} (DOCSRAG_MAX_FILE_BYTES)")
+    document = parse_document(rel, _read_text(path, notes), context, notes)
+    if len(document.elements) > budgets.document_elements:
+        raise OverBudget(f"{len(document.elements)} elements, over the limit of {budgets.document_elements} "
+                         "(DOCSRAG_MAX_DOCUMENT_ELEMENTS)")
+    return document
+
+
+def _skip_reason(exc: Exception) -> str:
+    if isinstance(exc, OverBudget):
+        return f"over budget: {exc}"
+    if isinstance(exc, RecursionError):
+        return "nested too deeply to parse"
+    return f"could not be parsed: {type(exc).__name__}: {_one_line(exc)[:300]}"
 
 
 def parse_document(rel_path: str, text: str, context: _IncludeContext | None = None,
@@ -80,13 +120,28 @@ def parse_document(rel_path: str, text: str, context: _IncludeContext | None = N
     return Document(rel_path, title, front_matter, elements)
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """Front matter never needs YAML anchors; refusing aliases stops "billion laughs" expansion
+    (a 400-byte alias bomb took 17.5 GB once something walked it)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, "YAML aliases are not allowed in front matter",
+                                              event.start_mark)
+        return super().compose_node(parent, index)
+
+
 def split_front_matter(text: str, notes: list[str]) -> tuple[dict, str]:
     match = _FRONT_MATTER.match(text)
     if not match:
         return {}, text
     body = text[match.end():]
+    if len(match.group(1) or "") > _MAX_FRONT_MATTER_BYTES:
+        notes.append(f"front matter over {_MAX_FRONT_MATTER_BYTES} bytes, indexed without it")
+        return {}, body
     try:
-        data = yaml.safe_load(match.group(1) or "") or {}
+        data = yaml.load(match.group(1) or "", Loader=_NoAliasLoader) or {}
     except yaml.YAMLError as exc:
         notes.append(f"front matter is not valid YAML, indexed without it: {_one_line(exc)}")
         return {}, body
@@ -109,27 +164,53 @@ def _load_variables(root: Path, result: ParsedRelease) -> dict:
     variables: dict = {}
     for path in sorted(root.rglob("Variables.json")):
         try:
-            variables.update(json.loads(path.read_text("utf-8")))
-        except (ValueError, UnicodeDecodeError) as exc:
+            variables.update(_variables_file(path))
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             result.warnings.append({"path": path.relative_to(root).as_posix(),
-                                    "reason": f"variables file unreadable, {{{{var.*}}}} left as is: {exc}"})
+                                    "reason": f"variables file unusable, {{{{var.*}}}} left as is: "
+                                              f"{_one_line(exc)[:200] or type(exc).__name__}"})
     return variables
+
+
+def _variables_file(path: Path) -> dict:
+    if path.stat().st_size > _MAX_VARIABLES_BYTES:
+        raise ValueError(f"over {_MAX_VARIABLES_BYTES} bytes")
+    data = json.loads(path.read_text("utf-8"))
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 class _IncludeContext:
     """Expands ``{{fragments/x.md}}``, ``{{var.name}}`` and drops ``{{tab}}`` markers."""
 
-    def __init__(self, root: Path, variables: dict):
+    def __init__(self, root: Path, variables: dict, max_bytes: int = Budgets.document_bytes):
         self.root = root
         self.variables = variables
+        self.max_bytes = max_bytes
 
     def expand(self, text: str, rel_path: str, notes: list[str], depth: int = 0) -> str:
         text = _TAB_MARKER.sub("", text)
-        text = _VARIABLE.sub(lambda m: self._variable(m, notes), text)
+        text = self._bounded_sub(_VARIABLE, lambda m: self._variable(m, notes), text)
         if depth >= _MAX_INCLUDE_DEPTH:
             notes.append(f"includes nested deeper than {_MAX_INCLUDE_DEPTH}, left unexpanded")
             return text
-        return _FRAGMENT.sub(lambda m: self._fragment(m, rel_path, notes, depth), text)
+        return self._bounded_sub(_FRAGMENT, lambda m: self._fragment(m, rel_path, notes, depth), text)
+
+    def _bounded_sub(self, pattern: re.Pattern, replace, text: str) -> str:
+        """``pattern.sub`` that stops as soon as the result outgrows the document budget: a fragment
+        including itself, or a long variable used a thousand times, never builds the whole text."""
+        parts, size, last = [], 0, 0
+        for match in pattern.finditer(text):
+            piece = replace(match)
+            parts += [text[last:match.start()], piece]
+            size += match.start() - last + len(piece)
+            last = match.end()
+            if size > self.max_bytes:
+                raise OverBudget(f"includes and variables expand it past {self.max_bytes} characters "
+                                 "(DOCSRAG_MAX_DOCUMENT_BYTES)")
+        parts.append(text[last:])
+        return "".join(parts)
 
     def _variable(self, match: re.Match, notes: list[str]) -> str:
         value: object = self.variables

@@ -24,6 +24,7 @@ class ObjectStore(Protocol):
     def get_file(self, key: str, path: Path) -> None: ...
     def put_bytes(self, key: str, data: bytes) -> None: ...
     def get_bytes(self, key: str) -> bytes | None: ...
+    def delete(self, key: str) -> None: ...
 
 
 class LocalStore:
@@ -32,7 +33,10 @@ class LocalStore:
         self.url = str(root)
 
     def _path(self, key: str) -> Path:
-        return self.root / key
+        path = self.root / key
+        if not path.resolve().is_relative_to(self.root.resolve()):
+            raise ObjectStoreError(f"refusing object key {key[:200]!r}: it leaves the object store")
+        return path
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -57,6 +61,9 @@ class LocalStore:
     def get_bytes(self, key: str) -> bytes | None:
         path = self._path(key)
         return path.read_bytes() if path.is_file() else None
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
 
 
 class S3Store:
@@ -105,6 +112,9 @@ class S3Store:
     def get_bytes(self, key: str) -> bytes | None:
         found = self._call("get", self.client.get_object, Bucket=self.bucket, Key=self._key(key))
         return None if found is None else found["Body"].read()
+
+    def delete(self, key: str) -> None:
+        self._call("delete", self.client.delete_object, Bucket=self.bucket, Key=self._key(key))
 
 
 def open_store(url: str, s3_endpoint_url: str | None = None) -> ObjectStore:

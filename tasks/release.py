@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
+import email.utils
 import hashlib
 import re
 import shutil
 import stat
+import time
 import zipfile
 import zlib
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
-from urllib.parse import unquote, urlparse
+from urllib.parse import unquote, urlparse, urlunparse
 
 import httpx
 
 from tasks.objectstore import ObjectStore, S3Store
 
 _VERSION = re.compile(r"(\d+\.\d+(?:\.(?:\d+|x))?)")
+_RELEASE_VERSION = re.compile(r"\d+(?:\.(?:\d+|x))+")
+# A version names folders, object keys and aliases: a short slug that cannot climb out of any of them.
+_SAFE_VERSION = re.compile(r"[0-9A-Za-z][0-9A-Za-z._-]{0,63}")
 _COPY_CHUNK = 1024 * 1024
+MAX_RETRY_AFTER_S = 30  # the longest wait a fetch retry honours; beyond it the run fails saying when to retry
 
 
 class ReleaseError(RuntimeError):
@@ -30,13 +37,50 @@ class TransientFetchError(ReleaseError):
 
 @dataclass(frozen=True)
 class Release:
-    url: str
+    url: str  # redacted: safe to show and store
     version: str
     path: Path
     sha256: str
     size: int
     archive_key: str
     newly_archived: bool
+    named: bool = True  # the version was given or read from the asset name, not made up from the hash
+
+
+def checked_version(version: str) -> str:
+    """A version from a flag, a feed or an asset name, safe to use in paths, keys and aliases."""
+    if not _SAFE_VERSION.fullmatch(version) or ".." in version:
+        raise ReleaseError(f"refusing version {version[:80]!r}: a version is 1-64 letters, digits, '.', '_' "
+                           "or '-', starting with a letter or digit, without '..'")
+    return version
+
+
+def version_order(version: str) -> tuple:
+    """2.4.x < 2.4.10 < 2.5.x; an 'x' stands for the newest patch of its line. Anything that is not
+    a release version (``sha-…``, a build name) sorts below every release version."""
+    if not _RELEASE_VERSION.fullmatch(version):
+        return (-1,)
+    return tuple(int(p) if p.isdigit() else 10**6 for p in version.split("."))
+
+
+def version_slug(version: str) -> str:
+    """The version as Milvus names allow it: 2.4.x -> 2_4_x."""
+    return re.sub(r"[^A-Za-z0-9]", "_", version)
+
+
+def redacted(url: str) -> str:
+    """The URL as shown and stored (CLI, logs, report, artifact): without ``user:password@`` and
+    without the query string, where tokens and signatures travel. The download uses the original."""
+    parsed = urlparse(url)
+    if parsed.scheme not in ("http", "https", "s3") or not (parsed.password or parsed.username or parsed.query):
+        return url
+    host = parsed.hostname or ""
+    netloc = f"{host}:{parsed.port}" if parsed.port else host
+    return urlunparse((parsed.scheme, netloc, parsed.path, "", "redacted" if parsed.query else "", ""))
+
+
+def has_credentials(url: str) -> bool:
+    return redacted(url) != url
 
 
 def release_version(url: str) -> str | None:
@@ -46,28 +90,33 @@ def release_version(url: str) -> str | None:
 
 
 def fetch_release(url: str, *, home: Path, store: ObjectStore, version: str | None = None,
-                  timeout_s: float = 60.0, s3_endpoint_url: str | None = None) -> Release:
+                  timeout_s: float = 60.0, s3_endpoint_url: str | None = None, max_bytes: int = 512 * 1024**2,
+                  deadline_s: float = 1800.0) -> Release:
     """Bring the zip to local disk, hash it and archive it under version and sha256."""
-    local = _local_copy(url, home / "downloads", timeout_s, s3_endpoint_url)
+    named = version or release_version(url)
+    if named:
+        checked_version(named)  # before anything is downloaded
+    local = _local_copy(url, home / "downloads", timeout_s, s3_endpoint_url, max_bytes, deadline_s)
     sha256, size = _digest(local)
-    version = version or release_version(url) or f"sha-{sha256[:12]}"
+    version = named or f"sha-{sha256[:12]}"
     key = f"releases/{version}/{sha256}/{local.name}"
     newly_archived = not store.exists(key)
     if newly_archived:
         store.put_file(key, local)
-    return Release(url, version, local, sha256, size, key, newly_archived)
+    return Release(redacted(url), version, local, sha256, size, key, newly_archived, named=bool(named))
 
 
-def _local_copy(url: str, downloads: Path, timeout_s: float, s3_endpoint_url: str | None) -> Path:
+def _local_copy(url: str, downloads: Path, timeout_s: float, s3_endpoint_url: str | None, max_bytes: int,
+                deadline_s: float) -> Path:
     parsed = urlparse(url)
     if parsed.scheme in ("http", "https"):
-        return _download(url, downloads / _asset_name(parsed.path), timeout_s)
+        return _download(url, downloads / _asset_name(parsed.path), timeout_s, max_bytes, deadline_s)
     if parsed.scheme == "s3":
         target = downloads / _asset_name(parsed.path)
         target.parent.mkdir(parents=True, exist_ok=True)
         bucket = S3Store(f"s3://{parsed.netloc}", s3_endpoint_url)
         if not bucket.exists(parsed.path.lstrip("/")):
-            raise ReleaseError(f"release not found: {url}")
+            raise ReleaseError(f"release not found: {redacted(url)}")
         bucket.get_file(parsed.path.lstrip("/"), target)
         return target
     path = Path(unquote(parsed.path) if parsed.scheme == "file" else url).expanduser()
@@ -77,27 +126,69 @@ def _local_copy(url: str, downloads: Path, timeout_s: float, s3_endpoint_url: st
 
 
 def _asset_name(url_path: str) -> str:
-    return PurePosixPath(unquote(url_path)).name or "release.zip"
+    name = re.sub(r"[^\w.-]", "_", PurePosixPath(unquote(url_path)).name)[:200]  # a plain local file name
+    return name.lstrip(".") or "release.zip"
 
 
-def _download(url: str, target: Path, timeout_s: float) -> Path:
-    """Stream to a .partial file and rename, so a dead connection never leaves a half zip."""
+def _download(url: str, target: Path, timeout_s: float, max_bytes: int, deadline_s: float) -> Path:
+    """Stream to a .partial file and rename, so a dead connection never leaves a half zip. Stops at
+    ``max_bytes`` and after ``deadline_s`` overall (a server trickling bytes keeps every read alive);
+    redirects are followed over http(s) only."""
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + ".partial")
+    shown = redacted(url)
+    deadline = time.monotonic() + deadline_s
     try:
         with httpx.stream("GET", url, follow_redirects=True, timeout=timeout_s) as response:
-            if response.status_code == 429 or response.status_code >= 500:
-                raise TransientFetchError(f"download of {url} failed: HTTP {response.status_code}")
-            if response.status_code >= 400:
-                raise ReleaseError(f"download of {url} failed: HTTP {response.status_code}")
+            _check_status(response, shown)
+            written = 0
             with partial.open("wb") as out:
                 for block in response.iter_bytes(_COPY_CHUNK):
+                    written += len(block)
+                    if written > max_bytes:
+                        raise ReleaseError(f"download of {shown} stopped: over {max_bytes} bytes "
+                                           "(DOCSRAG_MAX_ARCHIVE_BYTES)")
+                    if time.monotonic() > deadline:
+                        raise TransientFetchError(f"download of {shown} stopped: not finished after {deadline_s:.0f} s "
+                                                  "(DOCSRAG_DOWNLOAD_DEADLINE_S)")
                     out.write(block)
+    except httpx.UnsupportedProtocol:
+        partial.unlink(missing_ok=True)
+        raise ReleaseError(f"download of {shown} redirected to a URL that is not http(s): refused") from None
     except httpx.TransportError as exc:
         partial.unlink(missing_ok=True)
-        raise TransientFetchError(f"download of {url} failed: {exc.__class__.__name__}: {exc}") from exc
+        # httpx puts the full URL in some messages: name the redacted one instead.
+        raise TransientFetchError(f"download of {shown} failed: {exc.__class__.__name__}") from None
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     partial.replace(target)
     return target
+
+
+def _check_status(response: httpx.Response, shown: str) -> None:
+    """429 and 5xx are worth retrying; a Retry-After longer than our retries wait is a clear refusal."""
+    status = response.status_code
+    if status == 429 or status >= 500:
+        wait = _retry_after_s(response)
+        if wait is not None and wait > MAX_RETRY_AFTER_S:
+            raise ReleaseError(f"download of {shown}: the server asks to retry after {wait:.0f} s (HTTP {status})")
+        if wait:
+            time.sleep(wait)  # what it asked for, before the task's own retry
+        raise TransientFetchError(f"download of {shown} failed: HTTP {status}")
+    if status >= 400:
+        raise ReleaseError(f"download of {shown} failed: HTTP {status}")
+
+
+def _retry_after_s(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after", "").strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
 
 
 def _digest(path: Path) -> tuple[str, int]:

@@ -65,13 +65,22 @@ class Settings(BaseSettings):
 
     max_archive_bytes: int = Field(512 * 1024**2, ge=1, description="Cap on the uncompressed size of a release.")
     max_archive_files: int = Field(20_000, ge=1, description="Cap on the number of entries in a release.")
-    download_timeout_s: float = Field(60.0, gt=0, description="Network timeout for downloads (seconds).")
+    download_deadline_s: float = Field(1800.0, gt=0, allow_inf_nan=False,
+                                       description="A download not finished after this long is stopped.")
+    max_file_bytes: int = Field(1024**2, ge=1, description="A markdown file larger than this is skipped.")
+    max_document_bytes: int = Field(2 * 1024**2, ge=1, description="A document expanding past this is skipped.")
+    max_document_elements: int = Field(10_000, ge=1, description="A document with more elements is skipped.")
+    max_document_chunks: int = Field(2_000, ge=1, description="A document with more chunks is skipped.")
+    max_release_chunks: int = Field(50_000, ge=1, description="A release with more chunks fails before embedding.")
+    download_timeout_s: float = Field(60.0, gt=0, allow_inf_nan=False,
+                                      description="Network timeout for downloads and the releases feed (seconds).")
 
     queue_url: str = Field("", description="sqlite:///... or postgresql://... (default: <home>/questions.db).")
     max_question_chars: int = Field(2000, ge=10, description="Longer questions are refused at submit.")
     max_attempts: int = Field(3, ge=1, description="Attempts before a question is dead-lettered.")
-    lease_s: float = Field(300.0, gt=0, description="How long a claimed question stays with its worker.")
-    retry_backoff_s: float = Field(30.0, ge=0, description="First wait before a failed question is retried (doubles).")
+    lease_s: float = Field(300.0, gt=0, allow_inf_nan=False, description="How long a claimed question stays with its worker.")
+    retry_backoff_s: float = Field(30.0, ge=0, allow_inf_nan=False,
+                                   description="First wait before a failed question is retried (doubles).")
 
     llm_base_url: str = Field("http://localhost:8000/v1", description="OpenAI-compatible server (vLLM, Ollama...).")
     llm_model: str = Field("openai/gpt-oss-20b", description="Model id on that server.")
@@ -83,7 +92,7 @@ class Settings(BaseSettings):
     llm_top_p: float = Field(1.0, gt=0, le=1)
     llm_concurrency: int = Field(
         256, ge=1, le=1024, description="Requests in flight, so the server can batch them (vLLM's max_num_seqs).")
-    llm_timeout_s: float = Field(120.0, gt=0, description="Per-request timeout.")
+    llm_timeout_s: float = Field(120.0, gt=0, allow_inf_nan=False, description="Per-request timeout.")
     llm_max_retries: int = Field(3, ge=0, description="Retries with backoff on 429/5xx/timeouts.")
     top_k: int = Field(5, ge=1, le=50, description="Sources retrieved per question.")
     rrf_k: int = Field(5, ge=1, le=1000, description="Reciprocal rank fusion constant: lower favors top ranks.")
@@ -100,6 +109,9 @@ class Settings(BaseSettings):
     release_repo: str = Field("milvus-io/milvus-docs", description="GitHub repository whose releases are watched.")
     releases_api: str = Field("", description="Releases feed URL (default: the GitHub REST API for the repo).")
     release_asset_pattern: str = Field("milvus_docs_*_en.zip", description="Glob of the release assets to ingest.")
+    release_hosts: str = Field(
+        "", description="Comma-separated hosts or origins (http://host:port) a feed's asset URLs may point to, "
+                        "beside the API's own site.")
     github_token: SecretStr | None = Field(
         None, validation_alias=AliasChoices("DOCSRAG_GITHUB_TOKEN", "GITHUB_TOKEN"),
         description="GitHub token (GITHUB_TOKEN) for a higher API rate limit.")
@@ -149,6 +161,16 @@ class Settings(BaseSettings):
         }
 
     @property
+    def trusted_release_hosts(self) -> tuple[str, ...]:
+        return tuple(host.strip().rstrip("/") for host in self.release_hosts.split(",") if host.strip())
+
+    @property
+    def parse_budgets(self):
+        from tasks.markdown import Budgets
+
+        return Budgets(self.max_file_bytes, self.max_document_bytes, self.max_document_elements)
+
+    @property
     def embedder_id(self) -> str:
         """Part of every chunk id: another model or precision re-embeds everything, as it must."""
         local_variant = self.embedding == "local" and self.embedding_precision != "torch"
@@ -183,10 +205,11 @@ def _reject_unknown_variables() -> None:
 
 
 def _describe(exc: ValidationError) -> str:
+    """Each error names its variable and never echoes a value: settings carry secrets (API keys,
+    tokens, credentials inside URLs), and this message ends in terminals, logs and Prefect's database."""
     lines = []
-    for error in exc.errors():
+    for error in exc.errors(include_input=False, include_url=False):
         field = ".".join(str(part) for part in error["loc"])
         name = ENV_PREFIX + field.upper() if field else "settings"
-        shown = "" if "api_key" in field or "token" in field else f" (got {error.get('input')!r})"
-        lines.append(f"{name}: {error['msg']}{shown}")
+        lines.append(f"{name}: {error['msg'].removeprefix('Value error, ')}")
     return "; ".join(lines)

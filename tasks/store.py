@@ -19,6 +19,8 @@ from pathlib import Path
 from pymilvus import DataType, Function, FunctionType, MilvusClient
 from pymilvus.exceptions import MilvusException
 
+from tasks.chunking import FIELD_MAX
+from tasks.release import version_order, version_slug
 from tasks.settings import Settings
 
 TEXT_MAX = 65_535  # bytes; chunks are far below, but a VARCHAR needs a bound
@@ -82,7 +84,7 @@ def supports_bm25(client: MilvusClient) -> bool:
 
 def new_collection_name(alias: str, version: str) -> str:
     stamp = datetime.now(timezone.utc).strftime(_BUILD_TIME)
-    return f"{alias}__{re.sub(r'[^A-Za-z0-9]', '_', version)}__{stamp}"
+    return f"{alias}__{version_slug(version)}__{stamp}"
 
 
 def create_collection(client: MilvusClient, name: str, dim: int, *, bm25: bool, info: dict) -> None:
@@ -90,9 +92,8 @@ def create_collection(client: MilvusClient, name: str, dim: int, *, bm25: bool, 
     words, headings, text), dense vector (+ BM25 sparse where the server has BM25)."""
     schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
     schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=64)
-    schema.add_field("doc_path", DataType.VARCHAR, max_length=1024)
-    schema.add_field("title", DataType.VARCHAR, max_length=1024)
-    schema.add_field("heading", DataType.VARCHAR, max_length=4096)
+    for field, limit in FIELD_MAX.items():
+        schema.add_field(field, DataType.VARCHAR, max_length=limit)
     schema.add_field("version", DataType.VARCHAR, max_length=64)
     schema.add_field("text", DataType.VARCHAR, max_length=TEXT_MAX)
     schema.add_field("search_text", DataType.VARCHAR, max_length=TEXT_MAX, enable_analyzer=bm25)
@@ -222,7 +223,7 @@ def vectors_of(client: MilvusClient, name: str, ids: list[str]) -> dict[str, lis
 
 def version_alias(alias: str, version: str) -> str:
     """Each version is also served on its own: milvus_docs + 2.5.x -> milvus_docs_2_5_x."""
-    return f"{alias}_{re.sub(r'[^A-Za-z0-9]', '_', version)}"
+    return f"{alias}_{version_slug(version)}"
 
 
 def build_key(sha256: str, version: str, embedder_id: str, chunking: dict) -> str:
@@ -247,23 +248,19 @@ def smoke_search(client: MilvusClient, name: str) -> bool:
 
 
 def publish(client: MilvusClient, alias: str, version_alias_name: str, collection: str, version: str,
-            keep: int) -> str | None:
-    """Serve a validated build: its version alias always, the main alias unless it serves a newer
-    version. Returns the collection the main alias served before."""
+            keep: int, main: bool = True) -> str | None:
+    """Serve a validated build: its version alias always; the main alias when ``main`` (a named
+    version, or asked for) and it does not serve a newer version. Returns the collection the main
+    alias served before."""
     previous = served_collection(client, alias)
     info = collection_info(client, collection)
     set_collection_info(client, collection, {**info, "state": "ready", "previous": previous})
     point_alias(client, version_alias_name, collection)
     served_version = collection_info(client, previous).get("version") if previous else None
-    if served_version is None or version_order(version) >= version_order(served_version):
+    if main and (served_version is None or version_order(version) >= version_order(served_version)):
         point_alias(client, alias, collection)
     drop_old_builds(client, alias, keep)
     return previous
-
-
-def version_order(version: str) -> tuple:
-    """2.4.x < 2.4.10 < 2.5.x; an 'x' stands for the newest patch of its line."""
-    return tuple(int(p) if p.isdigit() else 10**6 for p in re.findall(r"\d+|x", version))
 
 
 def rollback(client: MilvusClient, alias: str) -> tuple[str, str]:

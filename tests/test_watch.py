@@ -91,11 +91,11 @@ def watch(capsys, *args) -> dict:
 
 
 def test_new_release_is_reported_once_then_new_ones_only(github, prefect_server, capsys):
-    assert watch(capsys) == {"new": ["2.4.x"], "seen": 1, "events": 1}
-    assert watch(capsys) == {"new": [], "seen": 1, "events": 0}
+    assert watch(capsys) == {"new": ["2.4.x"], "seen": 1, "events": 1, "refused": []}
+    assert watch(capsys) == {"new": [], "seen": 1, "events": 0, "refused": []}
     assert github.requests[-1]["if-none-match"], "the second read was conditional (304)"
     github.publish("v2.5.0", "milvus_docs_2.5.x_en.zip", "milvus_docs_2.5.x_en.zip", asset_id=21)
-    assert watch(capsys) == {"new": ["2.5.x"], "seen": 2, "events": 1}
+    assert watch(capsys) == {"new": ["2.5.x"], "seen": 2, "events": 1, "refused": []}
 
 
 def test_seen_releases_survive_a_lost_etag(github, prefect_server, capsys, home):
@@ -128,7 +128,7 @@ def test_token_is_sent_and_never_printed(github, prefect_server, capsys, monkeyp
 
 
 def test_ingest_flag_ingests_new_releases_without_a_server(github, prefect_server, capsys):
-    assert watch(capsys, "--ingest") == {"new": ["2.4.x"], "seen": 1, "events": 0}
+    assert watch(capsys, "--ingest") == {"new": ["2.4.x"], "seen": 1, "events": 0, "refused": []}
     assert main(["search", "Where does Milvus store data?", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["results"][0]["doc_path"] == "en/faq/product_faq.md"
 

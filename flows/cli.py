@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 
@@ -43,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     search = commands.add_parser("search", help="search the served collection")
     search.add_argument("query", nargs="?", help="text to search for")
     search.add_argument("--file", help="JSON lines with id and question; prints one result line each")
-    search.add_argument("-k", type=int, default=5, help="results per query")
+    search.add_argument("-k", type=_positive, default=5, help="results per query")
     search.add_argument("--version", help="search this docs version instead of the newest")
     search.add_argument("--json", action="store_true")
     search.set_defaults(run=_search)
@@ -62,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     answer = commands.add_parser("answer", help="drain the queue once: answer until it is empty")
     answer.add_argument("--max", type=int, help="claim at most this many questions")
     answer.add_argument("--max-seconds", type=float, default=3600, help="stop claiming after this long")
-    answer.add_argument("-k", type=int, help="sources per question (default DOCSRAG_TOP_K)")
+    answer.add_argument("-k", type=_positive, help="sources per question (default DOCSRAG_TOP_K)")
     answer.add_argument("--json", action="store_true")
     answer.set_defaults(run=_answer)
 
@@ -89,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="measure retrieval on a gold set (JSON lines)")
     evaluate.add_argument("--gold", required=True, help="JSON lines with question and gold_sources")
-    evaluate.add_argument("-k", type=int, default=10)
+    evaluate.add_argument("-k", type=_positive, default=10)
     evaluate.add_argument("--version", help="evaluate this docs version's index")
     evaluate.add_argument("--answers", action="store_true", help="also ask the LLM; check answers cite a gold doc")
     evaluate.add_argument("--json", action="store_true")
@@ -105,6 +106,22 @@ def _parser() -> argparse.ArgumentParser:
     rollback.add_argument("--json", action="store_true")
     rollback.set_defaults(run=_rollback)
     return parser
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"{value} is not between 1 and 100")
+    return value
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\x9b]")
+
+
+def printable(text: str) -> str:
+    """Text from documents or questions, safe for a terminal: control characters (escape
+    sequences that could rewrite the screen) are printed as their code."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def _ingest(args) -> int:
@@ -153,8 +170,8 @@ def _search(args) -> int:
         print(json.dumps({"query": args.query, "results": hits}))
     else:
         for n, hit in enumerate(hits, 1):
-            print(f"{n}. {hit['doc_path']} — {hit['heading']} ({hit['score']:.4f})")
-            print("   " + " ".join(hit["text"].split())[:300])
+            print(printable(f"{n}. {hit['doc_path']} — {hit['heading']} ({hit['score']:.4f})"))
+            print("   " + printable(" ".join(hit["text"].split())[:300]))
     return 0
 
 
@@ -258,15 +275,15 @@ def _show(args) -> int:
 
 
 def _print_record(record: dict, reasoning: bool) -> None:
-    print(f"[{record['id']}] {record['question']}\n({record['status']})")
+    print(printable(f"[{record['id']}] {record['question']}") + f"\n({record['status']})")
     if record["answer"]:
-        print(f"\n{record['answer']}\n")
+        print(f"\n{printable(record['answer'])}\n")
     for source in record["sources"] or []:
-        print(f"  [{source['n']}] {source['doc_path']} — {source['heading']}")
+        print(printable(f"  [{source['n']}] {source['doc_path']} — {source['heading']}"))
     if record["last_error"]:
-        print(f"last error: {record['last_error']}")
+        print(printable(f"last error: {record['last_error']}"))
     if reasoning and record["reasoning"]:
-        print(f"\nreasoning:\n{record['reasoning']}")
+        print(f"\nreasoning:\n{printable(record['reasoning'])}")
 
 
 def _questions(args) -> int:
@@ -282,7 +299,7 @@ def _questions(args) -> int:
     if args.json:
         print(json.dumps([{k: r[k] for k in ("id", "status", "question", "attempts", "created_at")} for r in records]))
     for r in records if not args.json else []:
-        print(f"{r['id']:>6}  {r['status']:<8}  {r['question'][:90]}")
+        print(f"{r['id']:>6}  {r['status']:<8}  {printable(r['question'][:90])}")
     return 0
 
 

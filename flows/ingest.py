@@ -82,8 +82,8 @@ def ingest_release(release: str | None = None, version: str | None = None, force
                        max_release_chunks=settings.max_release_chunks)
     with store.build_lock(settings.home, settings.collection), store.milvus_errors(settings.milvus_uri):
         client = store.connect(settings)
-        summary, diff = _build_and_publish(client, settings, rel, chunks, clock, force, progress,
-                                           main=rel.named or publish_main)
+        main = "always" if publish_main else "if-newer" if rel.named else "never"
+        summary, diff = _build_and_publish(client, settings, rel, chunks, clock, force, progress, main)
     summary.update(skipped=parsed.skipped, warnings=parsed.warnings, stages=clock.seconds, seconds=clock.total)
     _report(summary, diff, objects)
     return summary
@@ -119,7 +119,7 @@ def _forgotten_if_refused(rel: Release, objects) -> Iterator[None]:
 
 
 def _build_and_publish(client, settings: Settings, rel: Release, chunks: list[chunking.Chunk],
-                       clock: StageClock, force: bool, progress: bool, main: bool) -> dict:
+                       clock: StageClock, force: bool, progress: bool, main: store.MainAlias) -> dict:
     alias, version_alias = settings.collection, store.version_alias(settings.collection, rel.version)
     base = store.served_collection(client, version_alias) or store.served_collection(client, alias)
     base = base and store.loaded(client, base)
@@ -134,6 +134,8 @@ def _build_and_publish(client, settings: Settings, rel: Release, chunks: list[ch
     if base and _serves_exactly(client, base, diff, rel.version) and target is None:
         get_run_logger().info("Release %s unchanged: %s stays on %s", rel.version, alias, base)
         store.point_alias(client, version_alias, base)
+        if main == "always":
+            store.point_alias(client, alias, base)
         return {**summary, "unchanged": True, "collection": base, "search": _search_mode(client, base)}, diff
     embedder = embedding.embedder_for(settings)
     if target is None:

@@ -143,14 +143,14 @@ def _download(url: str, target: Path, timeout_s: float, max_bytes: int, deadline
             _check_status(response, shown)
             written = 0
             with partial.open("wb") as out:
-                for block in response.iter_bytes(_COPY_CHUNK):
+                for block in response.iter_bytes():  # as it arrives: a trickle meets the deadline too
                     written += len(block)
                     if written > max_bytes:
                         raise ReleaseError(f"download of {shown} stopped: over {max_bytes} bytes "
                                            "(DOCSRAG_MAX_ARCHIVE_BYTES)")
-                    if time.monotonic() > deadline:
-                        raise TransientFetchError(f"download of {shown} stopped: not finished after {deadline_s:.0f} s "
-                                                  "(DOCSRAG_DOWNLOAD_DEADLINE_S)")
+                    if time.monotonic() > deadline:  # not retried: another try would take as long
+                        raise ReleaseError(f"download of {shown} stopped: not finished after {deadline_s:.0f} s "
+                                           "(DOCSRAG_DOWNLOAD_DEADLINE_S)")
                     out.write(block)
     except httpx.UnsupportedProtocol:
         partial.unlink(missing_ok=True)

@@ -15,6 +15,7 @@ import re
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Literal
 
 from pymilvus import DataType, Function, FunctionType, MilvusClient
 from pymilvus.exceptions import MilvusException
@@ -28,6 +29,7 @@ OUTPUT_FIELDS = ["doc_path", "title", "heading", "version", "text"]
 _BUILD_TIME = "%Y%m%dT%H%M%S%f"
 INFO_PROPERTY = "docsrag.info"
 AGREEMENT_DEPTH = 5
+MainAlias = Literal["always", "never", "if-newer"]
 SCHEMA_VERSION = 2  # 2: BM25 over search_text (doc path words, headings, text)
 
 
@@ -248,16 +250,16 @@ def smoke_search(client: MilvusClient, name: str) -> bool:
 
 
 def publish(client: MilvusClient, alias: str, version_alias_name: str, collection: str, version: str,
-            keep: int, main: bool = True) -> str | None:
-    """Serve a validated build: its version alias always; the main alias when ``main`` (a named
-    version, or asked for) and it does not serve a newer version. Returns the collection the main
-    alias served before."""
+            keep: int, main: MainAlias = "if-newer") -> str | None:
+    """Serve a validated build: its version alias always; the main alias ``always``, ``never``, or
+    ``if-newer`` than the version it serves. Returns the collection the main alias served before."""
     previous = served_collection(client, alias)
     info = collection_info(client, collection)
     set_collection_info(client, collection, {**info, "state": "ready", "previous": previous})
     point_alias(client, version_alias_name, collection)
     served_version = collection_info(client, previous).get("version") if previous else None
-    if main and (served_version is None or version_order(version) >= version_order(served_version)):
+    newer = served_version is None or version_order(version) >= version_order(served_version)
+    if main == "always" or (main == "if-newer" and newer):
         point_alias(client, alias, collection)
     drop_old_builds(client, alias, keep)
     return previous

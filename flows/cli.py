@@ -6,10 +6,33 @@ import argparse
 import json
 import os
 import re
+import signal
 import sys
 import time
 
+from tasks import release
 from tasks.settings import SettingsError, load_settings
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: the platform or the scheduler stops the command."""
+
+
+def run() -> None:
+    """The console script. SIGTERM stops a command promptly: the flow run is marked crashed by
+    Prefect, and the process exits without waiting for network reads still blocked in threads."""
+
+    def terminate(signum, frame):
+        release.stopping.set()
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, terminate)
+    code = main()
+    if release.stopping.is_set():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(143)
+    sys.exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -354,4 +377,4 @@ def _rollback(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

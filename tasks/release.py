@@ -7,6 +7,7 @@ import hashlib
 import re
 import shutil
 import stat
+import threading
 import time
 import zipfile
 import zlib
@@ -24,6 +25,8 @@ _RELEASE_VERSION = re.compile(r"\d+(?:\.(?:\d+|x))+")
 # A version names folders, object keys and aliases: a short slug that cannot climb out of any of them.
 _SAFE_VERSION = re.compile(r"[0-9A-Za-z][0-9A-Za-z._-]{0,63}")
 _COPY_CHUNK = 1024 * 1024
+# Set when the process is asked to stop (SIGTERM): downloads in worker threads end at their next block.
+stopping = threading.Event()
 MAX_RETRY_AFTER_S = 30  # the longest wait a fetch retry honours; beyond it the run fails saying when to retry
 
 
@@ -148,6 +151,8 @@ def _download(url: str, target: Path, timeout_s: float, max_bytes: int, deadline
                     if written > max_bytes:
                         raise ReleaseError(f"download of {shown} stopped: over {max_bytes} bytes "
                                            "(DOCSRAG_MAX_ARCHIVE_BYTES)")
+                    if stopping.is_set():
+                        raise ReleaseError(f"download of {shown} stopped: the run is stopping")
                     if time.monotonic() > deadline:  # not retried: another try would take as long
                         raise ReleaseError(f"download of {shown} stopped: not finished after {deadline_s:.0f} s "
                                            "(DOCSRAG_DOWNLOAD_DEADLINE_S)")

@@ -64,9 +64,17 @@ def milvus_errors(uri: str):
     try:
         yield
     except MilvusException as exc:
+        if not _unreachable(exc):  # Milvus answered, and refused: say what it refused
+            raise StoreError(f"Milvus at {uri} refused a write of the build: {exc.message}. The aliases still "
+                             "serve the previous collections") from None
         raise StoreError(f"Milvus at {uri} failed during the build: {exc.message}. The aliases still serve "
                          "the previous collections; run the ingest again once Milvus is reachable (finished "
                          "batches are kept and the build resumes)") from None
+
+
+def _unreachable(exc: MilvusException) -> bool:
+    text = f"{exc.code} {exc.message}".lower()
+    return any(sign in text for sign in ("connect", "unavailable", "deadline", "timeout", "closed", "not ready"))
 
 
 def loaded(client: MilvusClient, name: str) -> str:

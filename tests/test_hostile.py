@@ -8,6 +8,7 @@ import base64
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -334,3 +335,40 @@ def test_a_nonsense_k_is_refused_by_the_cli(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["search", "anything", "-k", "0"])
     assert exit_.value.code == 2 and "0 is not between 1 and 100" in capsys.readouterr().err
+
+
+def test_sigterm_ends_a_stalled_ingest_promptly_and_prefect_records_it(home, prefect_server):
+    def trickle(handler):
+        handler.send_response(200)
+        handler.send_header("Content-Length", "10000000")
+        handler.end_headers()
+        for _ in range(600):
+            handler.wfile.write(b"x" * 10)
+            handler.wfile.flush()
+            time.sleep(0.5)
+
+    server = Server(trickle)
+    proc = subprocess.Popen([DOCSRAG, "ingest", "--release", f"{server.base}/milvus_docs_9.9.x_en.zip"],
+                            env=api_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not server.requests and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert server.requests, "the download started"
+        proc.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        proc.wait(timeout=30)
+        assert time.monotonic() - started < 15, "no waiting for the download's reads"
+    finally:
+        proc.kill()
+        server.stop()
+    assert proc.returncode == 143
+    runs = asyncio.run(_flow_runs())
+    assert [r.state_name for r in runs if r.parameters.get("release", "").endswith("9.9.x_en.zip")] == ["Crashed"]
+
+
+async def _flow_runs() -> list:
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        return await client.read_flow_runs()

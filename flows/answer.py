@@ -14,7 +14,7 @@ import time
 import uuid
 from typing import Annotated
 
-from prefect import flow, get_client, get_run_logger, task
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import (
     create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact,
 )
@@ -27,6 +27,7 @@ from pydantic import Field
 from tasks import embedding
 from tasks.drain import Drain, DrainSummary, ServingOutage
 from tasks.questions import Queue
+from tasks.report import name_run
 from tasks.retrieve import Retriever
 from tasks.settings import Settings, load_settings
 
@@ -65,7 +66,7 @@ def answer_questions(max_seconds: Annotated[float, Field(gt=0)] = 3600,
     logger = get_run_logger()
     owner = flow_run.get_id() or f"local-{uuid.uuid4().hex[:12]}"
     waiting = sum(queue.counts()[status] for status in ("pending", "failed", "claimed"))
-    _name_run(f"answer: {waiting:,} waiting")
+    name_run(f"answer: {waiting:,} waiting")
     progress = create_progress_artifact(0.0, key="answer-questions-progress",
                                         description=f"Questions answered of the {waiting} waiting at the start")
 
@@ -79,7 +80,7 @@ def answer_questions(max_seconds: Annotated[float, Field(gt=0)] = 3600,
     summary = asyncio.run(Drain(settings, queue, retriever, owner=owner, max_seconds=max_seconds,
                                 max_questions=max_questions, top_k=top_k, on_progress=report_progress).run())
     update_progress_artifact(progress, 100.0)
-    _name_run(f"answer {summary.claimed:,} questions ({summary.answered:,} answered"
+    name_run(f"answer {summary.claimed:,} questions ({summary.answered:,} answered"
               + (f", {summary.dead} dead)" if summary.dead else ")"))
     _report(summary, queue.stats())
     _announce_dead(summary, owner)
@@ -91,14 +92,6 @@ def answer_questions(max_seconds: Annotated[float, Field(gt=0)] = 3600,
         raise ServingOutage(f"{summary.outage}. {summary.released} claimed questions went back to the queue "
                             "without spending an attempt; they are answered once the server is back")
     return {k: v for k, v in summary.as_dict().items() if k != "problems"}
-
-
-def _name_run(name: str) -> None:
-    """Runs named for what they did, not `crouching-loon`."""
-    run_id = flow_run.get_id()
-    if run_id:
-        with get_client(sync_client=True) as client:
-            client.update_flow_run(run_id, name=name)
 
 
 def _announce_dead(summary: DrainSummary, owner: str) -> None:

@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 
 from prefect import flow, get_run_logger, task
+from prefect.assets import Asset, AssetProperties
+from prefect.runtime import flow_run
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NONE
 from prefect.futures import as_completed
@@ -24,7 +26,8 @@ from tasks import chunking, embedding, markdown, store
 from tasks.diff import ReleaseDiff
 from tasks.objectstore import open_store
 from tasks.release import Release, ReleaseError, TransientFetchError, extract_release, fetch_release
-from tasks.report import StageClock, publish_artifacts
+from tasks import lineage
+from tasks.report import StageClock, log_problems, name_run, publish_artifacts
 from tasks.settings import Settings, load_settings
 
 
@@ -57,13 +60,20 @@ def write_batch(client, collection: str, rows: list[dict]) -> None:
     _upsert(client, collection, quote(rows))
 
 
-@flow(name="ingest-docs", task_runner=ThreadPoolTaskRunner(max_workers=4))
+def _run_name() -> str:
+    parameters = flow_run.parameters
+    named = parameters.get("version") or (parameters.get("release") or "").rsplit("/", 1)[-1].split("?")[0]
+    return f"ingest {named or 'the configured release'}"[:100]
+
+
+@flow(name="ingest-docs", task_runner=ThreadPoolTaskRunner(max_workers=4), flow_run_name=_run_name)
 def ingest_release(release: str | None = None, version: str | None = None, force: bool = False,
                    progress: bool = False, publish_main: bool = False) -> dict:
     """Ingest one docs release (https, s3, file URL or path; default DOCSRAG_RELEASE_URL). A release
     without a version (none given, none in its name) is served on its own alias only, unless
     ``publish_main``."""
     settings = load_settings(release_url=release)
+    log = get_run_logger()
     clock = StageClock()
     embedding.preload(settings)
     objects = open_store(settings.object_store, settings.s3_endpoint_url)
@@ -71,21 +81,30 @@ def ingest_release(release: str | None = None, version: str | None = None, force
         rel = fetch(settings.release_url, home=settings.home, store=objects, version=version,
                     timeout_s=settings.download_timeout_s, s3_endpoint_url=settings.s3_endpoint_url,
                     max_bytes=settings.max_archive_bytes, deadline_s=settings.download_deadline_s)
+    log.info("Fetched %s: version %s, %s bytes, sha256 %s (%s)", rel.url, rel.version, f"{rel.size:,}", rel.sha256,
+             "archived" if rel.newly_archived else "already archived")
+    name_run(f"ingest {rel.version}")
     with clock("extract"), _forgotten_if_refused(rel, objects):
         root = extract(rel, settings.home / "releases", max_bytes=settings.max_archive_bytes,
                        max_files=settings.max_archive_files)
     with clock("parse"):
         parsed = parse(root, settings.parse_budgets)
+    log.info("Parsed %d documents (%d skipped, %d with warnings)", len(parsed.documents), len(parsed.skipped),
+             len({w["path"] for w in parsed.warnings}))
     with clock("chunk"):
         chunks = chunk(parsed, settings.chunking_config, settings.embedder_id,
                        max_document_chunks=settings.max_document_chunks,
                        max_release_chunks=settings.max_release_chunks)
+    log.info("Chunked into %s chunks", f"{len(chunks):,}")
+    log_problems(log, parsed.skipped, parsed.warnings)
     with store.build_lock(settings.home, settings.collection), store.milvus_errors(settings.milvus_uri):
         client = store.connect(settings)
         main = "always" if publish_main else "if-newer" if rel.named else "never"
-        summary, diff = _build_and_publish(client, settings, rel, chunks, clock, force, progress, main)
+        summary, diff = _build_and_publish(client, settings, rel, chunks, clock, force, progress, main,
+                                           archive=objects.uri(rel.archive_key))
     summary.update(skipped=parsed.skipped, warnings=parsed.warnings, stages=clock.seconds, seconds=clock.total)
     _report(summary, diff, objects)
+    name_run(f"ingest {rel.version} " + ("(unchanged)" if summary["unchanged"] else f"({summary['embedded']:,} new)"))
     return summary
 
 
@@ -119,7 +138,8 @@ def _forgotten_if_refused(rel: Release, objects) -> Iterator[None]:
 
 
 def _build_and_publish(client, settings: Settings, rel: Release, chunks: list[chunking.Chunk],
-                       clock: StageClock, force: bool, progress: bool, main: store.MainAlias) -> dict:
+                       clock: StageClock, force: bool, progress: bool, main: store.MainAlias, archive: str) -> dict:
+    log = get_run_logger()
     alias, version_alias = settings.collection, store.version_alias(settings.collection, rel.version)
     base = store.served_collection(client, version_alias) or store.served_collection(client, alias)
     base = base and store.loaded(client, base)
@@ -130,9 +150,11 @@ def _build_and_publish(client, settings: Settings, rel: Release, chunks: list[ch
         diff = ReleaseDiff(chunks, store.doc_of_ids(client, base) if base else {},
                            frozenset(store.doc_of_ids(client, target)) if target else frozenset())
         _check_guard_rails(diff, alias, force)
+    log.info("Compared with %s: %s chunks new, %s served already, %s deleted", base or "nothing served",
+             f"{len(diff.to_embed()):,}", f"{len(diff.reusable()):,}", f"{diff.deleted:,}")
     summary = _summary(settings, rel, diff, base, version_alias)
     if base and _serves_exactly(client, base, diff, rel.version) and target is None:
-        get_run_logger().info("Release %s unchanged: %s stays on %s", rel.version, alias, base)
+        log.info("Release %s unchanged: %s stays on %s", rel.version, alias, base)
         store.point_alias(client, version_alias, base)
         if main == "always":
             store.point_alias(client, alias, base)
@@ -145,14 +167,35 @@ def _build_and_publish(client, settings: Settings, rel: Release, chunks: list[ch
                                       "release_sha256": rel.sha256, "embedder": settings.embedder_id})
     with clock("embed+write"):
         embedded, reused = _write_all(client, settings, base, target, diff, rel.version, progress, clock)
+    seconds = clock.seconds["embed+write"]
+    log.info("Embedded %s chunks and copied %s in %.1f s (%.0f chunks/s) into %s", f"{embedded:,}", f"{reused:,}",
+             seconds, embedded / seconds if seconds else 0.0, target)
     with clock("validate"):
         _validate(client, target, len(chunks))
+    log.info("Validated %s: %s rows, a smoke search finds them", target, f"{len(chunks):,}")
     with clock("publish"):
-        previous = store.publish(client, alias, version_alias, target, rel.version, settings.keep_collections,
-                                 main=main)
+        previous = _publish(client, settings, rel, target, version_alias, main, archive)
     return {**summary, "collection": target, "previous_collection": previous, "embedded": embedded,
             "reused": reused, "search": _search_mode(client, target),
             "seconds_saved": _seconds_saved(clock, embedded, reused)}, diff
+
+
+def _publish(client, settings: Settings, rel: Release, target: str, version_alias: str, main: store.MainAlias,
+             archive: str) -> str | None:
+    """Point the aliases, as materializing steps: the event feed shows the release archive that
+    produced the collection, and which alias serves it."""
+    alias, uri = settings.collection, settings.milvus_uri
+    collection = lineage.milvus_asset(uri, target, f"docs {rel.version}, release sha256 {rel.sha256}")
+    release = Asset(key=lineage.asset_key(archive), properties=AssetProperties(name=f"release {rel.version}"))
+    publish = lineage.materializing(store.publish, "publish", [collection, lineage.milvus_asset(
+        uri, version_alias, f"serves docs {rel.version}")], [release])
+    previous = publish(client, alias, version_alias, target, rel.version, settings.keep_collections, main=main)
+    now = store.served_collection(client, alias)
+    if now == target and previous != target:
+        lineage.materializing(lambda: None, "serve-main-alias", [lineage.milvus_asset(
+            uri, alias, "the newest docs")], [collection])()
+    get_run_logger().info("%s serves %s (was %s); %s serves it too", alias, now, previous, version_alias)
+    return previous
 
 
 def _search_mode(client, collection: str) -> str:
@@ -215,9 +258,15 @@ def _write_all(client, settings: Settings, base: str | None, target: str, diff: 
     waiting = batched(sorted(chunks, key=lambda c: len(c.embed_text), reverse=True), settings.embedding_batch_size)
     in_flight: dict = {}
 
+    batches = -(-len(chunks) // settings.embedding_batch_size)
+    submitted = 0
+
     def submit_next() -> None:
+        nonlocal submitted
         if (batch := next(waiting, None)) is not None:
-            in_flight[embed_batch.submit([c.embed_text for c in batch], settings)] = batch
+            submitted += 1
+            named = embed_batch.with_options(task_run_name=f"embed-batch {submitted}/{batches}")
+            in_flight[named.submit([c.embed_text for c in batch], settings)] = batch
 
     artifact = create_progress_artifact(0.0, description=f"Embedding {len(chunks)} chunks")
     done = 0

@@ -25,12 +25,12 @@ class ObjectStore(Protocol):
     def put_bytes(self, key: str, data: bytes) -> None: ...
     def get_bytes(self, key: str) -> bytes | None: ...
     def delete(self, key: str) -> None: ...
+    def uri(self, key: str) -> str: ...
 
 
 class LocalStore:
     def __init__(self, root: Path):
         self.root = root
-        self.url = str(root)
 
     def _path(self, key: str) -> Path:
         path = self.root / key
@@ -65,6 +65,9 @@ class LocalStore:
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
 
+    def uri(self, key: str) -> str:
+        return self._path(key).resolve().as_uri()
+
 
 class S3Store:
     def __init__(self, url: str, endpoint_url: str | None):
@@ -72,7 +75,6 @@ class S3Store:
         from botocore.config import Config
 
         parsed = urlparse(url)
-        self.url = url
         self.bucket = parsed.netloc
         self.prefix = parsed.path.strip("/")
         self.endpoint = endpoint_url or "AWS S3"
@@ -115,6 +117,9 @@ class S3Store:
 
     def delete(self, key: str) -> None:
         self._call("delete", self.client.delete_object, Bucket=self.bucket, Key=self._key(key))
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._key(key)}"
 
 
 def open_store(url: str, s3_endpoint_url: str | None = None) -> ObjectStore:

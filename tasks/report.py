@@ -5,7 +5,11 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 
+from prefect import get_client
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.runtime import flow_run
+
+SHOWN_PROBLEMS = 50  # files named one by one in the log; the artifact and the JSON hold them all
 
 
 class StageClock:
@@ -26,6 +30,23 @@ class StageClock:
     @property
     def total(self) -> float:
         return round(time.perf_counter() - self.started, 3)
+
+
+def name_run(name: str) -> None:
+    """Runs named for what they did (``ingest 2.5.x (3,371 new)``), not ``crouching-loon``."""
+    run_id = flow_run.get_id()
+    if run_id:
+        with get_client(sync_client=True) as client:
+            client.update_flow_run(run_id, name=name)
+
+
+def log_problems(logger, skipped: list[dict], warnings: list[dict]) -> None:
+    """One WARNING per file that was skipped or indexed best-effort, with its reason."""
+    problems = [("skipped", p) for p in skipped] + [("warning", p) for p in warnings]
+    for kind, problem in problems[:SHOWN_PROBLEMS]:
+        logger.warning("%s %s: %s", kind, problem["path"][:300], problem["reason"][:500])
+    if len(problems) > SHOWN_PROBLEMS:
+        logger.warning("... and %d more (see the run's summary artifact)", len(problems) - SHOWN_PROBLEMS)
 
 
 def publish_artifacts(summary: dict, documents: dict[str, str], chunks_per_doc: dict[str, int]) -> None:

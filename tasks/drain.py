@@ -148,7 +148,7 @@ class Drain:
                 return "max questions"
             for _ in range(want):
                 await self.permits.acquire()
-            batch = await self._db(self.queue.claim, want, self.owner)
+            batch = await self._db(self._claim, want)
             for _ in range(want - len(batch)):
                 self.permits.release()
             if not batch:
@@ -156,7 +156,6 @@ class Drain:
                     return "queue empty"
                 await asyncio.sleep(POLL_S)  # answers in flight: questions asked meanwhile join this run
                 continue
-            self.held.update(item.id for item in batch)
             self.summary.claimed += len(batch)
             try:
                 prepared = await asyncio.get_running_loop().run_in_executor(self.search, self._retrieve, batch)
@@ -166,6 +165,13 @@ class Drain:
                 raise ServingOutage(self.summary.outage) from exc
             for item in prepared:
                 await self.ready.put(item)
+
+    def _claim(self, want: int) -> list[Claimed]:
+        """In the queue's thread: a claim is held the moment it is made, so a run stopping while it
+        waits for the claim still puts those questions back."""
+        batch = self.queue.claim(want, self.owner)
+        self.held.update(item.id for item in batch)
+        return batch
 
     def _retrieve(self, batch: list[Claimed]) -> list[Prepared]:
         """Questions on the same version share one embedding call. A version nobody ingested is

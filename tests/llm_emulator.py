@@ -13,12 +13,18 @@ content, as gpt-oss does when its reasoning runs out of room. GET /stats reports
 produced and the busy window, so a bench can compute the utilization the server saw (POST
 /stats/reset starts a new window).
 
+POST /v1/embeddings answers like an embeddings server on a GPU (vLLM, TEI): ``embed_rate`` inputs
+per second in all, whatever the number of requests in flight; vectors are deterministic per text
+(hashed), normalized, ``embed_dim`` long.
+
 Run alone: python -m tests.llm_emulator --port 8000 --max-num-seqs 256 --step-ms 20 60 --output-tokens 300
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import hashlib
 import json
 import re
 import threading
@@ -112,12 +118,16 @@ class Engine:
 class Emulator:
     def __init__(self, latency_s: float = 0.0, reasoning_field: str = "reasoning", host: str = "127.0.0.1",
                  port: int = 0, *, max_num_seqs: int = 256, step_s: tuple[float, float] | None = None,
-                 output_tokens: int = 20, reasoning_share: float = 0.6):
+                 output_tokens: int = 20, reasoning_share: float = 0.6, embed_rate: float = 5000.0,
+                 embed_dim: int = 384):
         self.latency_s = latency_s
         self.reasoning_field = reasoning_field
         self.output_tokens = output_tokens
         self.reasoning_share = reasoning_share
         self.engine = Engine(max_num_seqs, step_s) if step_s else None
+        self.embed_rate, self.embed_dim = embed_rate, embed_dim
+        self.embedded = 0
+        self.embed_gpu = threading.Lock()  # one device: batches share its throughput
         self.requests: list[dict] = []
         self.failures: list[int] = []  # statuses to answer with, one per request, before succeeding
         self.always_fail: int | None = None
@@ -168,6 +178,19 @@ class Emulator:
                       "completion_tokens_details": {"reasoning_tokens": reasoning_tokens}},
         }
 
+    def embed(self, body: dict) -> tuple[int, dict]:
+        texts = body.get("input") or []
+        texts = [texts] if isinstance(texts, str) else texts
+        with self.embed_gpu:
+            time.sleep(len(texts) / self.embed_rate)
+            self.embedded += len(texts)
+        packed = body.get("encoding_format") == "base64"  # what the openai client asks for: 4 bytes a float
+        data = [{"object": "embedding", "index": i, "embedding": _vector(text, self.embed_dim, packed)}
+                for i, text in enumerate(texts)]
+        tokens = sum(count_tokens(t) for t in texts)
+        return 200, {"object": "list", "data": data, "model": body.get("model"),
+                     "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
     def _handler(self):
         emulator = self
 
@@ -201,6 +224,8 @@ class Emulator:
                 if self.path.rstrip("/").endswith("/stats/reset") and emulator.engine:
                     emulator.engine.reset()
                     return self._send(200, {})
+                if self.path.endswith("/embeddings"):
+                    return self._send(*emulator.embed(body))
                 if not self.path.endswith("/chat/completions"):
                     return self._send(404, {"error": {"message": "not found"}})
                 try:
@@ -211,6 +236,16 @@ class Emulator:
         return Handler
 
 
+def _vector(text: str, dim: int, packed: bool) -> list[float] | str:
+    """A unit vector that depends only on the text (float32 bytes in base64 when ``packed``)."""
+    import numpy as np
+
+    seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+    vector = np.random.default_rng(seed).normal(size=dim).astype(np.float32)
+    vector /= np.linalg.norm(vector)
+    return base64.b64encode(vector.tobytes()).decode() if packed else vector.tolist()
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, default=8000)
@@ -219,9 +254,10 @@ if __name__ == "__main__":
     parser.add_argument("--step-ms", type=float, nargs=2, metavar=("AT_ONE", "AT_FULL"),
                         help="decoding step time at one sequence and at max-num-seqs (continuous batching)")
     parser.add_argument("--output-tokens", type=int, default=20)
+    parser.add_argument("--embed-rate", type=float, default=5000.0, help="embeddings per second")
     args = parser.parse_args()
     emulator = Emulator(args.latency, port=args.port, max_num_seqs=args.max_num_seqs,
                         step_s=tuple(ms / 1000 for ms in args.step_ms) if args.step_ms else None,
-                        output_tokens=args.output_tokens).start()
+                        output_tokens=args.output_tokens, embed_rate=args.embed_rate).start()
     print(f"serving on {emulator.url}", flush=True)  # the bench reads the URL from this line
     threading.Event().wait()

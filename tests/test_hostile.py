@@ -348,7 +348,7 @@ def test_sigterm_ends_a_stalled_ingest_promptly_and_prefect_records_it(home, pre
             time.sleep(0.5)
 
     server = Server(trickle)
-    proc = subprocess.Popen([DOCSRAG, "ingest", "--release", f"{server.base}/milvus_docs_9.9.x_en.zip"],
+    proc = subprocess.Popen([DOCSRAG, "ingest", "--release", f"{server.base}/trickle_9.9.x_en.zip"],
                             env=api_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
@@ -364,7 +364,8 @@ def test_sigterm_ends_a_stalled_ingest_promptly_and_prefect_records_it(home, pre
         server.stop()
     assert proc.returncode == 143
     runs = asyncio.run(_flow_runs())
-    assert [r.state_name for r in runs if r.parameters.get("release", "").endswith("9.9.x_en.zip")] == ["Crashed"]
+    assert [r.state_name for r in runs if (r.parameters.get("release") or "").endswith("trickle_9.9.x_en.zip")] \
+        == ["Crashed"]
 
 
 async def _flow_runs() -> list:

@@ -57,11 +57,13 @@ def test_search_file_answers_each_question(faq_ingested, capsys, tmp_path):
 def test_run_is_explained_by_artifacts(faq_ingested):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
 
     async def latest(key):
         async with get_client() as client:
-            found = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
-            return found[-1]
+            found = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+                                                sort=ArtifactSort.CREATED_DESC)
+            return found[0]
 
     summary = asyncio.run(latest("milvus-docs-ingest-summary"))
     assert summary.type == "markdown" and faq_ingested["sha256"] in summary.data

@@ -3,10 +3,13 @@
 import json
 
 from prefect import get_client
-from prefect.client.schemas.filters import FlowRunFilter, LogFilter, TaskRunFilter
-from prefect.events.filters import EventFilter, EventNameFilter
+from prefect.client.schemas.filters import FlowRunFilter, LogFilter
+from prefect.client.schemas.sorting import FlowRunSort
+from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
 
 from flows.cli import main
+from tasks import lineage
+from tasks.settings import load_settings
 from prefect.logging.handlers import APILogWorker
 
 
@@ -15,10 +18,15 @@ def test_an_ingest_run_is_named_logged_and_leaves_lineage(home, prefect_server, 
     summary = json.loads(capsys.readouterr().out.splitlines()[-1])
     APILogWorker.drain_all(timeout=10)  # logs travel in batches
     with get_client(sync_client=True) as client:
-        [run] = [r for r in client.read_flow_runs() if r.name == "ingest 2.4.x (49 new)"]
+        run = next(r for r in client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC)
+                   if r.name == "ingest 2.4.x (49 new)")
         logs = client.read_logs(LogFilter(flow_run_id={"any_": [run.id]}))
         tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [run.id]}))
-        events = client.read_events(EventFilter(event=EventNameFilter(prefix=["prefect.asset."])), limit=50).events
+        settings = load_settings()
+        collection = lineage.milvus_asset(settings.milvus_uri, summary["collection"], "").key
+        alias = lineage.milvus_asset(settings.milvus_uri, "milvus_docs", "").key
+        made = client.read_events(_materialized(collection), limit=50).events
+        moved = client.read_events(_materialized(alias), limit=50).events
     story = "\n".join(log.message for log in logs)
     for line in ("Fetched ", "version 2.4.x", "Parsed 4 documents (0 skipped, 1 with warnings)", "Chunked into 49 chunks",
                  "Compared with nothing served: 49 chunks new", "Embedded 49 chunks", "chunks/s",
@@ -27,9 +35,12 @@ def test_an_ingest_run_is_named_logged_and_leaves_lineage(home, prefect_server, 
     warning = next(log for log in logs if log.level == 30)
     assert "en/faq/operational_faq.md: include {{fragments/cpu_support.md}} not found" in warning.message
     assert "embed-batch 1/1" in {t.name for t in tasks}
-    produced = {e.resource.id: e for e in events if e.event == "prefect.asset.materialization.succeeded"}
-    collection = next(key for key in produced if key.endswith("/" + summary["collection"]))
-    assert collection.startswith("milvuslite:///")
-    upstream = [r.id for r in produced[collection].related if r.role == "asset"]
+    assert collection.startswith("milvuslite:///") and made, "the collection's materialization is an event"
+    upstream = [r.id for r in made[0].related if r.role == "asset"]
     assert any(u.startswith("file:///") and u.endswith("milvus_docs_faq_2.4.x_en.zip") for u in upstream), upstream
-    assert any(key.endswith("/milvus_docs") for key in produced), "the main alias's move is recorded too"
+    assert collection in [r.id for r in moved[0].related], "the main alias's move names the collection it serves"
+
+
+def _materialized(asset_key: str) -> EventFilter:
+    return EventFilter(event=EventNameFilter(name=["prefect.asset.materialization.succeeded"]),
+                       resource=EventResourceFilter(id=[asset_key]))

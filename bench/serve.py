@@ -190,7 +190,7 @@ def main() -> None:
     milvus = MilvusServer(home / "milvus").start()
     emulator, url = start_emulator()
     os.environ.update(DOCSRAG_MILVUS_URI=milvus.uri, DOCSRAG_LLM_BASE_URL=url,
-                      DOCSRAG_MIN_RELEVANCE="-1")  # every question goes to the model
+                      DOCSRAG_MIN_RELEVANCE="-1", DOCSRAG_WEAK_RELEVANCE="-1")  # every question goes to the model
     dev = [json.loads(line)["question"] for line in open(args.eval, encoding="utf-8")]
     questions = [f"{dev[i % len(dev)]} (#{i})" for i in range(args.questions)]
     capacity = emulator_stats(url)["capacity_tokens_per_s"]

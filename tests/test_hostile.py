@@ -83,6 +83,21 @@ def send(handler, status: int, body: bytes = b"", **headers) -> None:
     handler.wfile.write(body)
 
 
+def trickling(every_s: float):
+    """A server that sends a few bytes now and then, for minutes: every read succeeds."""
+
+    def respond(handler):
+        handler.send_response(200)
+        handler.send_header("Content-Length", "10000000")
+        handler.end_headers()
+        for _ in range(int(300 / every_s)):
+            handler.wfile.write(b"x" * 10)
+            handler.wfile.flush()
+            time.sleep(every_s)
+
+    return respond
+
+
 # -- secrets ---------------------------------------------------------------------------------------
 
 def test_a_settings_error_names_the_variable_and_prints_no_value():
@@ -268,16 +283,7 @@ def test_a_download_stops_at_the_size_cap(served_before, home, monkeypatch, caps
 def test_a_trickling_download_stops_at_its_deadline(served_before, monkeypatch, capsys):
     monkeypatch.setenv("DOCSRAG_DOWNLOAD_DEADLINE_S", "2")
 
-    def trickle(handler):
-        handler.send_response(200)
-        handler.send_header("Content-Length", "100000")
-        handler.end_headers()
-        for _ in range(100):
-            handler.wfile.write(b"x" * 100)
-            handler.wfile.flush()
-            time.sleep(0.2)
-
-    server = Server(trickle)
+    server = Server(trickling(every_s=0.2))
     try:
         err = failed_ingest(capsys, f"{server.base}/milvus_docs_9.9.x_en.zip")
     finally:
@@ -338,16 +344,7 @@ def test_a_nonsense_k_is_refused_by_the_cli(capsys):
 
 
 def test_sigterm_ends_a_stalled_ingest_promptly_and_prefect_records_it(home, prefect_server):
-    def trickle(handler):
-        handler.send_response(200)
-        handler.send_header("Content-Length", "10000000")
-        handler.end_headers()
-        for _ in range(600):
-            handler.wfile.write(b"x" * 10)
-            handler.wfile.flush()
-            time.sleep(0.5)
-
-    server = Server(trickle)
+    server = Server(trickling(every_s=0.5))
     proc = subprocess.Popen([DOCSRAG, "ingest", "--release", f"{server.base}/trickle_9.9.x_en.zip"],
                             env=api_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -44,7 +44,7 @@ def announce_question(question_id: int, version: str | None) -> None:
     EventsWorker.drain_all(timeout=10)
 
 
-@task(name="open-index", retries=1, retry_delay_seconds=5, cache_policy=NONE)
+@task(name="open-index", retries=1, retry_delay_seconds=5, cache_policy=NONE, persist_result=False)
 def open_index(settings: Settings) -> Retriever:
     """The model loaded and the served alias checked, so a locked or missing index fails the run
     before a single question is claimed."""

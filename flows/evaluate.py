@@ -15,12 +15,12 @@ from tasks.retrieve import Retriever, covered
 from tasks.settings import Settings, load_settings
 
 
-@task(name="retrieve-gold", cache_policy=NONE)
+@task(name="retrieve-gold", cache_policy=NONE, persist_result=False)
 def retrieve_all(settings: Settings, questions: list[str], k: int, version: str | None) -> list[list[dict]]:
     return Retriever(settings).search(questions, k, version)
 
 
-@task(name="answer-gold", cache_policy=NONE)
+@task(name="answer-gold", cache_policy=NONE, persist_result=False)
 def answer_all(settings: Settings, items: list[dict], hits: list[list[dict]]) -> list[dict]:
     """Ask the model with the retrieved sources; does the answer cite a gold document?"""
     sources = [numbered_sources(h[: settings.top_k]) for h in hits]

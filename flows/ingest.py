@@ -35,23 +35,29 @@ class GuardRailError(RuntimeError):
     """The new build would remove too much of what is served; --force overrides."""
 
 
+# Task results stay in memory, never in result storage: they are local paths, clients or vectors
+# (never persisted), and a retried run resumes from its staging collection instead (README).
+IN_MEMORY = {"cache_policy": NONE, "persist_result": False}
+WRITE_RETRIES = {"retries": 3, "retry_delay_seconds": [1, 5, 15], **IN_MEMORY}
+
+
 def _transient(task, task_run, state) -> bool:
     return isinstance(state.result(raise_on_failure=False), TransientFetchError)
 
 
 fetch = task(fetch_release, name="fetch", retries=3, retry_delay_seconds=[2, 10, 30],
-             retry_condition_fn=_transient, cache_policy=NONE)
-extract = task(extract_release, name="extract", cache_policy=NONE)
-parse = task(markdown.parse_release, name="parse", cache_policy=NONE)
-chunk = task(chunking.chunk_release, name="chunk", cache_policy=NONE)
+             retry_condition_fn=_transient, **IN_MEMORY)
+extract = task(extract_release, name="extract", **IN_MEMORY)
+parse = task(markdown.parse_release, name="parse", **IN_MEMORY)
+chunk = task(chunking.chunk_release, name="chunk", **IN_MEMORY)
 
 
-@task(name="embed-batch", retries=2, retry_delay_seconds=5, cache_policy=NONE)
+@task(name="embed-batch", retries=2, retry_delay_seconds=5, **IN_MEMORY)
 def embed_batch(texts: list[str], settings: Settings) -> list[list[float]]:
     return embedding.embedder_for(settings).embed(texts)
 
 
-_upsert = task(store.upsert, name="write-batch", retries=3, retry_delay_seconds=[1, 5, 15], cache_policy=NONE)
+_upsert = task(store.upsert, name="write-batch", **WRITE_RETRIES)
 
 
 def write_batch(client, collection: str, rows: list[dict]) -> None:
@@ -234,7 +240,7 @@ def _check_guard_rails(diff: ReleaseDiff, alias: str, force: bool) -> None:
             f"({served - kept} lost, more than half); check the release or re-run with --force")
 
 
-@task(name="copy-batch", retries=3, retry_delay_seconds=[1, 5, 15], cache_policy=NONE)
+@task(name="copy-batch", **WRITE_RETRIES)
 def copy_batch(client, base: str, target: str, chunks: list[chunking.Chunk], version: str) -> int:
     """Served vectors of unchanged chunks, copied into the new build instead of re-embedded."""
     vectors = store.vectors_of(client, base, [c.id for c in chunks])

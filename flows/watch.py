@@ -25,7 +25,7 @@ def _not_rate_limited(task, task_run, state) -> bool:
 
 
 @task(name="read-feed", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_not_rate_limited,
-      cache_policy=NONE)
+      cache_policy=NONE, persist_result=False)
 def fetch_feed(settings: Settings, etag: str | None) -> tuple[list[PublishedAsset] | None, str | None]:
     token = settings.github_token.get_secret_value() if settings.github_token else None
     return read_feed(settings.releases_api, settings.release_asset_pattern, etag=etag, token=token,

@@ -30,4 +30,4 @@ def milvus_asset(milvus_uri: str, name: str, description: str) -> Asset:
 
 def materializing(step: Callable, name: str, produces: list[Asset], reads: list[Asset]):
     """``step`` as a task that records what it produced from what."""
-    return materialize(*produces, asset_deps=reads, name=name, cache_policy=NONE)(step)
+    return materialize(*produces, asset_deps=reads, name=name, cache_policy=NONE, persist_result=False)(step)

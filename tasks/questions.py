@@ -40,7 +40,7 @@ questions = Table(
     Column("question", Text, nullable=False),
     Column("version", String(64)),
     Column("priority", Integer, nullable=False, default=0),
-    Column("claim_rank", Float, nullable=False, default=0.0),  # claim order: submit time minus the priority's head start
+    Column("claim_rank", Float, nullable=False, default=0.0),  # submit time minus the priority's head start
     Column("status", String(16), nullable=False, index=True, default="pending"),
     Column("attempts", Integer, nullable=False, default=0),
     Column("last_error", Text),
@@ -135,7 +135,8 @@ class Queue:
         with self.engine.begin() as db:
             self._bury_expired(db, stamp)
             rows = db.execute(claim).all()
-        return [Claimed(r.id, r.question, r.version, r.attempts) for r in sorted(rows, key=lambda r: (r.claim_rank, r.id))]
+        rows.sort(key=lambda r: (r.claim_rank, r.id))
+        return [Claimed(r.id, r.question, r.version, r.attempts) for r in rows]
 
     def _bury_expired(self, db, stamp: datetime) -> None:
         """Questions whose every attempt ended with the worker gone are dead, with that reason."""

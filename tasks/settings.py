@@ -78,7 +78,8 @@ class Settings(BaseSettings):
     queue_url: str = Field("", description="sqlite:///... or postgresql://... (default: <home>/questions.db).")
     max_question_chars: int = Field(2000, ge=10, description="Longer questions are refused at submit.")
     max_attempts: int = Field(3, ge=1, description="Attempts before a question is dead-lettered.")
-    lease_s: float = Field(300.0, gt=0, allow_inf_nan=False, description="How long a claimed question stays with its worker.")
+    lease_s: float = Field(300.0, gt=0, allow_inf_nan=False,
+                           description="How long a claimed question stays with its worker (renewed while it works).")
     retry_backoff_s: float = Field(30.0, ge=0, allow_inf_nan=False,
                                    description="First wait before a failed question is retried (doubles).")
 

@@ -224,7 +224,8 @@ def test_crafted_files_are_skipped_or_cut_with_reasons_and_the_rest_is_indexed(h
     skipped = {s["path"]: s["reason"] for s in summary["skipped"]}
     warnings = "\n".join(f"{w['path']}: {w['reason']}" for w in summary["warnings"])
     assert "includes and variables expand it past" in skipped["en/includes_itself.md"]
-    assert skipped["en/huge_line.md"] == "over budget: 2100000 bytes, over the limit of 1048576 (DOCSRAG_MAX_FILE_BYTES)"
+    assert skipped["en/huge_line.md"] == ("over budget: 2100000 bytes, over the limit of 1048576 "
+                                          "(DOCSRAG_MAX_FILE_BYTES)")
     assert "en/bomb.md: front matter is not valid YAML" in warnings and "aliases are not allowed" in warnings
     assert "en/Variables.json: variables file unusable" in warnings
     assert "heading longer than 4096 bytes, cut to fit the index" in warnings

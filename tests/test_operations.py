@@ -28,7 +28,8 @@ def test_an_ingest_run_is_named_logged_and_leaves_lineage(home, prefect_server, 
         made = client.read_events(_materialized(collection), limit=50).events
         moved = client.read_events(_materialized(alias), limit=50).events
     story = "\n".join(log.message for log in logs)
-    for line in ("Fetched ", "version 2.4.x", "Parsed 4 documents (0 skipped, 1 with warnings)", "Chunked into 49 chunks",
+    for line in ("Fetched ", "version 2.4.x", "Parsed 4 documents (0 skipped, 1 with warnings)",
+                 "Chunked into 49 chunks",
                  "Compared with nothing served: 49 chunks new", "Embedded 49 chunks", "chunks/s",
                  f"Validated {summary['collection']}: 49 rows", f"milvus_docs serves {summary['collection']}"):
         assert line in story, f"{line!r} not in the run's logs"
@@ -44,3 +45,24 @@ def test_an_ingest_run_is_named_logged_and_leaves_lineage(home, prefect_server, 
 def _materialized(asset_key: str) -> EventFilter:
     return EventFilter(event=EventNameFilter(name=["prefect.asset.materialization.succeeded"]),
                        resource=EventResourceFilter(id=[asset_key]))
+
+
+def test_runs_persist_no_task_results_even_when_prefect_persists_by_default(home, prefect_server, releases, tmp_path,
+                                                                            capsys):
+    """A worker configured to persist results by default (as a Kubernetes pool may be) stores the
+    run's summary and no task result: no vectors, no clients, no local paths."""
+    import subprocess
+
+    from .conftest import DOCSRAG, ROOT, api_env
+
+    storage = tmp_path / "results"
+    env = api_env(PREFECT_RESULTS_PERSIST_BY_DEFAULT="true", PREFECT_RESULTS_LOCAL_STORAGE_PATH=str(storage))
+    done = subprocess.run([DOCSRAG, "ingest", "--release", str(releases / "milvus_docs_faq_2.4.x_en.zip")],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    import base64
+    import pickle
+
+    [stored] = [p for p in storage.rglob("*") if p.is_file()]  # the flow's own result: the run summary
+    summary = pickle.loads(base64.b64decode(stored.read_bytes()))
+    assert summary["chunks"] == 49 and summary["version"] == "2.4.x" and stored.stat().st_size < 20_000

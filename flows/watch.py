@@ -15,6 +15,7 @@ from flows.ingest import ingest_release
 from tasks.feed import PublishedAsset, RateLimited, SeenReleases, read_feed
 from tasks.objectstore import open_store
 from tasks.release import version_order
+from tasks.report import name_run
 from tasks.settings import Settings, load_settings
 
 EVENT = "docsrag.release.published"
@@ -64,6 +65,10 @@ def watch_releases(ingest: bool = False) -> dict:
     seen.save(etag if not failed else None)
     if failed:
         raise RuntimeError("could not ingest " + "; ".join(failed))
-    get_run_logger().info("%d new release(s): %s", len(new), ", ".join(a.version for a in new) or "none")
-    return {"new": [a.version for a in new], "seen": len(seen.seen), "events": 0 if ingest else len(new),
+    events = 0 if ingest else len(new)
+    get_run_logger().info("%d release asset(s) in the feed, %d new: %s; %d ingested, %d events emitted, %d refused",
+                          len(assets or []), len(new), ", ".join(a.version for a in new) or "none",
+                          len(new) if ingest else 0, events, len(refused))
+    name_run(f"watch: {len(new)} new release{'' if len(new) == 1 else 's'}")
+    return {"new": [a.version for a in new], "seen": len(seen.seen), "events": events,
             "refused": [{"asset": a.name, "tag": a.tag, "reason": a.refused} for a in refused]}

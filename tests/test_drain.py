@@ -116,6 +116,12 @@ def test_server_is_kept_busy_while_questions_wait(llm, capsys):
     assert code == 0, err
     stats = llm.engine.stats()
     assert stats["mean_batch"] >= 0.75 * stats["max_num_seqs"], stats  # a sliding window, not waves
+    from prefect import get_client
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        latest = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)[0]
+    assert latest.name == "answer 120 questions (120 answered)", "the run is named for what it did"
 
 
 def test_llm_server_down_then_up_spends_no_attempt(llm, capsys, monkeypatch):

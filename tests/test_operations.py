@@ -1,6 +1,7 @@
 """What a data engineer reads in the Prefect UI, read back through the API of a real server."""
 
 import json
+import time
 
 from prefect import get_client
 from prefect.client.schemas.filters import FlowRunFilter, LogFilter
@@ -25,8 +26,7 @@ def test_an_ingest_run_is_named_logged_and_leaves_lineage(home, prefect_server, 
         settings = load_settings()
         collection = lineage.milvus_asset(settings.milvus_uri, summary["collection"], "").key
         alias = lineage.milvus_asset(settings.milvus_uri, "milvus_docs", "").key
-        made = client.read_events(_materialized(collection), limit=50).events
-        moved = client.read_events(_materialized(alias), limit=50).events
+        made, moved = _events(client, collection), _events(client, alias)
     story = "\n".join(log.message for log in logs)
     for line in ("Fetched ", "version 2.4.x", "Parsed 4 documents (0 skipped, 1 with warnings)",
                  "Chunked into 49 chunks",
@@ -40,6 +40,14 @@ def test_an_ingest_run_is_named_logged_and_leaves_lineage(home, prefect_server, 
     upstream = [r.id for r in made[0].related if r.role == "asset"]
     assert any(u.startswith("file:///") and u.endswith("milvus_docs_faq_2.4.x_en.zip") for u in upstream), upstream
     assert collection in [r.id for r in moved[0].related], "the main alias's move names the collection it serves"
+
+
+def _events(client, asset_key: str) -> list:
+    """The server stores events a moment after they arrive."""
+    deadline = time.monotonic() + 20
+    while not (found := client.read_events(_materialized(asset_key), limit=50).events) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return found
 
 
 def _materialized(asset_key: str) -> EventFilter:

@@ -242,6 +242,8 @@ def markdown_elements(body: str, notes: list[str]) -> list[Element]:
     """Map markdown-it block tokens to Elements, each carrying its heading path."""
     lines = body.splitlines()
     tokens = _markdown.parse(body)
+    if any(token.level >= _markdown.options.maxNesting - 1 for token in tokens):
+        notes.append(f"blocks nested {_markdown.options.maxNesting} deep: text nested deeper is not indexed")
     headings: list[tuple[int, str]] = []
     elements: list[Element] = []
     list_depth = 0

@@ -213,6 +213,7 @@ def crafted_files() -> dict[str, bytes]:
         "en/huge_line.md": b"*a " * 700_000,
         "en/Variables.json": b"[" * 100_000 + b"]" * 100_000,
         "en/long_heading.md": b"# " + b"h" * 70_000 + b"\n\nText under a very long heading.\n",
+        "en/deep_quotes.md": b"# Deep quotes\n\nOn the surface.\n\n" + b"> " * 100 + b"buried text\n",
         f"en/{deep}/{deep}/{deep}/{deep}/{deep}/{deep}/long_path.md": b"# Deep\n\nA deeply nested page.\n",
     }
 
@@ -229,8 +230,9 @@ def test_crafted_files_are_skipped_or_cut_with_reasons_and_the_rest_is_indexed(h
     assert "en/bomb.md: front matter is not valid YAML" in warnings and "aliases are not allowed" in warnings
     assert "en/Variables.json: variables file unusable" in warnings
     assert "heading longer than 4096 bytes, cut to fit the index" in warnings
+    assert "en/deep_quotes.md: blocks nested 20 deep: text nested deeper is not indexed" in warnings
     assert "doc_path longer than 1024 bytes, cut to fit the index" in warnings
-    assert summary["documents"] == 4 + 3  # the FAQ pages, the bomb page (without its front matter), two cut ones
+    assert summary["documents"] == 4 + 4  # the FAQ pages, the bomb page (no front matter), two cut, the deep one
     assert served() == summary["collection"]
 
 

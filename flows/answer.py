@@ -110,6 +110,7 @@ def _report(summary: DrainSummary, stats: dict) -> None:
         f"|---|---|---|---|---|---|---|---|\n"
         f"| {summary.claimed} | {summary.answered} | {summary.not_covered} | {summary.failed} | {summary.dead} "
         f"| {summary.released} | {summary.lost} | {summary.output_tokens} |\n\n"
+        f"Answered in: {', '.join(f'{lang} {n}' for lang, n in sorted(summary.languages.items())) or '–'}.\n\n"
         f"Stopped: **{summary.outage or summary.stopped}**.\n\n"
         f"Queue now: {', '.join(f'{k} {v}' for k, v in counts.items())}; oldest waiting "
         f"{stats['oldest_waiting_s'] if stats['oldest_waiting_s'] is not None else '–'} s; "

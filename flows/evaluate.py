@@ -9,7 +9,8 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 
-from tasks.evaluate import aggregate, load_gold, score
+from tasks import language
+from tasks.evaluate import aggregate, by_language, load_gold, score
 from tasks.generate import Generator, numbered_sources
 from tasks.retrieve import Retriever, covered
 from tasks.settings import Settings, load_settings
@@ -22,13 +23,16 @@ def retrieve_all(settings: Settings, questions: list[str], k: int, version: str 
 
 @task(name="answer-gold", cache_policy=NONE, persist_result=False)
 def answer_all(settings: Settings, items: list[dict], hits: list[list[dict]]) -> list[dict]:
-    """Ask the model with the retrieved sources; does the answer cite a gold document?"""
+    """Ask the model with the retrieved sources, in the language the answer flow would detect;
+    does the answer cite a gold document?"""
     sources = [numbered_sources(h[: settings.top_k]) for h in hits]
-    results = asyncio.run(Generator(settings).answer_all([(i["question"], s) for i, s in zip(items, sources)]))
+    asked = [(i["question"], s, language.detect(i["question"])) for i, s in zip(items, sources)]
+    results = asyncio.run(Generator(settings).answer_all(asked))
     checked = []
     for item, srcs, result in zip(items, sources, results):
         cited = [] if isinstance(result, Exception) else [srcs[n - 1]["doc_path"] for n in result.cited]
-        checked.append({"id": item["id"], "cites_gold": any(doc in item["gold_sources"] for doc in cited),
+        checked.append({"id": item["id"], "lang": item["lang"],
+                        "cites_gold": any(doc in item["gold_sources"] for doc in cited),
                         "error": str(result) if isinstance(result, Exception) else None})
     return checked
 
@@ -49,24 +53,36 @@ def evaluate_retrieval(gold: str | None = None, k: int = 10, version: str | None
     hits = retrieve_all(settings, [i["question"] for i in items], k, version)
     rows = [score(item, h, not covered(h, settings.min_relevance, settings.weak_relevance))
             for item, h in zip(items, hits)]
-    figures = aggregate(rows)
+    figures, languages = aggregate(rows), by_language(rows)
     if answers:
         answerable = [(i, h) for i, h in zip(items, hits) if i["gold_sources"]]
         checked = answer_all(settings, [i for i, _ in answerable], [h for _, h in answerable])
-        figures["answers_citing_gold"] = round(sum(c["cites_gold"] for c in checked) / (len(checked) or 1), 4)
-        figures["answer_errors"] = sum(c["error"] is not None for c in checked)
+        figures.update(_answer_figures(checked))
+        for lang, part in languages.items():
+            part.update(_answer_figures([c for c in checked if c["lang"] == lang]))
+    figures["by_language"] = languages
     _report(figures, rows, gold)
     get_run_logger().info("recall@5 %s, MRR@10 %s on %s questions", figures["recall@5"], figures["mrr@10"],
                           figures["questions"])
     return figures
 
 
+def _answer_figures(checked: list[dict]) -> dict:
+    return {"answers_citing_gold": round(sum(c["cites_gold"] for c in checked) / (len(checked) or 1), 4),
+            "answer_errors": sum(c["error"] is not None for c in checked)}
+
+
 def _report(figures: dict, rows: list[dict], gold: str) -> None:
-    lines = [f"# Retrieval on `{gold}`", "", "| metric | value |", "|---|---|",
-             *(f"| {name} | {value} |" for name, value in figures.items())]
+    """One column for all questions, one per language; the misses say which language each was in."""
+    languages = figures["by_language"]
+    metrics = [name for name in figures if name != "by_language"]
+    lines = [f"# Retrieval on `{gold}`", "", "| metric | all | " + " | ".join(languages) + " |",
+             "|---|---|" + "---|" * len(languages),
+             *(f"| {name} | {figures[name]} | " + " | ".join(str(part.get(name, "–")) for part in languages.values())
+               + " |" for name in metrics)]
     create_markdown_artifact(markdown="\n".join(lines), key="retrieval-evaluation",
-                             description="Doc-level retrieval quality on the gold set")
-    misses = [{"question": r["question"], "expected": r["expected"], "rank": r["rank"],
+                             description="Doc-level retrieval quality on the gold set, by language")
+    misses = [{"question": r["question"], "lang": r["lang"], "expected": r["expected"], "rank": r["rank"],
                "retrieved": r["retrieved"]}
               for r in rows if (r["answerable"] and r["rank"] != 1) or (not r["answerable"] and not r["not_covered"])]
     create_table_artifact(table=misses or [{"question": "(no misses)"}], key="retrieval-misses",

@@ -22,7 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from functools import partial
 
-from tasks.generate import NOT_COVERED, Generator, numbered_sources, overloaded, server_fault
+from tasks import language
+from tasks.generate import Generator, not_covered, numbered_sources, overloaded, server_fault
 from tasks.questions import Claimed, Queue
 from tasks.retrieve import Retriever, covered
 from tasks.settings import Settings
@@ -38,6 +39,7 @@ class Prepared:
     item: Claimed
     sources: list[dict] = field(default_factory=list)  # numbered; empty: the docs do not cover it
     error: str | None = None  # the question's own failure before generation (e.g. an unknown version)
+    lang: str = language.DEFAULT  # the language to answer in
 
 
 @dataclass
@@ -51,6 +53,7 @@ class DrainSummary:
     lost: int = 0  # its lease went to another worker, which answers it
     prompt_tokens: int = 0
     output_tokens: int = 0
+    languages: dict[str, int] = field(default_factory=dict)  # answered, by the language answered in
     seconds: float = 0.0
     stopped: str = ""
     outage: str | None = None
@@ -189,6 +192,8 @@ class Drain:
             s = self.settings
             prepared += [Prepared(i, numbered_sources(h) if covered(h, s.min_relevance, s.weak_relevance) else [])
                          for i, h in zip(items, hits)]
+        for p in prepared:  # a question queued without a language (another writer, an old row) gets one now
+            p.lang = p.item.lang or language.detect(p.item.question)
         order = {item.id: n for n, item in enumerate(batch)}
         return sorted(prepared, key=lambda p: order[p.item.id])
 
@@ -207,12 +212,13 @@ class Drain:
             return await self.settled.put(("failed", item, prepared.error))
         if not prepared.sources:
             return await self.settled.put(("answered", item, {
-                "answer": NOT_COVERED, "sources": [], "model": None, "reasoning_effort": None, "latency_ms": 0}))
+                "answer": not_covered(prepared.lang), "lang": prepared.lang, "sources": [], "model": None,
+                "reasoning_effort": None, "latency_ms": 0}))
         if time.monotonic() >= self.deadline:
             return await self._release([item], "put back: the answer run's time budget (max_seconds) ran out")
         sent = time.monotonic()
         try:
-            result = await self.generator.answer(item.question, prepared.sources)
+            result = await self.generator.answer(item.question, prepared.sources, prepared.lang)
         except Exception as exc:
             if server_fault(exc) and (self.last_success < sent or overloaded(exc)):
                 return await self._server_fault(item, exc, down=self.last_success < sent)
@@ -220,7 +226,7 @@ class Drain:
         self.last_success = time.monotonic()
         s = self.settings
         await self.settled.put(("answered", item, {
-            "answer": result.answer, "reasoning": result.reasoning, "model": s.llm_model,
+            "answer": result.answer, "lang": prepared.lang, "reasoning": result.reasoning, "model": s.llm_model,
             "reasoning_effort": s.reasoning_effort, "usage": result.usage, "latency_ms": result.latency_ms,
             "sources": [{k: src[k] for k in ("n", "doc_path", "heading", "score")} for src in prepared.sources]}))
 
@@ -280,7 +286,8 @@ class Drain:
         s = self.summary
         if status == "answered":
             s.answered += 1
-            s.not_covered += detail["answer"] == NOT_COVERED and not detail["sources"]
+            s.not_covered += not detail["sources"]  # answered with no sources: retrieval found nothing
+            s.languages[detail["lang"]] = s.languages.get(detail["lang"], 0) + 1
             usage = detail.get("usage") or {}
             s.prompt_tokens += usage.get("prompt_tokens", 0)
             s.output_tokens += usage.get("completion_tokens", 0)

@@ -3,6 +3,7 @@
 Scoring is doc-level: the rank of the first gold document among the distinct documents
 retrieved, in order. A gold list may name a fragment beside the page that includes it;
 either counts. A question with no gold documents should be answered "not covered".
+A gold line's optional ``lang`` (ISO 639-1, English when absent) splits the figures by language.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ def load_gold(path: Path) -> list[dict]:
         try:
             item = json.loads(line)
             items.append({"id": item.get("id", f"line{n}"), "question": item["question"],
+                          "lang": str(item.get("lang") or "en"),
                           "gold_sources": list(item.get("gold_sources") or []),
                           "must_contain_any": list(item.get("must_contain_any") or [])})
         except (ValueError, KeyError, TypeError) as exc:
@@ -45,7 +47,8 @@ def score(item: dict, hits: list[dict], not_covered: bool) -> dict:
     text = "\n".join(h["text"] for h in hits)
     best = max((h.get("relevance", 1.0) for h in hits), default=-1.0)
     return {
-        "id": item["id"], "question": item["question"], "answerable": bool(item["gold_sources"]),
+        "id": item["id"], "question": item["question"], "lang": item.get("lang", "en"),
+        "answerable": bool(item["gold_sources"]),
         "expected": ", ".join(item["gold_sources"]) or "(not covered)",
         "rank": first_gold_rank(item["gold_sources"], hits) if item["gold_sources"] else None,
         "contains": any(s in text for s in item["must_contain_any"]) if item["must_contain_any"] else None,
@@ -66,3 +69,9 @@ def aggregate(rows: list[dict]) -> dict:
     figures["not_covered_answerable"] = f"{sum(r['not_covered'] for r in answerable)}/{len(answerable)}"
     figures["questions"] = len(rows)
     return figures
+
+
+def by_language(rows: list[dict]) -> dict[str, dict]:
+    """The same figures for each language's questions, English first, then by code."""
+    langs = sorted({r["lang"] for r in rows}, key=lambda lang: (lang != "en", lang))
+    return {lang: aggregate([r for r in rows if r["lang"] == lang]) for lang in langs}

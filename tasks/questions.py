@@ -17,6 +17,7 @@ priority buys a bounded head start and never starves the questions already waiti
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
@@ -27,11 +28,13 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
+from tasks import language
 from tasks.settings import Settings
 
 STATUSES = ("pending", "claimed", "answered", "failed", "dead")
 PRIORITY_STEP_S = 300.0  # one priority level counts as five minutes of waiting
 MAX_PRIORITY = 10
+_LANG = re.compile(r"[a-z]{2,3}")  # ISO 639-1 (or -3): the prompt names the language by it
 metadata = MetaData()
 questions = Table(
     "docsrag_questions", metadata,
@@ -39,6 +42,7 @@ questions = Table(
     Column("client_key", String(200), unique=True),
     Column("question", Text, nullable=False),
     Column("version", String(64)),
+    Column("lang", String(8)),  # ISO 639-1, detected at submit (or when claimed, for rows written by others)
     Column("priority", Integer, nullable=False, default=0),
     Column("claim_rank", Float, nullable=False, default=0.0),  # submit time minus the priority's head start
     Column("status", String(16), nullable=False, index=True, default="pending"),
@@ -60,7 +64,8 @@ questions = Table(
     Index("docsrag_questions_due", "status", "claim_rank"),
 )
 # Columns added after the first release: an existing queue gets them on open (ALTER TABLE ... ADD).
-_ADDED_COLUMNS = {"priority": "INTEGER NOT NULL DEFAULT 0", "claim_rank": "FLOAT NOT NULL DEFAULT 0"}
+_ADDED_COLUMNS = {"priority": "INTEGER NOT NULL DEFAULT 0", "claim_rank": "FLOAT NOT NULL DEFAULT 0",
+                  "lang": "VARCHAR(8)"}
 
 
 class QuestionError(ValueError):
@@ -73,6 +78,7 @@ class Claimed:
     question: str
     version: str | None
     attempts: int
+    lang: str | None = None  # None: queued without one (a row from before the column, or another writer)
 
 
 def now() -> datetime:
@@ -93,8 +99,9 @@ class Queue:
                    max_attempts=settings.max_attempts, lease_s=settings.lease_s, backoff_s=settings.retry_backoff_s)
 
     def submit(self, question: str, *, version: str | None = None, client_key: str | None = None,
-               priority: int = 0) -> tuple[int, bool]:
-        """Queue a question; with a client key, submitting again returns the first id. -> (id, created)."""
+               priority: int = 0, lang: str | None = None) -> tuple[int, bool]:
+        """Queue a question; with a client key, submitting again returns the first id. -> (id, created).
+        ``lang`` (ISO 639-1) is the language to answer in; detected from the question when not given."""
         question = question.strip()
         if not question:
             raise QuestionError("the question is empty")
@@ -103,12 +110,15 @@ class Queue:
                                 "(DOCSRAG_MAX_QUESTION_CHARS)")
         if not -MAX_PRIORITY <= priority <= MAX_PRIORITY:
             raise QuestionError(f"the priority must be between -{MAX_PRIORITY} and {MAX_PRIORITY}, not {priority}")
+        if lang is not None and not _LANG.fullmatch(lang):
+            raise QuestionError(f"the language must be an ISO 639-1 code like 'ko', not {lang!r}")
+        lang = lang or language.detect(question)
         stamp = now()
         try:
             with self.engine.begin() as db:
                 new_id = db.execute(insert(questions).values(
-                    question=question, version=version, client_key=client_key, status="pending", attempts=0,
-                    priority=priority, claim_rank=stamp.timestamp() - priority * PRIORITY_STEP_S,
+                    question=question, version=version, lang=lang, client_key=client_key, status="pending",
+                    attempts=0, priority=priority, claim_rank=stamp.timestamp() - priority * PRIORITY_STEP_S,
                     available_at=stamp, created_at=stamp, updated_at=stamp)).inserted_primary_key[0]
             return int(new_id), True
         except IntegrityError:
@@ -131,12 +141,12 @@ class Queue:
                          last_error=case((expired, "a lease expired: its worker stopped before answering"),
                                          else_=questions.c.last_error))
                  .returning(questions.c.id, questions.c.question, questions.c.version, questions.c.attempts,
-                            questions.c.claim_rank))
+                            questions.c.lang, questions.c.claim_rank))
         with self.engine.begin() as db:
             self._bury_expired(db, stamp)
             rows = db.execute(claim).all()
         rows.sort(key=lambda r: (r.claim_rank, r.id))
-        return [Claimed(r.id, r.question, r.version, r.attempts) for r in rows]
+        return [Claimed(r.id, r.question, r.version, r.attempts, r.lang) for r in rows]
 
     def _bury_expired(self, db, stamp: datetime) -> None:
         """Questions whose every attempt ended with the worker gone are dead, with that reason."""

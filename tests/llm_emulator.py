@@ -2,7 +2,8 @@
 
 A real HTTP server: POST /v1/chat/completions returns ``content`` plus the reasoning in a
 separate field (``reasoning``, as vLLM does, or ``reasoning_content``), accepts
-``reasoning_effort``, records every request, and can inject latency, 429, 500 and hangs.
+``reasoning_effort``, records every request, and can inject latency, 429, 500 and hangs. The
+answer echoes the system prompt's "Answer in <language>" line, in parentheses, when it has one.
 
 With ``step_s`` set it behaves like a GPU under continuous batching: every decoding step
 produces one token for each sequence in flight, a step takes longer the more sequences it
@@ -163,8 +164,7 @@ class Emulator:
             self.engine.generate(tokens)
         capped = tokens < self.output_tokens
         docs = re.findall(r'<source n="(\d+)" doc="([^"]+)"', prompt)
-        content = "" if capped else self.answer_text or (
-            f"According to {docs[0][1]}, this is covered [{docs[0][0]}]." if docs else "No sources were given.")
+        content = "" if capped else self.answer_text or _default_answer(docs, body["messages"])
         message = {"role": "assistant", "content": content,
                    self.reasoning_field: f"Reasoning ({body.get('reasoning_effort')}): read {len(docs)} sources."}
         prompt_tokens = sum(count_tokens(m["content"]) for m in body["messages"])
@@ -234,6 +234,15 @@ class Emulator:
                     pass  # the client gave up (timeout): nothing to answer
 
         return Handler
+
+
+def _default_answer(docs: list[tuple[str, str]], messages: list[dict]) -> str:
+    """Cites the first source; echoes the system prompt's "Answer in <language>" line, so a test
+    reading the stored answer sees what the model was told."""
+    answer = f"According to {docs[0][1]}, this is covered [{docs[0][0]}]." if docs else "No sources were given."
+    system = next((m["content"] for m in messages if m["role"] == "system"), "")
+    asked = next((line for line in system.splitlines() if line.startswith("Answer in ")), None)
+    return f"{answer} ({asked})" if asked else answer
 
 
 def _vector(text: str, dim: int, packed: bool) -> list[float] | str:

@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 import pytest
 
 from flows.cli import main
-from tasks.generate import NOT_COVERED
+from tasks.generate import NOT_COVERED, not_covered
 from tasks.questions import Queue
 from tasks.settings import load_settings
 
@@ -165,3 +165,63 @@ def test_worker_killed_after_claiming_is_answered_once(llm, capsys, monkeypatch,
     record = cli(capsys, "show", str(qid))
     assert (record["status"], record["attempts"]) == ("answered", 2)
     assert Queue.from_settings(load_settings()).counts()["answered"] == 1
+
+
+def stored(question_id: int) -> dict:
+    return Queue.from_settings(load_settings()).get(question_id)
+
+
+@pytest.fixture
+def always_covered(monkeypatch):
+    """Every question gets sources: these tests are about the answer's language, not retrieval."""
+    monkeypatch.setenv("DOCSRAG_MIN_RELEVANCE", "-1")
+    monkeypatch.setenv("DOCSRAG_WEAK_RELEVANCE", "-1")
+
+
+@pytest.mark.parametrize("question, lang, language", [
+    ("Milvus는 데이터를 어디에 저장하나요?", "ko", "Korean"),
+    ("Di mana Milvus menyimpan data?", "id", "Indonesian"),
+])
+def test_a_question_is_answered_in_its_language(llm, capsys, always_covered, question, lang, language):
+    qid = cli(capsys, "ask", question)["id"]
+    assert subset(cli(capsys, "answer"), answered=1, not_covered=0, languages={lang: 1})
+    [request] = llm.requests
+    system = request["messages"][0]["content"]
+    assert f"Answer in {language}, the language of the question." in system
+    assert "Keep the citations [n] as they are" in system and "identifiers exactly as written" in system
+    record = stored(qid)
+    assert record["lang"] == lang
+    assert f"(Answer in {language}," in record["answer"], "the model was told, as the emulator echoes"
+    assert "[1]" in record["answer"] and record["sources"][0]["n"] == 1, "citations are still checked"
+
+
+def test_an_english_question_gets_no_language_instruction(llm, capsys):
+    qid = cli(capsys, "ask", QUESTIONS[0])["id"]
+    cli(capsys, "answer")
+    [request] = llm.requests
+    assert "Answer in" not in request["messages"][0]["content"]
+    record = stored(qid)
+    assert record["lang"] == "en" and record["answer"].endswith("this is covered [1].")
+
+
+def test_not_covered_is_said_in_the_question_language(llm, capsys, monkeypatch):
+    monkeypatch.setenv("DOCSRAG_MIN_RELEVANCE", "1")  # nothing is close enough: no model call
+    monkeypatch.setenv("DOCSRAG_WEAK_RELEVANCE", "1")
+    korean = cli(capsys, "ask", "Milvus는 데이터를 어디에 저장하나요?")["id"]
+    english = cli(capsys, "ask", QUESTIONS[0])["id"]
+    assert cli(capsys, "answer")["not_covered"] == 2
+    assert stored(korean)["answer"] == not_covered("ko") != NOT_COVERED
+    assert stored(english)["answer"] == NOT_COVERED
+    assert llm.requests == []
+
+
+def test_a_question_queued_without_a_language_is_answered_in_the_detected_one(llm, capsys, always_covered):
+    from tasks.questions import questions
+
+    queue = Queue.from_settings(load_settings())
+    qid, _ = queue.submit("Milvus는 데이터를 어디에 저장하나요?")
+    with queue.engine.begin() as db:  # as a product writing into the queue, or a row from before languages
+        db.execute(questions.update().where(questions.c.id == qid).values(lang=None))
+    cli(capsys, "answer")
+    assert "Answer in Korean" in llm.requests[0]["messages"][0]["content"]
+    assert stored(qid)["lang"] == "ko"

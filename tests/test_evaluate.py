@@ -1,11 +1,12 @@
 """Retrieval evaluation: the metric code on hand-made cases, and the flow end to end."""
 
+import asyncio
 import json
 
 import pytest
 
 from flows.cli import main
-from tasks.evaluate import aggregate, first_gold_rank, load_gold, score
+from tasks.evaluate import aggregate, by_language, first_gold_rank, load_gold, score
 from tasks.retrieve import covered
 
 from .llm_emulator import Emulator
@@ -46,8 +47,23 @@ def test_gold_file_errors_name_the_line(tmp_path):
         load_gold(bad)
 
 
-def test_eval_runs_end_to_end_on_the_faq_release(home, prefect_server, releases, tmp_path, capsys, monkeypatch):
-    assert main(["ingest", "--release", str(releases / "milvus_docs_faq_2.4.x_en.zip")]) == 0
+@pytest.fixture(scope="module")
+def faq_home(tmp_path_factory, prefect_server, releases):
+    """One FAQ index for the module's end-to-end tests."""
+    home = tmp_path_factory.mktemp("eval") / "home"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DOCSRAG_HOME", str(home))
+        assert main(["ingest", "--release", str(releases / "milvus_docs_faq_2.4.x_en.zip")]) == 0
+    return home
+
+
+@pytest.fixture
+def faq_index(faq_home, monkeypatch):
+    monkeypatch.setenv("DOCSRAG_HOME", str(faq_home))
+    return faq_home
+
+
+def test_eval_runs_end_to_end_on_the_faq_release(faq_index, tmp_path, capsys, monkeypatch):
     gold = tmp_path / "gold.jsonl"
     gold.write_text("\n".join(json.dumps(g) for g in [
         {"id": "a", "question": "Where does Milvus store data?", "gold_sources": ["en/faq/product_faq.md"],
@@ -71,6 +87,7 @@ def test_eval_runs_end_to_end_on_the_faq_release(home, prefect_server, releases,
         emulator.stop()
     figures = json.loads(capsys.readouterr().out)
     assert figures["answers_citing_gold"] == 1.0 and figures["answer_errors"] == 0
+    assert figures["by_language"]["en"]["answers_citing_gold"] == 1.0
     assert len(emulator.requests) == 2, "only answerable questions are asked"
 
 
@@ -84,3 +101,61 @@ def test_weak_matches_count_only_when_dense_and_bm25_agree():
     assert not covered(found(0.2, True), 0.3, 0.4)  # too far whatever the words say
     assert covered(found(0.35, None), 0.3, 0.4)  # dense-only servers: the cosine threshold alone
     assert not covered([], 0.3, 0.4)
+
+
+def test_gold_lines_without_a_language_count_as_english(tmp_path):
+    gold = tmp_path / "gold.jsonl"
+    gold.write_text('{"question": "q1", "gold_sources": []}\n{"question": "q2", "lang": "ko", "gold_sources": []}\n')
+    assert [item["lang"] for item in load_gold(gold)] == ["en", "ko"]
+
+
+def test_figures_are_split_by_language():
+    gold = [
+        {"id": "1", "question": "q1", "lang": "en", "gold_sources": ["a.md"], "must_contain_any": []},
+        {"id": "2", "question": "q2", "lang": "ko", "gold_sources": ["a.md"], "must_contain_any": []},
+        {"id": "3", "question": "q3", "lang": "ko", "gold_sources": ["b.md"], "must_contain_any": []},
+        {"id": "4", "question": "q4", "lang": "id", "gold_sources": [], "must_contain_any": []},
+    ]
+    results = [hits("a.md"), hits("a.md"), hits("a.md"), hits("a.md", relevance=0.1)]
+    rows = [score(g, h, not covered(h, min_relevance=0.3, weak_relevance=0.3)) for g, h in zip(gold, results)]
+    split = by_language(rows)
+    assert list(split) == ["en", "id", "ko"], "English first, then by code"
+    assert (split["en"]["recall@1"], split["ko"]["recall@1"]) == (1.0, 0.5)
+    assert [split[lang]["questions"] for lang in split] == [1, 1, 2]
+    assert split["id"]["not_covered_unanswerable"] == "1/1"
+    assert split["ko"] == aggregate(rows[1:3]), "the same figures as for all questions, on that language's own"
+
+
+def latest_artifact(key: str):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    async def read():
+        async with get_client() as client:
+            found = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+                                                sort=ArtifactSort.CREATED_DESC, limit=1)
+            return found[0].data
+
+    data = asyncio.run(read())
+    return json.loads(data) if key == "retrieval-misses" and isinstance(data, str) else data
+
+
+def test_eval_reports_each_language_in_json_artifact_and_misses(faq_index, tmp_path, capsys):
+    gold = tmp_path / "gold.jsonl"
+    gold.write_text("\n".join(json.dumps(g) for g in [
+        {"id": "en", "question": "Where does Milvus store data?", "gold_sources": ["en/faq/product_faq.md"]},
+        {"id": "ko", "lang": "ko", "question": "Pinecone의 namespace에 해당하는 Milvus 기능은 무엇인가요?",
+         "gold_sources": ["en/about/comparison.md"]},  # not in the FAQ release: a sure miss
+    ]))
+    capsys.readouterr()
+    assert main(["eval", "--gold", str(gold), "--json"]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    assert list(figures["by_language"]) == ["en", "ko"]
+    assert figures["by_language"]["en"]["recall@1"] == 1.0 and figures["by_language"]["ko"]["recall@10"] == 0.0
+    assert [figures["by_language"][lang]["questions"] for lang in ("en", "ko")] == [1, 1]
+    assert figures["recall@1"] == 0.5 and figures["questions"] == 2
+    summary = latest_artifact("retrieval-evaluation")
+    assert "| metric | all | en | ko |" in summary and "| recall@1 | 0.5 | 1.0 | 0.0 |" in summary
+    misses = latest_artifact("retrieval-misses")
+    assert [(m["lang"], m["expected"]) for m in misses] == [("ko", "en/about/comparison.md")]

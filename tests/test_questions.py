@@ -176,3 +176,30 @@ def test_stats_count_waiting_age_and_recent_answers(queue_url):
     assert stats["counts"]["answered"] == 2 and stats["counts"]["pending"] == 2
     assert stats["oldest_waiting_s"] >= 0.2 and stats["answers_per_s"] == round(2 / 60, 3)
     assert len(ids) == 4
+
+
+def test_the_question_language_is_detected_at_submit(queue_url):
+    queue = make(queue_url)
+    korean, _ = queue.submit("Milvus에서는 데이터가 어떻게 저장되나요?")
+    english, _ = queue.submit("Where does Milvus store data?")
+    assert (queue.get(korean)["lang"], queue.get(english)["lang"]) == ("ko", "en")
+    assert [c.lang for c in queue.claim(10, "w")] == ["ko", "en"]
+
+
+def test_a_language_given_at_submit_is_kept(queue_url):
+    queue = make(queue_url)
+    qid, _ = queue.submit("Where does Milvus store data?", lang="id")
+    assert queue.get(qid)["lang"] == "id"
+    with pytest.raises(QuestionError, match="ISO 639-1 code like 'ko', not 'Korean'"):
+        queue.submit("q?", lang="Korean")
+
+
+def test_a_queue_from_before_languages_gets_the_column_on_open(queue_url):
+    queue = make(queue_url)
+    qid, _ = queue.submit("Where does Milvus store data?")
+    with queue.engine.begin() as db:
+        db.exec_driver_sql("ALTER TABLE docsrag_questions DROP COLUMN lang")  # as the previous release created it
+    reopened = make(queue_url)
+    [claimed] = reopened.claim(1, "w")
+    assert (claimed.id, claimed.lang) == (qid, None), "an old question has no language until it is answered"
+    assert reopened.get(qid)["lang"] is None

@@ -25,7 +25,7 @@ def timed_ingest(release: Path, home: str) -> tuple[float, dict]:
     os.environ["DOCSRAG_HOME"] = home
     start = time.perf_counter()
     summary = ingest_release(release=str(release))
-    return time.perf_counter() - start, summary
+    return time.perf_counter() - start, summary.to_dict()
 
 
 def main() -> None:

@@ -15,13 +15,14 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks import chunking, embedding, markdown, release, store  # noqa: E402
+from tasks import build, chunking, embedding, markdown, release, store  # noqa: E402
 from tasks.evaluate import aggregate, load_gold, score  # noqa: E402
 from tasks.objectstore import LocalStore  # noqa: E402
-from tasks.retrieve import covered  # noqa: E402
+from tasks.retrieve import covered, search  # noqa: E402
 from tasks.settings import load_settings  # noqa: E402
 
 DEFAULT_CHUNKING = {"max_characters": 1500, "new_after_n_chars": 1000, "combine_text_under_n_chars": 200}
@@ -61,15 +62,15 @@ class CachedEmbedder:
 def evaluate_variant(client, name: str, items: list[dict], embedder, gold: list[dict], hybrid: bool,
                      settings, rrf_k: int) -> tuple[dict, list[list[dict]]]:
     vectors = embedder.embed([i["embed"] for i in items])
-    store.create_collection(client, name, len(vectors[0]), bm25=hybrid, info={})
-    rows = [{"id": hashlib.sha256(f"{n}:{i['doc_path']}".encode()).hexdigest()[:32], "doc_path": i["doc_path"],
-             "title": "", "heading": i["heading"][:4000], "version": "bench",
-             "text": i["text"][:60000], "search_text": i["search"][:60000],
-             "dense": v} for n, (i, v) in enumerate(zip(items, vectors))]
-    for start in range(0, len(rows), 1000):
-        store.upsert(client, name, rows[start:start + 1000])
+    build.create_collection(client, name, len(vectors[0]), bm25=hybrid, info={})
+    rows = [build.row(SimpleNamespace(id=hashlib.sha256(f"{n}:{i['doc_path']}".encode()).hexdigest()[:32],
+                                      doc_path=i["doc_path"], title="", heading=i["heading"][:4000],
+                                      text=i["text"][:60000], search_text=i["search"][:60000]), v, "bench")
+            for n, (i, v) in enumerate(zip(items, vectors))]
+    for batch in build.batched(rows, build.COPY_BATCH_ROWS):
+        store.upsert(client, name, batch)
     questions = [g["question"] for g in gold]
-    hits = store.search(client, name, embedder.embed(questions), questions, 10, hybrid=hybrid, rrf_k=rrf_k)
+    hits = search(client, name, embedder.embed(questions), questions, 10, hybrid=hybrid, rrf_k=rrf_k)
     scored = [score(g, h, not covered(h, settings.min_relevance, settings.weak_relevance)) for g, h in zip(gold, hits)]
     return {"chunks": len(items), **aggregate(scored)}, hits
 

@@ -21,7 +21,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-FIELDS = ["id", "doc_path", "title", "heading", "version", "text", "search_text", "dense"]
 
 
 def load_env(path: Path) -> None:
@@ -32,10 +31,12 @@ def load_env(path: Path) -> None:
 
 
 def all_rows(client, name: str) -> list[dict]:
-    iterator = client.query_iterator(name, batch_size=1000, filter="", output_fields=FIELDS)
+    from tasks.build import ROW_FIELDS
+
+    iterator = client.query_iterator(name, batch_size=1000, filter="", output_fields=ROW_FIELDS)
     rows = []
     while page := iterator.next():
-        rows += [{k: row[k] for k in FIELDS} | {"dense": [float(v) for v in row["dense"]]} for row in page]
+        rows += [{k: row[k] for k in ROW_FIELDS} | {"dense": [float(v) for v in row["dense"]]} for row in page]
     iterator.close()
     return rows
 
@@ -51,8 +52,8 @@ def wait_visible(client, name: str, expected: int, timeout_s: float = 600) -> No
 
 
 def write_by_upsert(client, name: str, rows: list[dict]) -> float:
-    from flows.ingest import batched
     from tasks import store
+    from tasks.build import batched
 
     started = time.perf_counter()
     for batch in batched(rows, 128):
@@ -91,34 +92,34 @@ def main() -> int:
     stamp = time.strftime("%Y%m%d%H%M%S")
     os.environ["DOCSRAG_COLLECTION"] = f"bench_{stamp}"  # never touches the served alias
     from flows.ingest import ingest_release
-    from tasks import store
+    from tasks import build, store
     from tasks.settings import load_settings
 
     summary = ingest_release(release=args.release, version=f"bench-{stamp}")
     settings = load_settings()
     client = store.connect(settings)
-    rows = all_rows(client, summary["collection"])
+    rows = all_rows(client, summary.collection)
     timings = {}
     for method in ("upsert", "bulk_import"):
         name = f"bench_{method}_{stamp}"
-        store.create_collection(client, name, len(rows[0]["dense"]), bm25=store.supports_bm25(client), info={})
+        build.create_collection(client, name, len(rows[0]["dense"]), bm25=store.capabilities(client).bm25, info={})
         timings[method] = (write_by_upsert(client, name, rows) if method == "upsert"
                            else write_by_bulk_import(client, name, rows, settings))
         client.drop_collection(name)
-    for alias in (settings.collection, store.version_alias(settings.collection, summary["version"])):
+    for alias in (settings.collection, summary.version_alias):
         client.drop_alias(alias)
-    client.drop_collection(summary["collection"])
+    client.drop_collection(summary.collection)
 
-    write_s = summary["stages"]["write"]
+    write_s = summary.stages["write"]
     figures = {
-        "rows": len(rows), "total_s": summary["seconds"], "write_method": "upsert", "write_s": write_s,
+        "rows": len(rows), "total_s": summary.seconds, "write_method": "upsert", "write_s": write_s,
         "rows_per_s": round(len(rows) / write_s, 1),
         "upsert_until_visible_s": round(timings["upsert"], 2),
         "upsert_rows_per_s": round(len(rows) / timings["upsert"], 1),
         "bulk_import_until_visible_s": round(timings["bulk_import"], 2),
         "bulk_import_rows_per_s": round(len(rows) / timings["bulk_import"], 1),
         "bulk_import_vs_upsert": round(timings["bulk_import"] / timings["upsert"], 2),
-        "stages": summary["stages"],
+        "stages": summary.stages,
     }
     print(f"full ingest on the stack: {figures['total_s']} s for {len(rows)} rows; writes {write_s} s "
           f"({figures['rows_per_s']} rows/s)")

@@ -29,7 +29,7 @@ from tasks.drain import Drain, DrainSummary, ServingOutage
 from tasks.questions import Queue
 from tasks.report import name_run
 from tasks.retrieve import Retriever
-from tasks.settings import Settings, load_settings
+from tasks.settings import Settings, settings_for_run
 
 
 QUESTION_SUBMITTED = "docsrag.question.submitted"
@@ -59,7 +59,7 @@ def answer_questions(max_seconds: Annotated[float, Field(gt=0)] = 3600,
                      top_k: Annotated[int, Field(ge=1, le=50)] | None = None) -> dict:
     """Answer queued questions until the queue is empty, ``max_seconds`` have passed (the deployment
     sets it under its schedule's interval) or ``max_questions`` were claimed."""
-    settings = load_settings()
+    settings = settings_for_run()
     embedding.preload(settings)  # the model loads while the queue and Milvus are opened
     queue = Queue.from_settings(settings)
     retriever = open_index(settings)

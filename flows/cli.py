@@ -1,4 +1,5 @@
-"""``docsrag``: the command line over the flows. Settings are built here, once."""
+"""``docsrag``: the command line over the flows. Settings are built here, once per command, and
+handed to the flows it calls (``tasks.settings.given``); a deployment's run builds its own."""
 
 from __future__ import annotations
 
@@ -8,10 +9,21 @@ import os
 import re
 import signal
 import sys
+import threading
 import time
 
 from tasks import release
-from tasks.settings import SettingsError, load_settings
+from tasks.settings import Settings, SettingsError, given, load_settings
+
+
+def _process_started() -> float:
+    """The process's start on the ``time.perf_counter()`` scale (Linux: /proc; elsewhere: now)."""
+    try:
+        ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
+        uptime = float(open("/proc/uptime").read().split()[0])
+        return time.perf_counter() - max(0.0, uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return time.perf_counter()
 
 
 class Terminated(KeyboardInterrupt):
@@ -27,7 +39,7 @@ def run() -> None:
         raise Terminated()
 
     signal.signal(signal.SIGTERM, terminate)
-    code = main()
+    code = main(started=_process_started())
     if release.stopping.is_set():
         sys.stdout.flush()
         sys.stderr.flush()
@@ -35,10 +47,17 @@ def run() -> None:
     sys.exit(code)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, started: float | None = None) -> int:
+    """``started``: when the process started (the console script); a caller in a running process
+    (a test) starts the clock here."""
+    from tasks.terminal import Terminal, from_terminal
+
+    terminal = Terminal(process_started=started or time.perf_counter())
     args = _parser().parse_args(argv)
     try:
-        return args.run(args)
+        # Fail before starting Prefect when the configuration is wrong.
+        with given(load_settings(release_url=getattr(args, "release", None))) as settings, from_terminal(terminal):
+            return args.run(args, settings)
     except SettingsError as exc:
         print(f"docsrag: invalid configuration: {exc}", file=sys.stderr)
         return 2
@@ -75,6 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     ask = commands.add_parser("ask", help="queue a question (and wait for its answer)")
     ask.add_argument("question")
     ask.add_argument("--version", help="answer from this docs version instead of the newest")
+    ask.add_argument("--answer-in", metavar="LANG", help="ISO 639-1 code to answer in (default: the question's)")
     ask.add_argument("--key", help="client key: asking again with the same key returns the same question")
     ask.add_argument("--priority", type=int, default=0, metavar="N",
                      help="-10..10: each level counts as five minutes of waiting (the rest are never starved)")
@@ -147,40 +167,40 @@ def printable(text: str) -> str:
     return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
-def _ingest(args) -> int:
-    settings = load_settings(release_url=args.release)  # fail before starting Prefect when the config is wrong
+def _ingest(args, settings: Settings) -> int:
+    prefect_api = _prefect_api_in_background()
+    from tasks import embedding
+
+    embedding.preload(settings)  # the model loads beside the imports and Prefect's start
     from flows.ingest import ingest_release, task_runner
     from tasks.release import has_credentials
 
     flow = ingest_release
     if args.task_runner:
         flow = ingest_release.with_options(task_runner=task_runner(args.task_runner, settings))
-    release = args.release
-    if release and has_credentials(release):
-        # Flow parameters are stored by Prefect and shown in its UI: credentials travel in the environment.
-        os.environ["DOCSRAG_RELEASE_URL"], release = release, None
-    summary = flow(release=release, version=args.version, force=args.force, progress=True,
-                   publish_main=args.publish_main)
+    # Flow parameters are stored by Prefect and shown in its UI: a URL with credentials travels in
+    # the settings only (they hold it already).
+    release = None if args.release and has_credentials(args.release) else args.release
+    prefect_api()
+    s = flow(release=release, version=args.version, force=args.force, publish_main=args.publish_main)
     if args.json:
-        print(json.dumps(summary))
+        print(json.dumps(s.to_dict()))
     else:
-        state = "unchanged" if summary["unchanged"] else f"published {summary['collection']}"
-        served = summary["alias"] if summary["named_version"] or args.publish_main else (
-            f"{summary['version_alias']} only (no version in its name: --version or --publish-main serves it "
-            f"as {summary['alias']})")
-        print(f"{summary['version']}: {state} as {served} — {summary['documents']} documents, "
-              f"{summary['chunks']} chunks ({summary['embedded']} embedded, {summary['reused']} reused, "
-              f"{summary['deleted']} deleted), {len(summary['skipped'])} skipped, {summary['seconds']} s")
+        state = "unchanged" if s.unchanged else f"published {s.collection}"
+        served = s.alias if s.named_version or args.publish_main else (
+            f"{s.version_alias} only (no version in its name: --version or --publish-main serves it as {s.alias})")
+        print(f"{s.version}: {state} as {served} — {s.documents} documents, {s.chunks} chunks ({s.embedded} "
+              f"embedded, {s.reused} reused, {s.deleted} deleted), {len(s.skipped)} skipped, {s.seconds} s")
     return 0
 
 
-def _search(args) -> int:
+def _search(args, settings: Settings) -> int:
     from tasks.retrieve import Retriever
 
     if bool(args.query) == bool(args.file):
         print("docsrag search: give a query or --file, not both", file=sys.stderr)
         return 2
-    retriever = Retriever(load_settings())
+    retriever = Retriever(settings)
     if args.file:
         with open(args.file, encoding="utf-8") as lines:
             for line in filter(str.strip, lines):
@@ -202,17 +222,16 @@ def _results(hits: list[dict]) -> list[dict]:
     return [{k: hit[k] for k in ("doc_path", "heading", "score", "relevance", "text", "version")} for hit in hits]
 
 
-def _queue(settings=None):
+def _queue(settings: Settings):
     from tasks.questions import Queue
 
-    return Queue.from_settings(settings or load_settings())
+    return Queue.from_settings(settings)
 
 
-def _ask(args) -> int:
-    settings = load_settings()
+def _ask(args, settings: Settings) -> int:
     queue = _queue(settings)
     question_id, created = queue.submit(args.question, version=args.version, client_key=args.key,
-                                        priority=args.priority)
+                                        priority=args.priority, lang=args.answer_in)
     server = _prefect_server()
     if created and server:
         from flows.answer import announce_question
@@ -220,7 +239,7 @@ def _ask(args) -> int:
         announce_question(question_id, args.version)
     record = _wait_for_answer(queue, question_id, args.wait, settings, worker_expected=bool(server))
     if args.json:
-        shown = {"id": question_id, "status": record["status"]}
+        shown = {"id": question_id, "status": record["status"], "lang": record["lang"]}
         if record["status"] == "answered":
             shown.update(answer=record["answer"], sources=record["sources"])
         print(json.dumps(shown))
@@ -263,14 +282,40 @@ def _drain_here(settings, queue, max_seconds: float) -> None:
                       max_seconds=max_seconds).run())
 
 
+def _prefect_api_in_background():
+    """Without PREFECT_API_URL, a flow run starts Prefect's temporary server first (about 4 s here).
+    Start it now in a thread, beside the imports and the model's loading; the returned function
+    waits for it (and records when the command began to wait, for the stage table)."""
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    from tasks.terminal import current
+
+    def start() -> None:
+        from prefect.server.api.server import SubprocessASGIServer
+
+        SubprocessASGIServer().start()
+
+    thread = None
+    if not _prefect_server() and PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        thread = threading.Thread(target=start, name="prefect-api", daemon=True)
+        thread.start()
+
+    def wait() -> None:
+        if terminal := current():
+            terminal.api_wait_from = time.perf_counter()
+        if thread:
+            thread.join()
+
+    return wait
+
+
 def _prefect_server() -> str | None:
     from prefect.settings import PREFECT_API_URL
 
     return PREFECT_API_URL.value()
 
 
-def _answer(args) -> int:
-    load_settings()
+def _answer(args, settings: Settings) -> int:
     from flows.answer import answer_questions
 
     summary = answer_questions(max_seconds=args.max_seconds, max_questions=args.max, top_k=args.k)
@@ -281,12 +326,12 @@ def _answer(args) -> int:
     return 0
 
 
-_PUBLIC = ("id", "question", "version", "status", "answer", "sources", "model", "reasoning_effort", "usage",
+_PUBLIC = ("id", "question", "version", "lang", "status", "answer", "sources", "model", "reasoning_effort", "usage",
            "latency_ms", "attempts", "last_error", "created_at", "answered_at")
 
 
-def _show(args) -> int:
-    record = _queue().get(args.id)
+def _show(args, settings: Settings) -> int:
+    record = _queue(settings).get(args.id)
     if record is None:
         print(f"docsrag show: no question {args.id}", file=sys.stderr)
         return 1
@@ -309,8 +354,8 @@ def _print_record(record: dict, reasoning: bool) -> None:
         print(f"\nreasoning:\n{printable(record['reasoning'])}")
 
 
-def _questions(args) -> int:
-    queue = _queue()
+def _questions(args, settings: Settings) -> int:
+    queue = _queue(settings)
     if args.stats:
         stats = queue.stats()
         print(json.dumps(stats) if args.json else
@@ -320,7 +365,8 @@ def _questions(args) -> int:
         return 0
     records = queue.list(args.status, args.limit)
     if args.json:
-        print(json.dumps([{k: r[k] for k in ("id", "status", "question", "attempts", "created_at")} for r in records]))
+        print(json.dumps([{k: r[k] for k in ("id", "status", "lang", "question", "attempts", "created_at")}
+                          for r in records]))
     for r in records if not args.json else []:
         print(f"{r['id']:>6}  {r['status']:<8}  {printable(r['question'][:90])}")
     return 0
@@ -332,8 +378,7 @@ def _age(seconds: float | None) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
-def _watch(args) -> int:
-    load_settings()
+def _watch(args, settings: Settings) -> int:
     from flows.watch import watch_releases
 
     summary = watch_releases(ingest=args.ingest)
@@ -342,17 +387,21 @@ def _watch(args) -> int:
     return 0
 
 
-def _eval(args) -> int:
-    load_settings()
+def _eval(args, settings: Settings) -> int:
     from flows.evaluate import evaluate_retrieval
 
     figures = evaluate_retrieval(gold=args.gold, k=args.k, version=args.version, answers=args.answers)
-    print(json.dumps(figures) if args.json else "\n".join(f"{k:>26}  {v}" for k, v in figures.items()))
+    if args.json:
+        print(json.dumps(figures))
+        return 0
+    languages = figures.pop("by_language", {})
+    print("\n".join(f"{k:>26}  {v}" for k, v in figures.items()))
+    for lang, part in languages.items():
+        print(f"\n{lang}:\n" + "\n".join(f"{k:>26}  {v}" for k, v in part.items()))
     return 0
 
 
-def _automations(args) -> int:
-    settings = load_settings()
+def _automations(args, settings: Settings) -> int:
     if not _prefect_server():
         print("docsrag automations: set PREFECT_API_URL to the Prefect server to create them on", file=sys.stderr)
         return 2
@@ -363,12 +412,11 @@ def _automations(args) -> int:
     return 0
 
 
-def _rollback(args) -> int:
-    from tasks import store
+def _rollback(args, settings: Settings) -> int:
+    from tasks import build, store
 
-    settings = load_settings()
-    with store.build_lock(settings.home, settings.collection):
-        current, previous = store.rollback(store.connect(settings), settings.collection)
+    with build.build_lock(settings.home, settings.collection):
+        current, previous = build.rollback(store.connect(settings), settings.collection)
     if args.json:
         print(json.dumps({"alias": settings.collection, "from": current, "to": previous}))
     else:

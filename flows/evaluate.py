@@ -13,7 +13,7 @@ from tasks import language
 from tasks.evaluate import aggregate, by_language, load_gold, score
 from tasks.generate import Generator, numbered_sources
 from tasks.retrieve import Retriever, covered
-from tasks.settings import Settings, load_settings
+from tasks.settings import Settings, settings_for_run
 
 
 @task(name="retrieve-gold", cache_policy=NONE, persist_result=False)
@@ -39,10 +39,10 @@ def answer_all(settings: Settings, items: list[dict], hits: list[list[dict]]) ->
 
 @flow(name="evaluate-retrieval")
 def evaluate_retrieval(gold: str | None = None, k: int = 10, version: str | None = None,
-                       answers: bool = False) -> dict:
-    """Doc-level recall@1/3/5/10 and MRR@10 of the served index on a gold file (JSON lines;
-    default DOCSRAG_EVAL_GOLD)."""
-    settings = load_settings()
+                       answers: bool = False, collection: str | None = None) -> dict:
+    """Doc-level recall@1/3/5/10 and MRR@10 of the index served as ``collection`` (default
+    DOCSRAG_COLLECTION) on a gold file (JSON lines; default DOCSRAG_EVAL_GOLD)."""
+    settings = settings_for_run(collection=collection)
     gold = gold or settings.eval_gold
     if not gold:
         # The deployment runs after every ingest; without a gold set that is a no-op, not a failure.

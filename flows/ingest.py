@@ -1,11 +1,12 @@
 """The main job: a docs release in, a validated Milvus collection served under an alias out.
 
-fetch -> extract -> parse -> chunk -> diff against what is served -> embed what is new
-(parallel batches) -> write -> validate -> move the aliases -> report.
+fetch -> extract -> parse -> chunk -> plan the build (diff against what is served) -> embed what
+is new and write it (parallel batches, one writer) -> validate -> publish (move the aliases) -> report.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections import Counter
 from collections.abc import Iterator
@@ -13,27 +14,20 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 
 from prefect import flow, get_run_logger, task
-from prefect.assets import Asset, AssetProperties
-from prefect.runtime import flow_run
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.assets import Asset, AssetProperties
 from prefect.cache_policies import NONE
 from prefect.futures import as_completed
+from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
-from tqdm import tqdm
 
-from tasks import chunking, embedding, markdown, store
-from tasks.diff import ReleaseDiff
-from tasks.objectstore import open_store
+from tasks import build, chunking, embedding, lineage, markdown, store
+from tasks.build import BuildPlan, batched
+from tasks.objectstore import ObjectStore, open_store
 from tasks.release import Release, ReleaseError, TransientFetchError, extract_release, fetch_release
-from tasks import lineage
-from tasks.report import StageClock, log_problems, name_run, publish_artifacts
-from tasks.settings import Settings, load_settings
-
-
-class GuardRailError(RuntimeError):
-    """The new build would remove too much of what is served; --force overrides."""
-
+from tasks.report import IngestSummary, StageClock, log_problems, name_run, progress_bar, publish_artifacts
+from tasks.settings import MAX_EMBEDDING_CONCURRENCY, Settings, settings_for_run
 
 # Task results stay in memory, never in result storage: they are local paths, clients or vectors
 # (never persisted), and a retried run resumes from its staging collection instead (README).
@@ -41,15 +35,112 @@ IN_MEMORY = {"cache_policy": NONE, "persist_result": False}
 WRITE_RETRIES = {"retries": 3, "retry_delay_seconds": [1, 5, 15], **IN_MEMORY}
 
 
+@flow(name="ingest-docs", flow_run_name=lambda: _run_name(flow_run.parameters),
+      # Threads are made as batches are submitted; the flow keeps DOCSRAG_EMBEDDING_CONCURRENCY in flight.
+      task_runner=ThreadPoolTaskRunner(max_workers=MAX_EMBEDDING_CONCURRENCY))
+def ingest_release(release: str | None = None, version: str | None = None, force: bool = False,
+                   publish_main: bool = False, collection: str | None = None) -> IngestSummary:
+    """Ingest one docs release (https, s3, file URL or path; default DOCSRAG_RELEASE_URL) into the
+    alias ``collection`` (default DOCSRAG_COLLECTION). A release without a version (none given,
+    none in its name) is served on its own alias only, unless ``publish_main``."""
+    settings = settings_for_run(release_url=release, collection=collection)
+    clock = StageClock()
+    embedding.preload(settings)  # the model loads while the release is fetched and parsed
+    objects = open_store(settings.object_store, settings.s3_endpoint_url)
+    rel = clock.run("fetch", fetch, settings, objects, version)
+    root = clock.run("extract", extract, settings, objects, rel)
+    parsed = clock.run("parse", parse, root, settings.parse_budgets)
+    chunks = clock.run("chunk", chunk, parsed, settings)
+    with build.build_lock(settings.home, settings.collection), store.milvus_errors(settings.milvus_uri):
+        client = clock.run("open-store", store.connect, settings)
+        main = "always" if publish_main else "if-newer" if rel.named else "never"
+        planned = clock.run("plan", plan, client, settings, rel, chunks, main, force)
+        summary = _summary(settings, rel, planned, parsed)
+        if planned.unchanged:
+            clock.run("publish", keep_serving, client, planned)
+        else:
+            target = clock.run("embed+write", embed_and_write, client, settings, planned, rel, clock)
+            clock.run("validate", validate, client, target, len(chunks))
+            summary.previous_collection = clock.run("publish", publish, client, settings, planned, rel, target,
+                                                    objects.uri(rel.archive_key))
+            summary.embedded, summary.reused = len(planned.diff.to_embed()), len(planned.diff.reusable())
+            summary.seconds_saved = _seconds_saved(clock, summary.embedded, summary.reused)
+        summary.collection = store.served_collection(client, planned.version_alias)
+        summary.search = _search_mode(client, summary.collection)
+    summary.stages, summary.seconds = clock.seconds, clock.total
+    report(summary, planned, objects)
+    return summary
+
+
+def _run_name(parameters: dict) -> str:
+    named = parameters.get("version") or (parameters.get("release") or "").rsplit("/", 1)[-1].split("?")[0]
+    return f"ingest {named or 'the configured release'}"[:100]
+
+
 def _transient(task, task_run, state) -> bool:
     return isinstance(state.result(raise_on_failure=False), TransientFetchError)
 
 
-fetch = task(fetch_release, name="fetch", retries=3, retry_delay_seconds=[2, 10, 30],
-             retry_condition_fn=_transient, **IN_MEMORY)
-extract = task(extract_release, name="extract", **IN_MEMORY)
-parse = task(markdown.parse_release, name="parse", **IN_MEMORY)
-chunk = task(chunking.chunk_release, name="chunk", **IN_MEMORY)
+@task(retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=_transient, **IN_MEMORY)
+def fetch(settings: Settings, objects: ObjectStore, version: str | None) -> Release:
+    rel = fetch_release(settings.release_url, home=settings.home, store=objects, version=version,
+                        timeout_s=settings.download_timeout_s, s3_endpoint_url=settings.s3_endpoint_url,
+                        max_bytes=settings.max_archive_bytes, deadline_s=settings.download_deadline_s)
+    get_run_logger().info("Fetched %s: version %s, %s bytes, sha256 %s (%s)", rel.url, rel.version,
+                          f"{rel.size:,}", rel.sha256, "archived" if rel.newly_archived else "already archived")
+    name_run(f"ingest {rel.version}")
+    return rel
+
+
+@task(**IN_MEMORY)
+def extract(settings: Settings, objects: ObjectStore, rel: Release):
+    with _forgotten_if_refused(rel, objects):
+        return extract_release(rel, settings.home / "releases", max_bytes=settings.max_archive_bytes,
+                               max_files=settings.max_archive_files)
+
+
+@task(**IN_MEMORY)
+def parse(root, budgets) -> markdown.ParsedRelease:
+    parsed = markdown.parse_release(root, budgets)
+    log = get_run_logger()
+    log.info("Parsed %d documents (%d skipped, %d with warnings)", len(parsed.documents), len(parsed.skipped),
+             len({w["path"] for w in parsed.warnings}))
+    return parsed
+
+
+@task(**IN_MEMORY)
+def chunk(parsed: markdown.ParsedRelease, settings: Settings) -> list[chunking.Chunk]:
+    chunks = chunking.chunk_release(parsed, settings.chunking_config, settings.embedder_id,
+                                    max_document_chunks=settings.max_document_chunks,
+                                    max_release_chunks=settings.max_release_chunks)
+    log = get_run_logger()
+    log.info("Chunked into %s chunks", f"{len(chunks):,}")
+    log_problems(log, parsed.skipped, parsed.warnings)
+    return chunks
+
+
+@task(**IN_MEMORY)
+def plan(client, settings: Settings, rel: Release, chunks: list[chunking.Chunk], main: build.MainAlias,
+         force: bool) -> BuildPlan:
+    planned = build.plan_build(client, settings.collection, rel, chunks, settings.embedder_id,
+                               settings.chunking_config, main)
+    build.check_guard_rails(planned, force)
+    diff = planned.diff
+    log = get_run_logger()
+    log.info("Compared with %s: %s chunks new, %s served already, %s deleted", planned.base or "nothing served",
+             f"{len(diff.to_embed()):,}", f"{len(diff.reusable()):,}", f"{diff.deleted:,}")
+    if planned.unchanged:
+        log.info("Release %s unchanged: %s stays on %s", rel.version, settings.collection, planned.base)
+    return planned
+
+
+keep_serving = task(build.keep_serving, name="keep-serving", **IN_MEMORY)
+
+
+@task(**IN_MEMORY)
+def validate(client, collection: str, expected: int) -> None:
+    build.validate(client, collection, expected)
+    get_run_logger().info("Validated %s: %s rows, a smoke search finds them", collection, f"{expected:,}")
 
 
 @task(name="embed-batch", retries=2, retry_delay_seconds=5, **IN_MEMORY)
@@ -57,61 +148,86 @@ def embed_batch(texts: list[str], settings: Settings) -> list[list[float]]:
     return embedding.embedder_for(settings).embed(texts)
 
 
-_upsert = task(store.upsert, name="write-batch", **WRITE_RETRIES)
-
-
+@task(name="write-batch", **WRITE_RETRIES)
 def write_batch(client, collection: str, rows: list[dict]) -> None:
-    # quote(): Prefect would otherwise walk every float of every vector looking for futures
-    # (7 s per 1000 rows, measured), in the flow thread, while the embedding runs.
-    _upsert(client, collection, quote(rows))
+    store.upsert(client, collection, rows)
 
 
-def _run_name() -> str:
-    parameters = flow_run.parameters
-    named = parameters.get("version") or (parameters.get("release") or "").rsplit("/", 1)[-1].split("?")[0]
-    return f"ingest {named or 'the configured release'}"[:100]
+@task(name="copy-batch", **WRITE_RETRIES)
+def copy_batch(client, base: str, target: str, chunks: list[chunking.Chunk], version: str) -> int:
+    """Served vectors of unchanged chunks, copied into the new build instead of re-embedded."""
+    vectors = store.vectors_of(client, base, [c.id for c in chunks])
+    store.upsert(client, target, [build.row(c, vectors[c.id], version) for c in chunks])
+    return len(chunks)
 
 
-@flow(name="ingest-docs", task_runner=ThreadPoolTaskRunner(max_workers=4), flow_run_name=_run_name)
-def ingest_release(release: str | None = None, version: str | None = None, force: bool = False,
-                   progress: bool = False, publish_main: bool = False) -> dict:
-    """Ingest one docs release (https, s3, file URL or path; default DOCSRAG_RELEASE_URL). A release
-    without a version (none given, none in its name) is served on its own alias only, unless
-    ``publish_main``."""
-    settings = load_settings(release_url=release)
-    log = get_run_logger()
-    clock = StageClock()
-    embedding.preload(settings)
-    objects = open_store(settings.object_store, settings.s3_endpoint_url)
-    with clock("fetch"):
-        rel = fetch(settings.release_url, home=settings.home, store=objects, version=version,
-                    timeout_s=settings.download_timeout_s, s3_endpoint_url=settings.s3_endpoint_url,
-                    max_bytes=settings.max_archive_bytes, deadline_s=settings.download_deadline_s)
-    log.info("Fetched %s: version %s, %s bytes, sha256 %s (%s)", rel.url, rel.version, f"{rel.size:,}", rel.sha256,
-             "archived" if rel.newly_archived else "already archived")
-    name_run(f"ingest {rel.version}")
-    with clock("extract"), _forgotten_if_refused(rel, objects):
-        root = extract(rel, settings.home / "releases", max_bytes=settings.max_archive_bytes,
-                       max_files=settings.max_archive_files)
-    with clock("parse"):
-        parsed = parse(root, settings.parse_budgets)
-    log.info("Parsed %d documents (%d skipped, %d with warnings)", len(parsed.documents), len(parsed.skipped),
-             len({w["path"] for w in parsed.warnings}))
-    with clock("chunk"):
-        chunks = chunk(parsed, settings.chunking_config, settings.embedder_id,
-                       max_document_chunks=settings.max_document_chunks,
-                       max_release_chunks=settings.max_release_chunks)
-    log.info("Chunked into %s chunks", f"{len(chunks):,}")
-    log_problems(log, parsed.skipped, parsed.warnings)
-    with store.build_lock(settings.home, settings.collection), store.milvus_errors(settings.milvus_uri):
-        client = store.connect(settings)
-        main = "always" if publish_main else "if-newer" if rel.named else "never"
-        summary, diff = _build_and_publish(client, settings, rel, chunks, clock, force, progress, main,
-                                           archive=objects.uri(rel.archive_key))
-    summary.update(skipped=parsed.skipped, warnings=parsed.warnings, stages=clock.seconds, seconds=clock.total)
-    _report(summary, diff, objects)
-    name_run(f"ingest {rel.version} " + ("(unchanged)" if summary["unchanged"] else f"({summary['embedded']:,} new)"))
-    return summary
+def embed_and_write(client, settings: Settings, plan: BuildPlan, rel: Release, clock: StageClock) -> str:
+    """Embed new chunks in parallel batches and write each batch as it lands (one writer), so a
+    killed run keeps every finished batch in the staging collection. Served vectors are copied
+    while the first batches embed. The "write" stage is the writer's share of "embed+write".
+    -> the staging collection."""
+    embedder = clock.run("model-wait", embedding.embedder_for, settings)
+    target = build.staging_collection(client, plan, rel, settings.embedder_id, embedder.dim)
+    chunks = plan.diff.to_embed()
+    # Similar lengths per batch: less padding. Longest first: the last batches are the cheap ones,
+    # so no core idles long while the final batch runs alone.
+    waiting = batched(sorted(chunks, key=lambda c: len(c.embed_text), reverse=True), settings.embedding_batch_size)
+    batches, numbers, in_flight = -(-len(chunks) // settings.embedding_batch_size), itertools.count(1), {}
+
+    def submit_next() -> None:
+        if (batch := next(waiting, None)) is not None:
+            named = embed_batch.with_options(task_run_name=f"embed-batch {next(numbers)}/{batches}")
+            in_flight[named.submit([c.embed_text for c in batch], settings)] = batch
+
+    artifact = create_progress_artifact(0.0, description=f"Embedding {len(chunks)} chunks")
+    done = 0
+    with embedding.cores_shared_by(settings.embedding_concurrency), progress_bar(len(chunks), "embedding") as bar:
+        for _ in range(settings.embedding_concurrency):  # bounds what a killed run can lose
+            submit_next()
+        with clock("write"):
+            for part in batched(plan.diff.reusable(), build.COPY_BATCH_ROWS):
+                copy_batch(client, plan.base, target, quote(part), rel.version)
+        while in_flight:
+            future = next(as_completed(list(in_flight)))
+            batch = in_flight.pop(future)
+            vectors = future.result()
+            submit_next()
+            with clock("write"):
+                # quote(): Prefect would otherwise walk every float of every vector looking for
+                # futures (7 s per 1000 rows, measured), in the flow thread, while the embedding runs.
+                write_batch(client, target, quote([build.row(c, v, rel.version) for c, v in zip(batch, vectors)]))
+            done += len(batch)
+            bar.update(len(batch))
+            update_progress_artifact(artifact, 100.0 * done / len(chunks))
+    seconds = clock.elapsed("embed+write")
+    get_run_logger().info("Embedded %s chunks and copied %s in %.1f s (%.0f chunks/s) into %s", f"{done:,}",
+                          f"{len(plan.diff.reusable()):,}", seconds, done / seconds if seconds else 0.0, target)
+    return target
+
+
+def publish(client, settings: Settings, plan: BuildPlan, rel: Release, target: str, archive: str) -> str | None:
+    """Point the aliases, as materializing steps: the event feed shows the release archive that
+    produced the collection, and which alias serves it."""
+    uri, alias = settings.milvus_uri, settings.collection
+    collection = lineage.milvus_asset(uri, target, f"docs {rel.version}, release sha256 {rel.sha256}")
+    release = Asset(key=lineage.asset_key(archive), properties=AssetProperties(name=f"release {rel.version}"))
+    previous = lineage.materializing(build.publish, "publish", [collection, lineage.milvus_asset(
+        uri, plan.version_alias, f"serves docs {rel.version}")], [release])(
+        client, plan, target, settings.keep_collections)
+    now = store.served_collection(client, alias)
+    if now == target and previous != target:
+        lineage.materializing(lambda: None, "serve-main-alias", [lineage.milvus_asset(
+            uri, alias, "the newest docs")], [collection])()
+    get_run_logger().info("%s serves %s (was %s); %s serves it too", alias, now, previous, plan.version_alias)
+    return previous
+
+
+def report(summary: IngestSummary, plan: BuildPlan, objects: ObjectStore) -> None:
+    """Artifacts for the UI; the JSON summary archived in the object store under reports/."""
+    publish_artifacts(summary, plan.diff.documents(), Counter(c.doc_path for c in plan.diff.chunks))
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    objects.put_bytes(f"reports/{summary.version}/{stamp}.json", json.dumps(summary.to_dict(), indent=2).encode())
+    name_run(f"ingest {summary.version} " + ("(unchanged)" if summary.unchanged else f"({summary.embedded:,} new)"))
 
 
 def task_runner(spec: str, settings: Settings):
@@ -130,7 +246,7 @@ def task_runner(spec: str, settings: Settings):
 
 
 @contextmanager
-def _forgotten_if_refused(rel: Release, objects) -> Iterator[None]:
+def _forgotten_if_refused(rel: Release, objects: ObjectStore) -> Iterator[None]:
     """An archive refused at extraction (a bomb, a corrupt zip) is not kept: not in the object
     store if this run put it there, not in the downloads folder."""
     try:
@@ -143,186 +259,20 @@ def _forgotten_if_refused(rel: Release, objects) -> Iterator[None]:
         raise
 
 
-def _build_and_publish(client, settings: Settings, rel: Release, chunks: list[chunking.Chunk],
-                       clock: StageClock, force: bool, progress: bool, main: store.MainAlias, archive: str) -> dict:
-    log = get_run_logger()
-    alias, version_alias = settings.collection, store.version_alias(settings.collection, rel.version)
-    base = store.served_collection(client, version_alias) or store.served_collection(client, alias)
-    base = base and store.loaded(client, base)
-    build_key = store.build_key(rel.sha256, rel.version, settings.embedder_id, settings.chunking_config)
-    with clock("diff"):
-        target = store.resumable_build(client, alias, build_key)
-        target = target and store.loaded(client, target)
-        diff = ReleaseDiff(chunks, store.doc_of_ids(client, base) if base else {},
-                           frozenset(store.doc_of_ids(client, target)) if target else frozenset())
-        _check_guard_rails(diff, alias, force)
-    log.info("Compared with %s: %s chunks new, %s served already, %s deleted", base or "nothing served",
-             f"{len(diff.to_embed()):,}", f"{len(diff.reusable()):,}", f"{diff.deleted:,}")
-    summary = _summary(settings, rel, diff, base, version_alias)
-    if base and _serves_exactly(client, base, diff, rel.version) and target is None:
-        log.info("Release %s unchanged: %s stays on %s", rel.version, alias, base)
-        store.point_alias(client, version_alias, base)
-        if main == "always":
-            store.point_alias(client, alias, base)
-        return {**summary, "unchanged": True, "collection": base, "search": _search_mode(client, base)}, diff
-    embedder = embedding.embedder_for(settings)
-    if target is None:
-        target = store.new_collection_name(alias, rel.version)
-        store.create_collection(client, target, embedder.dim, bm25=store.supports_bm25(client),
-                                info={"build_key": build_key, "state": "building", "version": rel.version,
-                                      "release_sha256": rel.sha256, "embedder": settings.embedder_id})
-    with clock("embed+write"):
-        embedded, reused = _write_all(client, settings, base, target, diff, rel.version, progress, clock)
-    seconds = clock.seconds["embed+write"]
-    log.info("Embedded %s chunks and copied %s in %.1f s (%.0f chunks/s) into %s", f"{embedded:,}", f"{reused:,}",
-             seconds, embedded / seconds if seconds else 0.0, target)
-    with clock("validate"):
-        _validate(client, target, len(chunks))
-    log.info("Validated %s: %s rows, a smoke search finds them", target, f"{len(chunks):,}")
-    with clock("publish"):
-        previous = _publish(client, settings, rel, target, version_alias, main, archive)
-    return {**summary, "collection": target, "previous_collection": previous, "embedded": embedded,
-            "reused": reused, "search": _search_mode(client, target),
-            "seconds_saved": _seconds_saved(clock, embedded, reused)}, diff
-
-
-def _publish(client, settings: Settings, rel: Release, target: str, version_alias: str, main: store.MainAlias,
-             archive: str) -> str | None:
-    """Point the aliases, as materializing steps: the event feed shows the release archive that
-    produced the collection, and which alias serves it."""
-    alias, uri = settings.collection, settings.milvus_uri
-    collection = lineage.milvus_asset(uri, target, f"docs {rel.version}, release sha256 {rel.sha256}")
-    release = Asset(key=lineage.asset_key(archive), properties=AssetProperties(name=f"release {rel.version}"))
-    publish = lineage.materializing(store.publish, "publish", [collection, lineage.milvus_asset(
-        uri, version_alias, f"serves docs {rel.version}")], [release])
-    previous = publish(client, alias, version_alias, target, rel.version, settings.keep_collections, main=main)
-    now = store.served_collection(client, alias)
-    if now == target and previous != target:
-        lineage.materializing(lambda: None, "serve-main-alias", [lineage.milvus_asset(
-            uri, alias, "the newest docs")], [collection])()
-    get_run_logger().info("%s serves %s (was %s); %s serves it too", alias, now, previous, version_alias)
-    return previous
+def _summary(settings: Settings, rel: Release, plan: BuildPlan, parsed: markdown.ParsedRelease) -> IngestSummary:
+    diff = plan.diff
+    return IngestSummary(
+        release=rel.url, version=rel.version, sha256=rel.sha256, size=rel.size, archived=rel.archive_key,
+        alias=settings.collection, version_alias=plan.version_alias, named_version=rel.named,
+        documents=len({c.doc_path for c in diff.chunks}), chunks=len(diff.chunks),
+        document_changes=diff.document_counts(), deleted=diff.deleted, previous_collection=plan.base,
+        unchanged=plan.unchanged, skipped=parsed.skipped, warnings=parsed.warnings)
 
 
 def _search_mode(client, collection: str) -> str:
     return "hybrid (dense + BM25, RRF)" if store.has_bm25(client, collection) else "dense only (server has no BM25)"
 
 
-def _summary(settings: Settings, rel: Release, diff: ReleaseDiff, base: str | None,
-             version_alias: str) -> dict:
-    return {
-        "release": rel.url, "version": rel.version, "sha256": rel.sha256, "size": rel.size,
-        "archived": rel.archive_key, "alias": settings.collection, "version_alias": version_alias,
-        "named_version": rel.named,
-        "collection": None, "previous_collection": base, "unchanged": False,
-        "documents": len({c.doc_path for c in diff.chunks}), "chunks": len(diff.chunks),
-        "embedded": 0, "reused": 0, "deleted": diff.deleted, "document_changes": diff.document_counts(),
-        "search": None, "seconds_saved": 0.0,
-    }
-
-
-def _serves_exactly(client, collection: str, diff: ReleaseDiff, version: str) -> bool:
-    """Same ids and same version: nothing to embed, nothing to write."""
-    info = store.collection_info(client, collection)
-    return set(diff.served_ids) == diff.new_ids and info.get("version") == version
-
-
-def _check_guard_rails(diff: ReleaseDiff, alias: str, force: bool) -> None:
-    kept, served = diff.kept_documents()
-    if force:
-        return
-    if not diff.chunks:
-        raise GuardRailError(f"refusing to publish {alias}: the new build has no chunks "
-                             "(use --force to publish anyway)")
-    if served and kept * 2 < served:
-        raise GuardRailError(
-            f"refusing to move {alias}: the new build keeps {kept} of the {served} documents served now "
-            f"({served - kept} lost, more than half); check the release or re-run with --force")
-
-
-@task(name="copy-batch", **WRITE_RETRIES)
-def copy_batch(client, base: str, target: str, chunks: list[chunking.Chunk], version: str) -> int:
-    """Served vectors of unchanged chunks, copied into the new build instead of re-embedded."""
-    vectors = store.vectors_of(client, base, [c.id for c in chunks])
-    store.upsert(client, target, [_row(c, vectors[c.id], version) for c in chunks])
-    return len(chunks)
-
-
-def _copy_reused(client, base: str | None, target: str, chunks: list[chunking.Chunk], version: str) -> int:
-    return sum(copy_batch(client, base, target, quote(batch), version) for batch in batched(chunks, 1000))
-
-
-def _write_all(client, settings: Settings, base: str | None, target: str, diff: ReleaseDiff, version: str,
-               progress: bool, clock: StageClock) -> tuple[int, int]:
-    """Embed new chunks in parallel batches and write each batch as it lands (one writer), so a
-    killed run keeps every finished batch in the staging collection. Served vectors are copied
-    while the first batches embed. The "write" stage is the writer's share of "embed+write".
-    -> (embedded, reused)"""
-    chunks = diff.to_embed()
-    # Similar lengths per batch: less padding. Longest first: the last batches are the cheap ones,
-    # so no core idles long while the final batch runs alone.
-    waiting = batched(sorted(chunks, key=lambda c: len(c.embed_text), reverse=True), settings.embedding_batch_size)
-    in_flight: dict = {}
-
-    batches = -(-len(chunks) // settings.embedding_batch_size)
-    submitted = 0
-
-    def submit_next() -> None:
-        nonlocal submitted
-        if (batch := next(waiting, None)) is not None:
-            submitted += 1
-            named = embed_batch.with_options(task_run_name=f"embed-batch {submitted}/{batches}")
-            in_flight[named.submit([c.embed_text for c in batch], settings)] = batch
-
-    artifact = create_progress_artifact(0.0, description=f"Embedding {len(chunks)} chunks")
-    done = 0
-    with embedding.cores_shared_by(settings.embedding_concurrency), \
-            tqdm(total=len(chunks), unit="chunk", desc="embedding", disable=not progress or not chunks) as bar:
-        for _ in range(settings.embedding_concurrency):  # bounds what a killed run can lose
-            submit_next()
-        with clock("write"):
-            reused = _copy_reused(client, base, target, diff.reusable(), version)
-        while in_flight:
-            future = next(as_completed(list(in_flight)))
-            batch = in_flight.pop(future)
-            vectors = future.result()
-            submit_next()
-            with clock("write"):
-                write_batch(client, target, [_row(c, v, version) for c, v in zip(batch, vectors)])
-            done += len(batch)
-            bar.update(len(batch))
-            update_progress_artifact(artifact, 100.0 * done / len(chunks))
-    return done, reused
-
-
-def batched(items: list, size: int):
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
-
-
-def _row(c: chunking.Chunk, vector: list[float], version: str) -> dict:
-    return {"id": c.id, "doc_path": c.doc_path, "title": c.title[:1000], "heading": c.heading[:4000],
-            "version": version, "text": c.text, "search_text": c.search_text, "dense": vector}
-
-
-def _validate(client, collection: str, expected: int) -> None:
-    # Seal what was written: indexed segments, not a brute-force scan of the write buffer,
-    # are what readers get once the alias moves (Milvus Lite: 400 ms -> 70 ms per search).
-    client.flush(collection)
-    rows = store.count(client, collection)
-    if rows != expected:
-        raise store.StoreError(f"validation failed for {collection}: {rows} rows, expected {expected}")
-    if expected and not store.smoke_search(client, collection):
-        raise store.StoreError(f"validation failed for {collection}: a smoke search returned nothing")
-
-
 def _seconds_saved(clock: StageClock, embedded: int, reused: int) -> float:
     per_chunk = clock.seconds.get("embed+write", 0.0) / embedded if embedded else 0.0
     return round(per_chunk * reused, 1)
-
-
-def _report(summary: dict, diff: ReleaseDiff, objects) -> None:
-    """Artifacts for the UI; the JSON summary archived in the object store under reports/."""
-    publish_artifacts(summary, diff.documents(), Counter(c.doc_path for c in diff.chunks))
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    objects.put_bytes(f"reports/{summary['version']}/{stamp}.json", json.dumps(summary, indent=2).encode())

@@ -16,7 +16,7 @@ from tasks.feed import PublishedAsset, RateLimited, SeenReleases, read_feed
 from tasks.objectstore import open_store
 from tasks.release import version_order
 from tasks.report import name_run
-from tasks.settings import Settings, load_settings
+from tasks.settings import Settings, settings_for_run
 
 EVENT = "docsrag.release.published"
 
@@ -44,7 +44,7 @@ def announce(asset: PublishedAsset) -> None:
 @flow(name="watch-releases")
 def watch_releases(ingest: bool = False) -> dict:
     """Find new release assets; emit an event for each (or ingest them when ``ingest``)."""
-    settings = load_settings()
+    settings = settings_for_run()
     seen = SeenReleases(open_store(settings.object_store, settings.s3_endpoint_url), settings.release_repo)
     assets, etag = fetch_feed(settings, seen.etag)
     refused = [a for a in assets or [] if a.refused]

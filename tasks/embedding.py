@@ -170,12 +170,13 @@ class OpenAIEmbedder:
     """An OpenAI-compatible embeddings server (vLLM, Ollama, TEI, OpenAI). The client
     retries 429 and 5xx answers with exponential backoff."""
 
-    def __init__(self, model: str, base_url: str | None, api_key: str | None):
+    def __init__(self, model: str, base_url: str | None, api_key: str | None, timeout_s: float, max_retries: int):
         from openai import OpenAI
 
         self.id = f"openai:{model}"
         self.model = model
-        self.client = OpenAI(base_url=base_url, api_key=api_key or "not-needed", max_retries=5, timeout=120)
+        self.client = OpenAI(base_url=base_url, api_key=api_key or "not-needed", max_retries=max_retries,
+                             timeout=timeout_s)
         self.dim = len(self.embed(["dimension probe"])[0])
 
     def embed(self, texts: list[str]) -> list[list[float]]:
@@ -188,7 +189,8 @@ def embedder_for(settings: Settings) -> Embedder:
     threads = max(1, (os.cpu_count() or 1) // settings.embedding_concurrency)  # concurrent batches share the cores
     with _LOADING:  # a second caller waits for the model being loaded instead of loading it again
         return _cached_embedder(settings.embedding, settings.embedding_model, settings.embedding_base_url, key,
-                                settings.embedding_precision, settings.model_cache, threads)
+                                settings.embedding_precision, settings.model_cache, threads,
+                                settings.embedding_timeout_s, settings.embedding_max_retries)
 
 
 def preload(settings: Settings) -> None:
@@ -205,10 +207,10 @@ def preload(settings: Settings) -> None:
 
 @functools.cache
 def _cached_embedder(kind: str, model: str, base_url: str | None, api_key: str | None, precision: str,
-                     cache: Path, threads: int) -> Embedder:
+                     cache: Path, threads: int, timeout_s: float, max_retries: int) -> Embedder:
     # One model per process: the flow's tasks share it.
     if kind == "openai":
-        return OpenAIEmbedder(model, base_url, api_key)
+        return OpenAIEmbedder(model, base_url, api_key, timeout_s, max_retries)
     if precision == "torch":
         return LocalEmbedder(model)
     return OnnxEmbedder(model, precision, cache, threads)

@@ -9,6 +9,9 @@ from __future__ import annotations
 import difflib
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Literal
 
@@ -22,6 +25,7 @@ DEFAULT_RELEASE_URL = (
 )
 # Variables with our prefix that belong to the tooling, not to the pipeline.
 TOOLING_VARIABLES = {"DOCSRAG_TEST_DATA", "DOCSRAG_TEST_POSTGRES_URL", "DOCSRAG_STACK_POSTGRES"}
+MAX_EMBEDDING_CONCURRENCY = 64
 _MILVUS_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,200}$")
 
 
@@ -30,7 +34,8 @@ class SettingsError(ValueError):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
+    # populate_by_name: settings rebuilt from a dump (with_overrides) name fields, not variables.
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True, populate_by_name=True)
 
     home: Path = Field(Path(".docsrag"), description="Root of all local state.")
     release_url: str = Field(DEFAULT_RELEASE_URL, description="Release zip: https://, s3://, file:// or a path.")
@@ -57,7 +62,11 @@ class Settings(BaseSettings):
     embedding_base_url: str | None = Field(None, description="OpenAI-compatible embeddings server (/v1).")
     embedding_api_key: SecretStr | None = Field(None, description="API key of the embeddings server.")
     embedding_batch_size: int = Field(128, ge=1, le=4096, description="Chunks per embedding task.")
-    embedding_concurrency: int = Field(2, ge=1, le=64, description="Embedding tasks run at once.")
+    embedding_concurrency: int = Field(2, ge=1, le=MAX_EMBEDDING_CONCURRENCY, description="Embedding tasks run at once.")
+    embedding_timeout_s: float = Field(120.0, gt=0, allow_inf_nan=False,
+                                       description="Per-request timeout of the embeddings server.")
+    embedding_max_retries: int = Field(5, ge=0, description="Retries with backoff on the embeddings server's "
+                                                            "429/5xx/timeouts.")
 
     chunk_max_chars: int = Field(1500, ge=100, description="Hard chunk size limit (characters).")
     chunk_new_after_chars: int = Field(1000, ge=50, description="Soft limit: start a new chunk after this.")
@@ -192,6 +201,36 @@ def load_settings(**overrides) -> Settings:
     _reject_unknown_variables()
     try:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        raise SettingsError(_describe(exc)) from None
+
+
+_GIVEN: ContextVar[Settings | None] = ContextVar("docsrag_settings", default=None)
+
+
+@contextmanager
+def given(settings: Settings) -> Iterator[Settings]:
+    """The settings the edge (the CLI) built, for the flows it calls: built once, not re-read.
+    They travel beside the flow's parameters, not in them: parameters are stored by Prefect and
+    shown in its UI, settings carry secrets."""
+    token = _GIVEN.set(settings)
+    try:
+        yield settings
+    finally:
+        _GIVEN.reset(token)
+
+
+def settings_for_run(**overrides) -> Settings:
+    """A flow's settings: those given by the CLI, or, in a deployment's run, the worker's
+    environment; with the flow's own parameters (release, collection...) applied."""
+    base = _GIVEN.get()
+    if base is None:
+        return load_settings(**overrides)
+    changed = {k: v for k, v in overrides.items() if v is not None and getattr(base, k) != v}
+    if not changed:
+        return base
+    try:  # validated again: a parameter is input like any other
+        return Settings.model_validate({**base.model_dump(), **changed})
     except ValidationError as exc:
         raise SettingsError(_describe(exc)) from None
 

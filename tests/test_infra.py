@@ -125,3 +125,12 @@ def test_helm_values_run_milvus_in_cluster_mode_on_external_s3(rendered):
     assert values["externalS3"]["bucketName"] == config["DOCSRAG_MILVUS_BUCKET"]
     assert urlparse(config["DOCSRAG_MILVUS_URI"]).port == values["service"]["port"] == 19530
     assert "secretKey" not in json.dumps(values["externalS3"])  # credentials from an existing Secret
+
+
+def test_the_cluster_runs_one_milvus_version_and_it_has_bm25(compose):
+    """compose and helm deploy the same Milvus, new enough for hybrid search (store.capabilities)."""
+    helm = yaml.safe_load((INFRA / "helm" / "milvus-values.yaml").read_text())["image"]["all"]["tag"]
+    compose_tag = compose["services"]["milvus"]["image"].rsplit(":", 1)[1]
+    assert compose_tag == helm, "upgrade infra/compose and infra/helm together"
+    major, minor = (int(n) for n in re.match(r"v?(\d+)\.(\d+)", helm).groups())
+    assert (major, minor) >= (2, 5), "BM25 (hybrid search) needs Milvus 2.5"

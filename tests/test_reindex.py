@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from flows.cli import main
-from tasks import chunking, markdown, store
+from tasks import build, chunking, markdown, store
 from tasks.settings import load_settings
 
 from .conftest import DOCSRAG, ROOT, api_env
@@ -60,7 +60,7 @@ def test_full_release_then_unchanged_then_next_release(releases, tmp_path, prefe
     again = ingest(capsys, "--release", str(releases / "milvus_docs_2.4.x_en.zip"))
     assert (again["unchanged"], again["embedded"], again["reused"]) == (True, 0, 0)
     assert again["collection"] == summary["collection"]
-    assert store.builds_of(client, "milvus_docs") == [summary["collection"]]
+    assert build.builds_of(client, "milvus_docs") == [summary["collection"]]
 
     # The next release: only new ids are embedded; the result equals a fresh 2.5.x build.
     old_ids = served_ids()
@@ -106,7 +106,7 @@ def test_guard_rail_refuses_losing_most_documents_then_force_and_rollback(home, 
     assert "keeps 1 of the 4 documents served now (3 lost, more than half)" in err and "--force" in err
     client = store.connect(load_settings())
     assert store.served_collection(client, "milvus_docs") == first["collection"]
-    assert store.builds_of(client, "milvus_docs") == [first["collection"]], "nothing was built"
+    assert build.builds_of(client, "milvus_docs") == [first["collection"]], "nothing was built"
 
     forced = ingest(capsys, "--release", str(small), "--force")
     assert store.served_collection(client, "milvus_docs") == forced["collection"]
@@ -116,7 +116,23 @@ def test_guard_rail_refuses_losing_most_documents_then_force_and_rollback(home, 
     moved = json.loads(capsys.readouterr().out)
     assert moved == {"alias": "milvus_docs", "from": forced["collection"], "to": first["collection"]}
     assert store.served_collection(client, "milvus_docs") == first["collection"]
+    assert store.served_collection(client, "milvus_docs_2_4_x") == first["collection"], "the version alias too"
     assert len(served_ids()) == first["chunks"]
+
+
+def test_rollback_of_a_new_version_removes_the_version_alias_that_publish_created(home, prefect_server, releases,
+                                                                                 capsys):
+    faq = str(releases / "milvus_docs_faq_2.4.x_en.zip")
+    first = ingest(capsys, "--release", faq)
+    newer = ingest(capsys, "--release", faq, "--version", "2.5.x")
+    client = store.connect(load_settings())
+    assert store.served_collection(client, "milvus_docs") == newer["collection"]
+
+    assert main(["rollback"]) == 0
+    assert store.served_collection(client, "milvus_docs") == first["collection"]
+    assert store.served_collection(client, "milvus_docs_2_4_x") == first["collection"]
+    assert store.served_collection(client, "milvus_docs_2_5_x") is None, "nothing serves the build rolled back from"
+    assert client.has_collection(newer["collection"]), "kept: the build itself is not dropped"
 
 
 def test_rollback_with_nothing_before_says_so(home, prefect_server, releases, capsys):
@@ -127,7 +143,7 @@ def test_rollback_with_nothing_before_says_so(home, prefect_server, releases, ca
 
 def test_second_concurrent_ingest_exits_with_a_clear_message(home, prefect_server, releases):
     settings = load_settings()
-    with store.build_lock(settings.home, settings.collection):
+    with build.build_lock(settings.home, settings.collection):
         result = subprocess.run([DOCSRAG, "ingest", "--release", str(releases / "milvus_docs_faq_2.4.x_en.zip")],
                                 capture_output=True, text=True, env=api_env(), cwd=ROOT, timeout=300)
     assert result.returncode == 1
@@ -150,7 +166,7 @@ def test_killed_ingest_resumes_without_re_embedding_finished_batches(home, prefe
     assert proc.returncode == -signal.SIGKILL, seen.decode(errors="replace")[-2000:]
 
     client = store.connect(load_settings())
-    staging = store.builds_of(client, "milvus_docs")
+    staging = build.builds_of(client, "milvus_docs")
     assert len(staging) == 1 and store.served_collection(client, "milvus_docs") is None
     written = store.count(client, store.loaded(client, staging[0]))
     assert written >= 12

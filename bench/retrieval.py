@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -48,37 +49,84 @@ def markdown_items(root: Path, chunking_config: dict, with_headings: bool, bm25_
 
 
 class CachedEmbedder:
+    """Identical texts are embedded once across variants; the seconds spent are counted."""
+
     def __init__(self, embedder):
-        self.embedder, self.cache = embedder, {}
+        self.embedder, self.cache, self.seconds, self.embedded = embedder, {}, 0.0, 0
 
     def embed(self, texts: list[str]) -> list[list[float]]:
         missing = list(dict.fromkeys(t for t in texts if t not in self.cache))
+        started = time.perf_counter()
         for start in range(0, len(missing), 256):
             batch = missing[start:start + 256]
             self.cache.update(zip(batch, self.embedder.embed(batch)))
+        self.seconds += time.perf_counter() - started
+        self.embedded += len(missing)
         return [self.cache[t] for t in texts]
 
 
-def evaluate_variant(client, name: str, items: list[dict], embedder, gold: list[dict], hybrid: bool,
-                     settings, rrf_k: int) -> tuple[dict, list[list[dict]]]:
-    vectors = embedder.embed([i["embed"] for i in items])
-    build.create_collection(client, name, len(vectors[0]), bm25=hybrid, info={})
+def evaluate_variant(client, name: str, items: list[dict], embedders: dict, gold_sets: dict[str, list[dict]],
+                     hybrid: bool, settings, rrf_k: int) -> tuple[dict, dict]:
+    """Index ``items`` with the embedders given by field (``dense``, and the multilingual field
+    when given), then score each gold set. -> ({set: figures}, {set: hits})"""
+    vectors = {field: e.embed([i["embed"] for i in items]) for field, e in embedders.items()}
+    multilingual = vectors.get(build.MULTILINGUAL)
+    build.create_collection(client, name, len(vectors["dense"][0]), bm25=hybrid, info={},
+                            multilingual_dim=multilingual and len(multilingual[0]))
     rows = [build.row(SimpleNamespace(id=hashlib.sha256(f"{n}:{i['doc_path']}".encode()).hexdigest()[:32],
                                       doc_path=i["doc_path"], title="", heading=i["heading"][:4000],
-                                      text=i["text"][:60000], search_text=i["search"][:60000]), v, "bench")
-            for n, (i, v) in enumerate(zip(items, vectors))]
+                                      text=i["text"][:60000], search_text=i["search"][:60000]),
+                      {f: v[n] for f, v in vectors.items()}, "bench")
+            for n, i in enumerate(items)]
     for batch in build.batched(rows, build.COPY_BATCH_ROWS):
         store.upsert(client, name, batch)
-    questions = [g["question"] for g in gold]
-    hits = search(client, name, embedder.embed(questions), questions, 10, hybrid=hybrid, rrf_k=rrf_k)
-    scored = [score(g, h, not covered(h, settings.min_relevance, settings.weak_relevance)) for g, h in zip(gold, hits)]
-    return {"chunks": len(items), **aggregate(scored)}, hits
+    figures, all_hits = {}, {}
+    for label, gold in gold_sets.items():
+        questions = [g["question"] for g in gold]
+        queries = {field: e.embed(questions) for field, e in embedders.items()}
+        hits = search(client, name, queries, questions, 10, hybrid=hybrid, rrf_k=rrf_k)
+        scored = [score(g, h, not covered(h, settings.min_relevance, settings.weak_relevance))
+                  for g, h in zip(gold, hits)]
+        figures[label], all_hits[label] = {"chunks": len(items), **aggregate(scored)}, hits
+    return figures, all_hits
+
+
+def print_row(label: str, f: dict) -> None:
+    print(f"| {label} | {f['chunks']} | {f['recall@1']} | {f['recall@3']} | {f['recall@5']} | {f['recall@10']} | "
+          f"{f['mrr@10']} | {f['contains']} | {f['not_covered_unanswerable']} |", flush=True)
+
+
+def crosslingual(client, root: Path, minilm, use, gold: list[dict], ko_id: list[dict], settings) -> dict:
+    """The options for questions in Korean and Indonesian, beside the same questions in English."""
+    default = markdown_items(root, DEFAULT_CHUNKING, True)
+    oracle = [{**q, "question": q["english"]} for q in ko_id]
+    sets = {"en dev": gold, "ko/id": ko_id, "ko/id translated (oracle)": oracle}
+    options = [  # label, embedders by field, BM25
+        ("MiniLM + BM25 (before)", {"dense": minilm}, True),
+        ("USE multilingual dense alone", {"dense": use}, False),
+        ("USE + MiniLM + BM25 [default]", {"dense": minilm, build.MULTILINGUAL: use}, True),
+    ]
+    results = {}
+    print("\n| option | question set | recall@1 | recall@5 | MRR@10 | answerable said 'not covered' | "
+          "unanswerable 'not covered' |")
+    print("|---|---|---|---|---|---|---|")
+    for n, (label, embedders, hybrid) in enumerate(options):
+        figures, _ = evaluate_variant(client, f"bench_xling_{n}", default, embedders, sets, hybrid, settings,
+                                      settings.rrf_k)
+        results[label] = figures
+        for set_label, f in figures.items():
+            print(f"| {label} | {set_label} | {f['recall@1']} | {f['recall@5']} | {f['mrr@10']} | "
+                  f"{f['not_covered_answerable']} | {f['not_covered_unanswerable']} |", flush=True)
+    speed = {name: round(e.embedded / e.seconds, 1) for name, e in (("minilm", minilm), ("use", use)) if e.seconds}
+    print(f"\nchunks/s on this machine (both cores): {speed}")
+    return {"options": results, "chunks_per_s": speed}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--release", default="../shared/data/releases/milvus_docs_2.4.x_en.zip")
     parser.add_argument("--gold", default="../shared/eval/dev.jsonl")
+    parser.add_argument("--ko-id", default="../shared/eval/dev_ko_id.jsonl")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="docsrag-retrieval-"))
     os.environ["DOCSRAG_HOME"] = str(work)
@@ -87,7 +135,10 @@ def main() -> None:
     root = release.extract_release(rel, work / "releases", max_bytes=settings.max_archive_bytes,
                                    max_files=settings.max_archive_files)
     gold = load_gold(Path(args.gold))
+    lines = filter(str.strip, Path(args.ko_id).read_text(encoding="utf-8").splitlines())
+    ko_id = [{**item, "english": json.loads(line)["english"]} for item, line in zip(load_gold(Path(args.ko_id)), lines)]
     embedder = CachedEmbedder(embedding.embedder_for(settings))
+    use = CachedEmbedder(embedding.MultilingualEmbedder(threads=os.cpu_count() or 1))
     client = store.connect(settings)
     small = {"max_characters": 800, "new_after_n_chars": 500, "combine_text_under_n_chars": 200}
     default = markdown_items(root, DEFAULT_CHUNKING, True)
@@ -98,7 +149,7 @@ def main() -> None:
         ("+ BM25 on the chunk text, RRF k=60", markdown_items(root, DEFAULT_CHUNKING, True, False), True, 60),
         ("+ doc path and headings in the BM25 text", default, True, 60),
         ("+ RRF k=10", default, True, 10),
-        ("+ RRF k=5 [default]", default, True, 5),
+        ("+ RRF k=5 [English only]", default, True, 5),
         ("smaller chunks (800/500), RRF k=10", markdown_items(root, small, True), True, 10),
         ("tutorial chunks, hybrid, RRF k=10", tutorial_items(root), True, 10),
     ]
@@ -106,12 +157,11 @@ def main() -> None:
     print("| variant | chunks | recall@1 | recall@3 | recall@5 | recall@10 | MRR@10 | contains | not covered |")
     print("|---|---|---|---|---|---|---|---|---|")
     for n, (label, items, hybrid, rrf_k) in enumerate(variants):
-        figures, hits = evaluate_variant(client, f"bench_{n}", items, embedder, gold, hybrid, settings, rrf_k)
-        results[label] = figures
-        default_hits = hits if "[default]" in label else default_hits
-        print(f"| {label} | {figures['chunks']} | {figures['recall@1']} | {figures['recall@3']} | "
-              f"{figures['recall@5']} | {figures['recall@10']} | {figures['mrr@10']} | {figures['contains']} | "
-              f"{figures['not_covered_unanswerable']} |", flush=True)
+        figures, hits = evaluate_variant(client, f"bench_{n}", items, {"dense": embedder}, {"en": gold}, hybrid,
+                                         settings, rrf_k)
+        results[label] = figures["en"]
+        default_hits = hits["en"] if "[English only]" in label else default_hits
+        print_row(label, figures["en"])
     print("\n| rule | unanswerable said 'not covered' | answerable wrongly 'not covered' |")
     print("|---|---|---|")
     answerable = [bool(g["gold_sources"]) for g in gold]
@@ -124,7 +174,8 @@ def main() -> None:
         lost = sum(s for s, a in zip(said, answerable) if a)
         sweep[rule] = {"unanswerable": f"{hit}/{answerable.count(False)}", "answerable_lost": lost}
         print(f"| {rule} | {hit}/{answerable.count(False)} | {lost}/{answerable.count(True)} |")
-    print(json.dumps({"variants": results, "not_covered_sweep": sweep}))
+    xling = crosslingual(client, root, embedder, use, gold, ko_id, settings)
+    print(json.dumps({"variants": results, "not_covered_sweep": sweep, "crosslingual": xling}))
 
 
 if __name__ == "__main__":

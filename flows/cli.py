@@ -88,12 +88,14 @@ def _parser() -> argparse.ArgumentParser:
     search.add_argument("--file", help="JSON lines with id and question; prints one result line each")
     search.add_argument("-k", type=_positive, default=5, help="results per query")
     search.add_argument("--version", help="search this docs version instead of the newest")
+    search.add_argument("--lang", help="search the localized docs in this language (ko, id...; default English)")
     search.add_argument("--json", action="store_true")
     search.set_defaults(run=_search)
 
     ask = commands.add_parser("ask", help="queue a question (and wait for its answer)")
     ask.add_argument("question")
     ask.add_argument("--version", help="answer from this docs version instead of the newest")
+    ask.add_argument("--lang", help="answer from the localized docs in this language (default: English docs)")
     ask.add_argument("--answer-in", metavar="LANG", help="ISO 639-1 code to answer in (default: the question's)")
     ask.add_argument("--key", help="client key: asking again with the same key returns the same question")
     ask.add_argument("--priority", type=int, default=0, metavar="N",
@@ -135,6 +137,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--gold", required=True, help="JSON lines with question and gold_sources")
     evaluate.add_argument("-k", type=_positive, default=10)
     evaluate.add_argument("--version", help="evaluate this docs version's index")
+    evaluate.add_argument("--lang", help="evaluate the localized docs in this language (default English)")
     evaluate.add_argument("--answers", action="store_true", help="also ask the LLM; check answers cite a gold doc")
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(run=_eval)
@@ -146,6 +149,7 @@ def _parser() -> argparse.ArgumentParser:
     automations.set_defaults(run=_automations)
 
     rollback = commands.add_parser("rollback", help="serve the previous collection again")
+    rollback.add_argument("--lang", help="roll back the localized docs in this language (default English)")
     rollback.add_argument("--json", action="store_true")
     rollback.set_defaults(run=_rollback)
     return parser
@@ -205,10 +209,10 @@ def _search(args, settings: Settings) -> int:
         with open(args.file, encoding="utf-8") as lines:
             for line in filter(str.strip, lines):
                 item = json.loads(line)
-                hits = retriever.search([item["question"]], args.k, args.version)[0]
+                hits = retriever.search([item["question"]], args.k, args.version, args.lang)[0]
                 print(json.dumps({"id": item.get("id"), "query": item["question"], "results": _results(hits)}))
         return 0
-    hits = _results(retriever.search([args.query], args.k, args.version)[0])
+    hits = _results(retriever.search([args.query], args.k, args.version, args.lang)[0])
     if args.json:
         print(json.dumps({"query": args.query, "results": hits}))
     else:
@@ -231,7 +235,7 @@ def _queue(settings: Settings):
 def _ask(args, settings: Settings) -> int:
     queue = _queue(settings)
     question_id, created = queue.submit(args.question, version=args.version, client_key=args.key,
-                                        priority=args.priority, lang=args.answer_in)
+                                        priority=args.priority, lang=args.answer_in, docs_lang=args.lang)
     server = _prefect_server()
     if created and server:
         from flows.answer import announce_question
@@ -390,7 +394,8 @@ def _watch(args, settings: Settings) -> int:
 def _eval(args, settings: Settings) -> int:
     from flows.evaluate import evaluate_retrieval
 
-    figures = evaluate_retrieval(gold=args.gold, k=args.k, version=args.version, answers=args.answers)
+    figures = evaluate_retrieval(gold=args.gold, k=args.k, version=args.version, answers=args.answers,
+                                 docs_lang=args.lang)
     if args.json:
         print(json.dumps(figures))
         return 0
@@ -415,12 +420,14 @@ def _automations(args, settings: Settings) -> int:
 def _rollback(args, settings: Settings) -> int:
     from tasks import build, store
 
+    lang = args.lang or "en"
+    alias = build.aliases_for(settings.collection, None, lang)
     with build.build_lock(settings.home, settings.collection):
-        current, previous = build.rollback(store.connect(settings), settings.collection)
+        current, previous = build.rollback(store.connect(settings), settings.collection, lang)
     if args.json:
-        print(json.dumps({"alias": settings.collection, "from": current, "to": previous}))
+        print(json.dumps({"alias": alias, "from": current, "to": previous}))
     else:
-        print(f"{settings.collection}: {current} -> {previous}")
+        print(f"{alias}: {current} -> {previous}")
     return 0
 
 

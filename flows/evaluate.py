@@ -17,8 +17,9 @@ from tasks.settings import Settings, settings_for_run
 
 
 @task(name="retrieve-gold", cache_policy=NONE, persist_result=False)
-def retrieve_all(settings: Settings, questions: list[str], k: int, version: str | None) -> list[list[dict]]:
-    return Retriever(settings).search(questions, k, version)
+def retrieve_all(settings: Settings, questions: list[str], k: int, version: str | None,
+                 docs_lang: str | None) -> list[list[dict]]:
+    return Retriever(settings).search(questions, k, version, docs_lang)
 
 
 @task(name="answer-gold", cache_policy=NONE, persist_result=False)
@@ -39,7 +40,7 @@ def answer_all(settings: Settings, items: list[dict], hits: list[list[dict]]) ->
 
 @flow(name="evaluate-retrieval")
 def evaluate_retrieval(gold: str | None = None, k: int = 10, version: str | None = None,
-                       answers: bool = False, collection: str | None = None) -> dict:
+                       answers: bool = False, collection: str | None = None, docs_lang: str | None = None) -> dict:
     """Doc-level recall@1/3/5/10 and MRR@10 of the index served as ``collection`` (default
     DOCSRAG_COLLECTION) on a gold file (JSON lines; default DOCSRAG_EVAL_GOLD)."""
     settings = settings_for_run(collection=collection)
@@ -50,7 +51,7 @@ def evaluate_retrieval(gold: str | None = None, k: int = 10, version: str | None
         get_run_logger().warning("Skipped: %s", reason)
         return {"skipped": reason}
     items = load_gold(Path(gold))
-    hits = retrieve_all(settings, [i["question"] for i in items], k, version)
+    hits = retrieve_all(settings, [i["question"] for i in items], k, version, docs_lang)
     rows = [score(item, h, not covered(h, settings.min_relevance, settings.weak_relevance))
             for item, h in zip(items, hits)]
     figures, languages = aggregate(rows), by_language(rows)

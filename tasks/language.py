@@ -69,3 +69,10 @@ def detect(text: str) -> str:
 def name(lang: str | None) -> str:
     """The language's English name for the prompt ("Korean"); English for a code we do not know."""
     return LANGUAGES.get(lang or DEFAULT, LANGUAGES[DEFAULT])
+
+
+def of_tree(doc_paths) -> str:
+    """The language of a docs release, from its top folder, as the docs site lays its trees out
+    (``en/``, ``ko/``, ``id/``...). A tree without such a folder counts as English."""
+    tops = {path.split("/", 1)[0] for path in doc_paths}
+    return tops.pop() if len(tops) == 1 and next(iter(tops)) in LANGUAGES else DEFAULT

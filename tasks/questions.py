@@ -42,7 +42,8 @@ questions = Table(
     Column("client_key", String(200), unique=True),
     Column("question", Text, nullable=False),
     Column("version", String(64)),
-    Column("lang", String(8)),  # ISO 639-1, detected at submit (or when claimed, for rows written by others)
+    Column("lang", String(8)),
+    Column("docs_lang", String(8)),  # answer from the localized docs in this language (None: English)  # ISO 639-1, detected at submit (or when claimed, for rows written by others)
     Column("priority", Integer, nullable=False, default=0),
     Column("claim_rank", Float, nullable=False, default=0.0),  # submit time minus the priority's head start
     Column("status", String(16), nullable=False, index=True, default="pending"),
@@ -65,7 +66,7 @@ questions = Table(
 )
 # Columns added after the first release: an existing queue gets them on open (ALTER TABLE ... ADD).
 _ADDED_COLUMNS = {"priority": "INTEGER NOT NULL DEFAULT 0", "claim_rank": "FLOAT NOT NULL DEFAULT 0",
-                  "lang": "VARCHAR(8)"}
+                  "lang": "VARCHAR(8)", "docs_lang": "VARCHAR(8)"}
 
 
 class QuestionError(ValueError):
@@ -79,6 +80,7 @@ class Claimed:
     version: str | None
     attempts: int
     lang: str | None = None  # None: queued without one (a row from before the column, or another writer)
+    docs_lang: str | None = None  # the localized docs to answer from; None: English
 
 
 def now() -> datetime:
@@ -99,7 +101,7 @@ class Queue:
                    max_attempts=settings.max_attempts, lease_s=settings.lease_s, backoff_s=settings.retry_backoff_s)
 
     def submit(self, question: str, *, version: str | None = None, client_key: str | None = None,
-               priority: int = 0, lang: str | None = None) -> tuple[int, bool]:
+               priority: int = 0, lang: str | None = None, docs_lang: str | None = None) -> tuple[int, bool]:
         """Queue a question; with a client key, submitting again returns the first id. -> (id, created).
         ``lang`` (ISO 639-1) is the language to answer in; detected from the question when not given."""
         question = question.strip()
@@ -110,14 +112,15 @@ class Queue:
                                 "(DOCSRAG_MAX_QUESTION_CHARS)")
         if not -MAX_PRIORITY <= priority <= MAX_PRIORITY:
             raise QuestionError(f"the priority must be between -{MAX_PRIORITY} and {MAX_PRIORITY}, not {priority}")
-        if lang is not None and not _LANG.fullmatch(lang):
-            raise QuestionError(f"the language must be an ISO 639-1 code like 'ko', not {lang!r}")
+        for given in (lang, docs_lang):
+            if given is not None and not _LANG.fullmatch(given):
+                raise QuestionError(f"the language must be an ISO 639-1 code like 'ko', not {given!r}")
         lang = lang or language.detect(question)
         stamp = now()
         try:
             with self.engine.begin() as db:
                 new_id = db.execute(insert(questions).values(
-                    question=question, version=version, lang=lang, client_key=client_key, status="pending",
+                    question=question, version=version, lang=lang, docs_lang=docs_lang, client_key=client_key, status="pending",
                     attempts=0, priority=priority, claim_rank=stamp.timestamp() - priority * PRIORITY_STEP_S,
                     available_at=stamp, created_at=stamp, updated_at=stamp)).inserted_primary_key[0]
             return int(new_id), True
@@ -141,12 +144,12 @@ class Queue:
                          last_error=case((expired, "a lease expired: its worker stopped before answering"),
                                          else_=questions.c.last_error))
                  .returning(questions.c.id, questions.c.question, questions.c.version, questions.c.attempts,
-                            questions.c.lang, questions.c.claim_rank))
+                            questions.c.lang, questions.c.docs_lang, questions.c.claim_rank))
         with self.engine.begin() as db:
             self._bury_expired(db, stamp)
             rows = db.execute(claim).all()
         rows.sort(key=lambda r: (r.claim_rank, r.id))
-        return [Claimed(r.id, r.question, r.version, r.attempts, r.lang) for r in rows]
+        return [Claimed(r.id, r.question, r.version, r.attempts, r.lang, r.docs_lang) for r in rows]
 
     def _bury_expired(self, db, stamp: datetime) -> None:
         """Questions whose every attempt ended with the worker gone are dead, with that reason."""

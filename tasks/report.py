@@ -26,8 +26,9 @@ class IngestSummary:
     sha256: str
     size: int
     archived: str  # object-store key of the raw zip
-    alias: str
+    alias: str  # the main alias of the docs' language
     version_alias: str
+    lang: str  # the docs' language: the release tree's top folder (en/, ko/...)
     named_version: bool  # False: served on its own alias only, unless --publish-main
     documents: int
     chunks: int

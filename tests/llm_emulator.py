@@ -134,6 +134,7 @@ class Emulator:
         self.always_fail: int | None = None
         self.hang_s = 0.0
         self.answer_text: str | None = None  # fixed content instead of the default citing answer
+        self.translations: dict[str, str] = {}  # question -> English, for translation requests (else echoed)
         self.lock = threading.Lock()
         self.server = _Server((host, port), self._handler())
         self.server.daemon_threads = True
@@ -164,7 +165,10 @@ class Emulator:
             self.engine.generate(tokens)
         capped = tokens < self.output_tokens
         docs = re.findall(r'<source n="(\d+)" doc="([^"]+)"', prompt)
-        content = "" if capped else self.answer_text or _default_answer(docs, body["messages"])
+        if body["messages"][0]["content"].startswith("Translate the user's question"):
+            content = self.translations.get(prompt, prompt)
+        else:
+            content = "" if capped else self.answer_text or _default_answer(docs, body["messages"])
         message = {"role": "assistant", "content": content,
                    self.reasoning_field: f"Reasoning ({body.get('reasoning_effort')}): read {len(docs)} sources."}
         prompt_tokens = sum(count_tokens(m["content"]) for m in body["messages"])

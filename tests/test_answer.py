@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 import pytest
 
 from flows.cli import main
-from tasks.generate import NOT_COVERED, not_covered
+from tasks.generate import NOT_COVERED, TRANSLATE, not_covered
 from tasks.questions import Queue
 from tasks.settings import load_settings
 
@@ -167,6 +167,11 @@ def test_worker_killed_after_claiming_is_answered_once(llm, capsys, monkeypatch,
     assert Queue.from_settings(load_settings()).counts()["answered"] == 1
 
 
+def answer_requests(llm) -> list[dict]:
+    """What the model was asked to answer (questions not in English are first asked for a translation)."""
+    return [r for r in llm.requests if r["messages"][0]["content"] != TRANSLATE]
+
+
 def stored(question_id: int) -> dict:
     return Queue.from_settings(load_settings()).get(question_id)
 
@@ -185,7 +190,7 @@ def always_covered(monkeypatch):
 def test_a_question_is_answered_in_its_language(llm, capsys, always_covered, question, lang, language):
     qid = cli(capsys, "ask", question)["id"]
     assert subset(cli(capsys, "answer"), answered=1, not_covered=0, languages={lang: 1})
-    [request] = llm.requests
+    [request] = answer_requests(llm)
     system = request["messages"][0]["content"]
     assert f"Answer in {language}, the language of the question." in system
     assert "Keep the citations [n] as they are" in system and "identifiers exactly as written" in system
@@ -198,7 +203,7 @@ def test_a_question_is_answered_in_its_language(llm, capsys, always_covered, que
 def test_an_english_question_gets_no_language_instruction(llm, capsys):
     qid = cli(capsys, "ask", QUESTIONS[0])["id"]
     cli(capsys, "answer")
-    [request] = llm.requests
+    [request] = llm.requests  # no translation either
     assert "Answer in" not in request["messages"][0]["content"]
     record = stored(qid)
     assert record["lang"] == "en" and record["answer"].endswith("this is covered [1].")
@@ -212,7 +217,7 @@ def test_not_covered_is_said_in_the_question_language(llm, capsys, monkeypatch):
     assert cli(capsys, "answer")["not_covered"] == 2
     assert stored(korean)["answer"] == not_covered("ko") != NOT_COVERED
     assert stored(english)["answer"] == NOT_COVERED
-    assert llm.requests == []
+    assert answer_requests(llm) == [], "no answer asked (the Korean question was translated for retrieval)"
 
 
 def test_a_question_queued_without_a_language_is_answered_in_the_detected_one(llm, capsys, always_covered):
@@ -223,5 +228,24 @@ def test_a_question_queued_without_a_language_is_answered_in_the_detected_one(ll
     with queue.engine.begin() as db:  # as a product writing into the queue, or a row from before languages
         db.execute(questions.update().where(questions.c.id == qid).values(lang=None))
     cli(capsys, "answer")
-    assert "Answer in Korean" in llm.requests[0]["messages"][0]["content"]
+    assert "Answer in Korean" in answer_requests(llm)[0]["messages"][0]["content"]
     assert stored(qid)["lang"] == "ko"
+
+
+def test_a_question_not_in_english_is_searched_in_english_and_answered_as_asked(llm, capsys):
+    question, english = "Milvus는 데이터를 어디에 저장하나요?", "Where does Milvus store data?"
+    llm.translations[question] = english
+    qid = cli(capsys, "ask", question)["id"]
+    assert subset(cli(capsys, "answer"), answered=1, not_covered=0)
+    translation, answer = llm.requests
+    assert translation["messages"][1]["content"] == question and translation["reasoning_effort"] == "low"
+    assert answer["messages"][1]["content"].endswith(f"Question: {question}"), "the answer is asked as asked"
+    searched = cli(capsys, "search", english, "-k", "5")["results"]
+    assert [s["doc_path"] for s in stored(qid)["sources"]] == [r["doc_path"] for r in searched]
+
+
+def test_a_failed_translation_costs_nothing_but_the_translation(llm, capsys, always_covered):
+    llm.failures = [500]  # the translation request fails; the answer request succeeds
+    qid = cli(capsys, "ask", "Milvus는 데이터를 어디에 저장하나요?")["id"]
+    assert subset(cli(capsys, "answer"), answered=1, failed=0)
+    assert stored(qid)["status"] == "answered" and stored(qid)["attempts"] == 1

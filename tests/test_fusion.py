@@ -10,7 +10,7 @@ def hit(key: str, dense: list[float]) -> dict:
 def test_chunks_in_both_rankings_come_first_and_ties_go_to_dense():
     dense = [hit("a", [1.0, 0.0]), hit("b", [0.6, 0.8])]
     bm25 = [hit("c", [0.0, 1.0]), hit("b", [0.6, 0.8])]
-    fused = fuse([dense, bm25], query=[1.0, 0.0], k=3, rrf_k=10)
+    fused = fuse([dense, bm25], query={"dense": [1.0, 0.0]}, k=3, rrf_k=10)
     assert [h["id"] for h in fused] == ["b", "a", "c"]  # b is in both; a and c tie, dense wins
     assert fused[0]["score"] == 1 / 12 + 1 / 12
     assert [h["relevance"] for h in fused] == [0.6, 1.0, 0.0]  # cosine to the query, not the RRF score
@@ -19,10 +19,10 @@ def test_chunks_in_both_rankings_come_first_and_ties_go_to_dense():
 
 
 def test_rankings_with_no_document_in_common_disagree():
-    fused = fuse([[hit("a", [1.0, 0.0])], [hit("c", [0.0, 1.0])]], [1.0, 0.0], k=2, rrf_k=5)
+    fused = fuse([[hit("a", [1.0, 0.0])], [hit("c", [0.0, 1.0])]], {"dense": [1.0, 0.0]}, k=2, rrf_k=5)
     assert [h["agreement"] for h in fused] == [False, False]
 
 
 def test_fusion_keeps_k_results():
     ranking = [hit(str(n), [1.0, 0.0]) for n in range(10)]
-    assert len(fuse([ranking, ranking[::-1]], [1.0, 0.0], k=4, rrf_k=10)) == 4
+    assert len(fuse([ranking, ranking[::-1]], {"dense": [1.0, 0.0]}, k=4, rrf_k=10)) == 4

@@ -134,3 +134,16 @@ def test_the_cluster_runs_one_milvus_version_and_it_has_bm25(compose):
     assert compose_tag == helm, "upgrade infra/compose and infra/helm together"
     major, minor = (int(n) for n in re.match(r"v?(\d+)\.(\d+)", helm).groups())
     assert (major, minor) >= (2, 5), "BM25 (hybrid search) needs Milvus 2.5"
+
+
+def test_the_embeddings_server_is_on_a_gpu_at_the_url_docsrag_embeds_with(rendered):
+    config = next(d for d in rendered if d["kind"] == "ConfigMap")["data"]
+    service = next(d for d in rendered if d["kind"] == "Service" and d["metadata"]["name"] == "embeddings")
+    deployment = next(d for d in rendered if d["kind"] == "Deployment" and d["metadata"]["name"] == "embeddings")
+    url = urlparse(config["DOCSRAG_EMBEDDING_BASE_URL"])
+    assert config["DOCSRAG_EMBEDDING"] == "openai" and url.path == "/v1"
+    assert url.hostname.split(".")[0] == "embeddings" and url.port == service["spec"]["ports"][0]["port"]
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert config["DOCSRAG_EMBEDDING_MODEL"] in container["args"]
+    assert config["DOCSRAG_MULTILINGUAL"] == "off", "the served model is multilingual: no second field on CPU"

@@ -73,4 +73,4 @@ def test_runs_persist_no_task_results_even_when_prefect_persists_by_default(home
 
     [stored] = [p for p in storage.rglob("*") if p.is_file()]  # the flow's own result: the run summary
     summary = pickle.loads(base64.b64decode(stored.read_bytes()))
-    assert summary["chunks"] == 49 and summary["version"] == "2.4.x" and stored.stat().st_size < 20_000
+    assert summary.chunks == 49 and summary.version == "2.4.x" and stored.stat().st_size < 20_000

@@ -1,6 +1,7 @@
 """What a data engineer reads in the Prefect UI, read back through the API of a real server."""
 
 import json
+import os
 import time
 
 from prefect import get_client
@@ -74,3 +75,26 @@ def test_runs_persist_no_task_results_even_when_prefect_persists_by_default(home
     [stored] = [p for p in storage.rglob("*") if p.is_file()]  # the flow's own result: the run summary
     summary = pickle.loads(base64.b64decode(stored.read_bytes()))
     assert summary.chunks == 49 and summary.version == "2.4.x" and stored.stat().st_size < 20_000
+
+
+def test_the_stage_table_counts_the_command_from_its_process_start(home, releases, tmp_path):
+    """`docsrag ingest` with no Prefect server: the seconds before the first stage (interpreter,
+    imports, Prefect's temporary server, started beside them) are stages of their own, so the
+    table accounts for the command's time up to its exit."""
+    import subprocess
+
+    from .conftest import DOCSRAG, ROOT
+
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {"PREFECT_HOME": str(tmp_path)}
+    started = time.monotonic()
+    done = subprocess.run([DOCSRAG, "ingest", "--release", str(releases / "milvus_docs_faq_2.4.x_en.zip"), "--json"],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    wall = time.monotonic() - started
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(done.stdout.splitlines()[-1])
+    stages = summary["stages"]
+    assert list(stages)[:4] == ["start-up", "prefect-api", "fetch", "extract"]
+    assert {"open-store", "plan", "model-wait", "embed+write", "validate", "publish"} <= stages.keys()
+    assert stages["start-up"] > 0.2, "the interpreter and imports count from the process's start"
+    assert stages["start-up"] + stages["prefect-api"] < summary["seconds"] <= wall
+    assert wall - summary["seconds"] < 20, "what the table leaves out is the exit"

@@ -15,6 +15,7 @@ from tasks import build, chunking, markdown, store
 from tasks.settings import load_settings
 
 from .conftest import DOCSRAG, ROOT, api_env
+from .llm_emulator import Emulator
 
 
 def ingest(capsys, *args: str) -> dict:
@@ -40,13 +41,29 @@ def fresh_build_ids(summary: dict) -> set[str]:
 
 
 
-def test_full_release_then_unchanged_then_next_release(releases, tmp_path, prefect_server, capsys, monkeypatch):
+@pytest.fixture
+def gpu_embeddings(monkeypatch):
+    """Whole releases are embedded by an OpenAI-compatible embeddings server (the emulator's, at a
+    GPU's pace), as on the cluster: what these tests check is the diff, the reuse and the aliases
+    at the scale of real releases, and the real model would spend 15 minutes of a 2-core CPU on
+    them (the FAQ tests use the real model)."""
+    server = Emulator().start()
+    for name, value in {"EMBEDDING": "openai", "EMBEDDING_BASE_URL": server.url, "EMBEDDING_MODEL": "emulated",
+                        "EMBEDDING_BATCH_SIZE": "256", "MULTILINGUAL": "off"}.items():
+        monkeypatch.setenv(f"DOCSRAG_{name}", value)
+    yield server
+    server.stop()
+
+
+def test_full_release_then_unchanged_then_next_release(releases, tmp_path, prefect_server, capsys, monkeypatch,
+                                                       gpu_embeddings):
     monkeypatch.setenv("DOCSRAG_HOME", str(tmp_path / "home"))
     summary = ingest(capsys, "--release", str(releases / "milvus_docs_2.4.x_en.zip"))
     with zipfile.ZipFile(releases / "milvus_docs_2.4.x_en.zip") as z:
         pages = [n for n in z.namelist() if n.endswith(".md") and "/fragments/" not in n]
     assert summary["documents"] == len(pages) == 209
     assert summary["embedded"] == summary["chunks"] == len(served_ids()) == len(fresh_build_ids(summary))
+    assert gpu_embeddings.embedded == summary["chunks"] + 1, "every chunk, and the dimension probe"
     assert summary["skipped"] == []
     assert {w["path"] for w in summary["warnings"]} == {"en/adminGuide/upgrade_milvus_standalone-helm.md"}
     # Fragments are included where they are used, not indexed on their own.

@@ -169,8 +169,18 @@ def test_poison_question_is_dead_lettered_with_its_reason(llm, capsys, monkeypat
 
 def test_milvus_down_after_claiming_puts_the_questions_back(llm, capsys, monkeypatch, milvus):
     ids = submit(100)
-    llm.latency_s = 0.3  # the first batch is still generating when Milvus goes away
-    threading.Timer(1.0, milvus.kill).start()
+    monkeypatch.setenv("DOCSRAG_LLM_CONCURRENCY", "8")  # claims of 8, so more are claimed after the kill
+    llm.latency_s = 0.3  # the first claims are still generating when Milvus goes away
+    generating = threading.Event()
+
+    def kill_once_generating():  # not on a timer: a slow start must not kill it before the run claims
+        while not llm.requests and not generating.is_set():
+            time.sleep(0.02)
+        if not generating.is_set():
+            milvus.kill()
+
+    killer = threading.Thread(target=kill_once_generating, daemon=True)
+    killer.start()
     try:
         code, _, err = answer(capsys)
         assert code == 1 and f"Milvus at {milvus.uri} failed while retrieving" in err
@@ -179,6 +189,8 @@ def test_milvus_down_after_claiming_puts_the_questions_back(llm, capsys, monkeyp
         assert statuses <= {"answered", "pending"} and "pending" in statuses
         assert all(r["attempts"] == (1 if r["status"] == "answered" else 0) for r in records)
     finally:
+        generating.set()
+        killer.join()
         milvus.kill()
         milvus.start()
     llm.latency_s = 0

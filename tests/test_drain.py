@@ -228,10 +228,12 @@ def test_leases_hold_under_a_slow_model_and_a_second_worker(llm, capsys, monkeyp
         from tasks.drain import Drain
         from tasks.retrieve import Retriever
 
-        time.sleep(1.0)
         settings = load_settings()
-        second["summary"] = asyncio.run(Drain(settings, Queue.from_settings(settings), Retriever(settings),
-                                              owner="second", max_seconds=3).run())
+        drain = Drain(settings, Queue.from_settings(settings), Retriever(settings), owner="second", max_seconds=3)
+        while not llm.requests:  # the first run has claimed them all and the model is working
+            time.sleep(0.02)
+        time.sleep(1.6)  # longer than a lease: one not renewed would have expired by now
+        second["summary"] = asyncio.run(drain.run())
 
     other = threading.Thread(target=second_worker)
     other.start()

@@ -1,7 +1,6 @@
 """A localized docs tree (the docs site's ko/, id/... folders zipped like the English release)
 is served on its own aliases; --lang picks it, English stays the default."""
 
-import json
 import zipfile
 
 import pytest
@@ -11,13 +10,7 @@ from tasks import store
 from tasks.settings import load_settings
 
 from .llm_emulator import Emulator
-
-
-def cli_json(capsys, *args: str):
-    code = main([*args, "--json"])
-    out, err = capsys.readouterr()
-    assert code == 0, err
-    return json.loads(out.strip().splitlines()[-1])
+from .test_ingest import cli_json
 
 
 @pytest.fixture

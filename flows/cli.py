@@ -9,7 +9,6 @@ import os
 import re
 import signal
 import sys
-import threading
 import time
 
 from tasks import release
@@ -172,7 +171,20 @@ def printable(text: str) -> str:
 
 
 def _ingest(args, settings: Settings) -> int:
-    prefect_api = _prefect_api_in_background()
+    from flows.temporary_api import prefect_api
+
+    with prefect_api(on_wait=_api_wait_begins) as wait_for_api:
+        return _ingest_with_api(args, settings, wait_for_api)
+
+
+def _api_wait_begins() -> None:
+    from tasks.terminal import current
+
+    if terminal := current():
+        terminal.api_wait_from = time.perf_counter()
+
+
+def _ingest_with_api(args, settings: Settings, wait_for_api) -> int:
     from tasks import embedding
 
     embedding.preload(settings)  # the model loads beside the imports and Prefect's start
@@ -185,7 +197,7 @@ def _ingest(args, settings: Settings) -> int:
     # Flow parameters are stored by Prefect and shown in its UI: a URL with credentials travels in
     # the settings only (they hold it already).
     release = None if args.release and has_credentials(args.release) else args.release
-    prefect_api()
+    wait_for_api()
     s = flow(release=release, version=args.version, force=args.force, publish_main=args.publish_main)
     if args.json:
         print(json.dumps(s.to_dict()))
@@ -284,33 +296,6 @@ def _drain_here(settings, queue, max_seconds: float) -> None:
     retriever.collection()
     asyncio.run(Drain(settings, queue, retriever, owner=f"cli-{uuid.uuid4().hex[:12]}",
                       max_seconds=max_seconds).run())
-
-
-def _prefect_api_in_background():
-    """Without PREFECT_API_URL, a flow run starts Prefect's temporary server first (about 4 s here).
-    Start it now in a thread, beside the imports and the model's loading; the returned function
-    waits for it (and records when the command began to wait, for the stage table)."""
-    from prefect.settings import PREFECT_SERVER_EPHEMERAL_ENABLED
-
-    from tasks.terminal import current
-
-    def start() -> None:
-        from prefect.server.api.server import SubprocessASGIServer
-
-        SubprocessASGIServer().start()
-
-    thread = None
-    if not _prefect_server() and PREFECT_SERVER_EPHEMERAL_ENABLED.value():
-        thread = threading.Thread(target=start, name="prefect-api", daemon=True)
-        thread.start()
-
-    def wait() -> None:
-        if terminal := current():
-            terminal.api_wait_from = time.perf_counter()
-        if thread:
-            thread.join()
-
-    return wait
 
 
 def _prefect_server() -> str | None:

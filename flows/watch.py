@@ -12,7 +12,7 @@ from prefect.cache_policies import NONE
 from prefect.events import emit_event
 
 from flows.ingest import ingest_release
-from tasks.feed import PublishedAsset, RateLimited, SeenReleases, read_feed
+from tasks.feed import MalformedFeed, PublishedAsset, RateLimited, SeenReleases, read_feed
 from tasks.objectstore import open_store
 from tasks.release import version_order
 from tasks.report import name_run
@@ -21,11 +21,12 @@ from tasks.settings import Settings, settings_for_run
 EVENT = "docsrag.release.published"
 
 
-def _not_rate_limited(task, task_run, state) -> bool:
-    return not isinstance(state.result(raise_on_failure=False), RateLimited)  # its message says when to come back
+def _worth_retrying(task, task_run, state) -> bool:
+    # A rate limit's message says when to come back; a malformed answer is the same a minute later.
+    return not isinstance(state.result(raise_on_failure=False), (RateLimited, MalformedFeed))
 
 
-@task(name="read-feed", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_not_rate_limited,
+@task(name="read-feed", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_worth_retrying,
       cache_policy=NONE, persist_result=False)
 def fetch_feed(settings: Settings, etag: str | None) -> tuple[list[PublishedAsset] | None, str | None]:
     token = settings.github_token.get_secret_value() if settings.github_token else None

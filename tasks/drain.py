@@ -32,6 +32,7 @@ from tasks.store import StoreError
 CLAIM_BATCH = 64  # questions claimed, embedded and searched together
 POLL_S = 0.5  # how often an otherwise idle feeder looks for new questions while answers are in flight
 PROGRESS_S = 5.0
+NO_ATTEMPT_SPENT = " (put back, no attempt spent)"
 
 
 @dataclass
@@ -115,8 +116,9 @@ class Drain:
             await self.settled.put(None)
             try:
                 await writer  # raises what made a write fail
-                reason = self.summary.outage or "the answer run stopped before answering it"
-                self.summary.released += await self._db(self.queue.release, sorted(self.held), self.owner, reason)
+                reason = (f"{self.summary.outage}{NO_ATTEMPT_SPENT}" if self.summary.outage
+                          else "the answer run stopped before answering it")
+                self.summary.released += await self._db(self._release_held, reason)
             finally:
                 self.held.clear()
                 await self.generator.close()
@@ -124,6 +126,11 @@ class Drain:
                 self.search.shutdown()
                 self.summary.seconds = round(time.monotonic() - started, 2)
         return self.summary
+
+    def _release_held(self, reason: str) -> int:
+        """In the queue's thread, so a claim still running there when the run stopped has finished
+        and what it claimed is put back too (reading `held` before it lands would strand those)."""
+        return self.queue.release(sorted(self.held), self.owner, reason)
 
     async def _db(self, call, *args):
         return await asyncio.get_running_loop().run_in_executor(self.db, partial(call, *args))
@@ -247,11 +254,11 @@ class Drain:
         after the client's retries) stops the run; overloaded (a timeout or 429 while others are
         answered) puts the question back for later. No attempt is spent either way."""
         reason = f"the LLM server at {self.settings.llm_base_url} failed: {type(exc).__name__}: {exc}"
-        await self._release([item], reason + " (put back, no attempt spent)",
-                            retry_after_s=0 if down else self.settings.retry_backoff_s)
-        if down and self.summary.outage is None:
+        if down and self.summary.outage is None:  # stop claiming first: the question put back stays put
             self.summary.outage = reason
             self.feeder.cancel()
+        await self._release([item], reason + NO_ATTEMPT_SPENT,
+                            retry_after_s=0 if down else self.settings.retry_backoff_s)
 
     async def _release(self, items: list[Claimed], reason: str, retry_after_s: float = 0) -> None:
         ids = [i.id for i in items if i.id in self.held]

@@ -28,6 +28,10 @@ class RateLimited(FeedError):
     """The API asked us to wait: retrying sooner only burns the limit."""
 
 
+class MalformedFeed(FeedError):
+    """The API answered, but not with a list of releases: asking again in seconds gets the same."""
+
+
 @dataclass(frozen=True)
 class PublishedAsset:
     version: str
@@ -118,7 +122,7 @@ def _assets(api_url: str, response: httpx.Response, pattern: str, trusted: tuple
                         refused=_refusal(url, version, api_url, trusted)))
         return found
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise FeedError(f"malformed releases feed from {api_url}: {exc.__class__.__name__}: {exc}") from None
+        raise MalformedFeed(f"malformed releases feed from {api_url}: {exc.__class__.__name__}: {exc}") from None
 
 
 class SeenReleases:

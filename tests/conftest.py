@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -48,6 +52,41 @@ def prefect_server():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+FAQ = "milvus_docs_faq_2.4.x_en.zip"
+
+
+def ingest_into(home: Path, release: Path, **env: str) -> dict:
+    """`docsrag ingest --json` of ``release`` into ``home``, outside any one test (a module's shared
+    index); extra settings as DOCSRAG_* names without the prefix. -> the run summary."""
+    from flows.cli import main
+
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(io.StringIO()) as out:
+        for name, value in {"HOME": str(home), **env}.items():
+            patch.setenv(f"DOCSRAG_{name}", value)
+        assert main(["ingest", "--release", str(release), "--json"]) == 0
+    return json.loads(out.getvalue().splitlines()[-1])
+
+
+class Index(NamedTuple):
+    home: Path
+    summary: dict
+
+
+@pytest.fixture(scope="module")
+def faq_index(tmp_path_factory, prefect_server, releases) -> Index:
+    """The FAQ release ingested once per module, for the tests that leave the index as they found
+    it (searches, questions, refused ingests): a fresh FAQ ingest costs seconds of embedding."""
+    home = tmp_path_factory.mktemp("faq") / "home"
+    return Index(home, ingest_into(home, releases / FAQ))
+
+
+@pytest.fixture
+def faq_home(faq_index, monkeypatch) -> Path:
+    """DOCSRAG_HOME pointed at the module's FAQ index."""
+    monkeypatch.setenv("DOCSRAG_HOME", str(faq_index.home))
+    return faq_index.home
 
 
 @pytest.fixture

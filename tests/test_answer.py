@@ -21,20 +21,9 @@ QUESTIONS = ["Where does Milvus store data?", "Is Docker the only way to install
              "What are the main factors affecting recall?"]
 
 
-@pytest.fixture(scope="module")
-def faq_home(tmp_path_factory, prefect_server, releases):
-    """One FAQ index for the module; each test gets its own queue and emulator."""
-    home = tmp_path_factory.mktemp("serve") / "home"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("DOCSRAG_HOME", str(home))
-        assert main(["ingest", "--release", str(releases / "milvus_docs_faq_2.4.x_en.zip")]) == 0
-    return home
-
-
 @pytest.fixture
 def llm(faq_home, tmp_path, monkeypatch):
     emulator = Emulator().start()
-    monkeypatch.setenv("DOCSRAG_HOME", str(faq_home))
     monkeypatch.setenv("DOCSRAG_QUEUE_URL", f"sqlite:///{tmp_path / 'questions.db'}")
     monkeypatch.setenv("DOCSRAG_LLM_BASE_URL", emulator.url)
     monkeypatch.setenv("DOCSRAG_RETRY_BACKOFF_S", "0")

@@ -47,23 +47,7 @@ def test_gold_file_errors_name_the_line(tmp_path):
         load_gold(bad)
 
 
-@pytest.fixture(scope="module")
-def faq_home(tmp_path_factory, prefect_server, releases):
-    """One FAQ index for the module's end-to-end tests."""
-    home = tmp_path_factory.mktemp("eval") / "home"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("DOCSRAG_HOME", str(home))
-        assert main(["ingest", "--release", str(releases / "milvus_docs_faq_2.4.x_en.zip")]) == 0
-    return home
-
-
-@pytest.fixture
-def faq_index(faq_home, monkeypatch):
-    monkeypatch.setenv("DOCSRAG_HOME", str(faq_home))
-    return faq_home
-
-
-def test_eval_runs_end_to_end_on_the_faq_release(faq_index, tmp_path, capsys, monkeypatch):
+def test_eval_runs_end_to_end_on_the_faq_release(faq_home, tmp_path, capsys, monkeypatch):
     gold = tmp_path / "gold.jsonl"
     gold.write_text("\n".join(json.dumps(g) for g in [
         {"id": "a", "question": "Where does Milvus store data?", "gold_sources": ["en/faq/product_faq.md"],
@@ -141,7 +125,7 @@ def latest_artifact(key: str):
     return json.loads(data) if key == "retrieval-misses" and isinstance(data, str) else data
 
 
-def test_eval_reports_each_language_in_json_artifact_and_misses(faq_index, tmp_path, capsys):
+def test_eval_reports_each_language_in_json_artifact_and_misses(faq_home, tmp_path, capsys):
     gold = tmp_path / "gold.jsonl"
     gold.write_text("\n".join(json.dumps(g) for g in [
         {"id": "en", "question": "Where does Milvus store data?", "gold_sources": ["en/faq/product_faq.md"]},

@@ -261,8 +261,8 @@ def test_a_release_over_its_chunk_budget_fails_before_embedding(home, prefect_se
 # -- downloads ---------------------------------------------------------------------------------------
 
 @pytest.fixture
-def served_before(home, prefect_server, releases, capsys) -> str:
-    return ingest(capsys, "--release", str(releases / "milvus_docs_faq_2.4.x_en.zip"))["collection"]
+def served_before(faq_index, faq_home) -> str:
+    return faq_index.summary["collection"]
 
 
 def failed_ingest(capsys, url: str) -> str:
@@ -272,7 +272,7 @@ def failed_ingest(capsys, url: str) -> str:
     return capsys.readouterr().err
 
 
-def test_a_download_stops_at_the_size_cap(served_before, home, monkeypatch, capsys):
+def test_a_download_stops_at_the_size_cap(served_before, faq_home, monkeypatch, capsys):
     monkeypatch.setenv("DOCSRAG_MAX_ARCHIVE_BYTES", "1000000")
     server = Server(lambda h: send(h, 200, b"0" * 3_000_000))
     try:
@@ -280,7 +280,7 @@ def test_a_download_stops_at_the_size_cap(served_before, home, monkeypatch, caps
     finally:
         server.stop()
     assert "stopped: over 1000000 bytes (DOCSRAG_MAX_ARCHIVE_BYTES)" in err
-    assert not list((home / "downloads").glob("*")) and served() == served_before
+    assert not list((faq_home / "downloads").glob("*")) and served() == served_before
 
 
 def test_a_trickling_download_stops_at_its_deadline(served_before, monkeypatch, capsys):
@@ -313,12 +313,12 @@ def test_retry_after_is_honoured_not_hammered(served_before, capsys):
     assert "the server asks to retry after 120 s (HTTP 429)" in err and len(server.requests) == 1
 
 
-def test_a_refused_archive_is_not_kept(served_before, home, tmp_path, capsys):
+def test_a_refused_archive_is_not_kept(served_before, faq_home, tmp_path, capsys):
     corrupt = tmp_path / "milvus_docs_9.9.x_en.zip"
     corrupt.write_bytes(b"PK\x03\x04 this is not really a zip" * 10)
     assert main(["ingest", "--release", str(corrupt)]) == 1
     assert "is not a valid zip archive" in capsys.readouterr().err
-    assert not list((home / "objects" / "releases").glob("9.9.x/**/*.zip")) and served() == served_before
+    assert not list((faq_home / "objects" / "releases").glob("9.9.x/**/*.zip")) and served() == served_before
 
 
 # -- what reaches the model and the terminal -----------------------------------------------------------

@@ -19,8 +19,8 @@ def cli_json(capsys, *args: str):
 
 
 @pytest.fixture
-def faq_ingested(home, prefect_server, releases, capsys):
-    return cli_json(capsys, "ingest", "--release", str(releases / "milvus_docs_faq_2.4.x_en.zip"))
+def faq_ingested(faq_index, faq_home) -> dict:
+    return faq_index.summary
 
 
 def test_faq_release_is_ingested_and_served(faq_ingested):
@@ -74,7 +74,8 @@ def test_run_is_explained_by_artifacts(faq_ingested):
                                                    ("operational_faq", "performance_faq", "product_faq", "troubleshooting")}
 
 
-def test_json_report_is_archived_in_the_object_store(faq_ingested, home):
+def test_json_report_is_archived_in_the_object_store(faq_ingested, faq_home):
+    home = faq_home
     reports = list((home / "objects" / "reports" / "2.4.x").glob("*.json"))
     assert len(reports) == 1
     assert json.loads(reports[0].read_text())["collection"] == faq_ingested["collection"]

@@ -2,6 +2,7 @@
 is served on its own aliases; --lang picks it, English stays the default."""
 
 import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -9,15 +10,14 @@ from flows.cli import main
 from tasks import store
 from tasks.settings import load_settings
 
+from .conftest import FAQ, ingest_into
 from .llm_emulator import Emulator
 from .test_ingest import cli_json
 
 
-@pytest.fixture
-def korean_faq(releases, tmp_path):
+def korean_faq(releases: Path, target: Path) -> Path:
     """The FAQ release with its en/ tree moved to ko/ (the test's stand-in for translated pages)."""
-    target = tmp_path / "milvus_docs_faq_2.4.x_ko.zip"
-    with zipfile.ZipFile(releases / "milvus_docs_faq_2.4.x_en.zip") as src, zipfile.ZipFile(target, "w") as out:
+    with zipfile.ZipFile(releases / FAQ) as src, zipfile.ZipFile(target, "w") as out:
         for info in src.infolist():
             name = "ko/" + info.filename.removeprefix("en/") if info.filename.startswith("en/") else info.filename
             if not info.is_dir():
@@ -25,10 +25,19 @@ def korean_faq(releases, tmp_path):
     return target
 
 
+@pytest.fixture(scope="module")
+def localized_index(tmp_path_factory, prefect_server, releases) -> tuple[Path, dict, dict]:
+    """The English and the Korean FAQ trees in one home, ingested once for the module."""
+    folder = tmp_path_factory.mktemp("localized")
+    english = ingest_into(folder / "home", releases / FAQ)
+    korean = ingest_into(folder / "home", korean_faq(releases, folder / "milvus_docs_faq_2.4.x_ko.zip"))
+    return folder / "home", english, korean
+
+
 @pytest.fixture
-def both_ingested(home, prefect_server, releases, korean_faq, capsys):
-    english = cli_json(capsys, "ingest", "--release", str(releases / "milvus_docs_faq_2.4.x_en.zip"))
-    korean = cli_json(capsys, "ingest", "--release", str(korean_faq))
+def both_ingested(localized_index, monkeypatch) -> tuple[dict, dict]:
+    home, english, korean = localized_index
+    monkeypatch.setenv("DOCSRAG_HOME", str(home))
     return english, korean
 
 

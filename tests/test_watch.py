@@ -115,8 +115,10 @@ def test_rate_limit_is_a_clear_error(github, prefect_server, capsys):
 
 def test_malformed_feed_is_a_clear_error(github, prefect_server, capsys):
     github.mode = "malformed"
+    started = time.monotonic()
     assert main(["watch", "--once"]) == 1
     assert "malformed releases feed from http://127.0.0.1" in capsys.readouterr().err
+    assert time.monotonic() - started < 5, "not retried: the same answer would come back"
 
 
 def test_token_is_sent_and_never_printed(github, prefect_server, capsys, monkeypatch):

@@ -100,8 +100,18 @@ def prefect_api(on_wait=None):
                 from prefect.settings import PREFECT_API_URL, temporary_settings
 
                 stack.enter_context(temporary_settings(updates={PREFECT_API_URL: temporary.wait_ready()}))
+                stack.callback(_send_what_prefect_holds)  # before the server stops (the stack unwinds in reverse)
 
         yield wait
+
+
+def _send_what_prefect_holds() -> None:
+    """Logs and events still queued in Prefect's background workers reach the server before it stops."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=5)
+    EventsWorker.drain_all(timeout=5)
 
 
 def _server_configured() -> bool:

@@ -211,6 +211,7 @@ def _ingest_with_api(args, settings: Settings, wait_for_api) -> int:
 
 
 def _search(args, settings: Settings) -> int:
+    from tasks.generate import searched_as
     from tasks.retrieve import Retriever
 
     if bool(args.query) == bool(args.file):
@@ -219,19 +220,27 @@ def _search(args, settings: Settings) -> int:
     retriever = Retriever(settings)
     if args.file:
         with open(args.file, encoding="utf-8") as lines:
-            for line in filter(str.strip, lines):
-                item = json.loads(line)
-                hits = retriever.search([item["question"]], args.k, args.version, args.lang)[0]
-                print(json.dumps({"id": item.get("id"), "query": item["question"], "results": _results(hits)}))
+            items = [json.loads(line) for line in filter(str.strip, lines)]
+        for item, query in zip(items, searched_as(settings, [item["question"] for item in items])):
+            hits = retriever.search([query], args.k, args.version, args.lang)[0]
+            print(json.dumps({"id": item.get("id"), "query": item["question"], **_translated(item["question"], query),
+                              "results": _results(hits)}))
         return 0
-    hits = _results(retriever.search([args.query], args.k, args.version, args.lang)[0])
+    [query] = searched_as(settings, [args.query])
+    hits = _results(retriever.search([query], args.k, args.version, args.lang)[0])
     if args.json:
-        print(json.dumps({"query": args.query, "results": hits}))
+        print(json.dumps({"query": args.query, **_translated(args.query, query), "results": hits}))
     else:
+        if query != args.query:
+            print(printable(f"(searched as: {query})"))
         for n, hit in enumerate(hits, 1):
             print(printable(f"{n}. {hit['doc_path']} — {hit['heading']} ({hit['score']:.4f})"))
             print("   " + printable(" ".join(hit["text"].split())[:300]))
     return 0
+
+
+def _translated(question: str, query: str) -> dict:
+    return {"searched_as": query} if query != question else {}
 
 
 def _results(hits: list[dict]) -> list[dict]:

@@ -11,7 +11,7 @@ from prefect.cache_policies import NONE
 
 from tasks import language
 from tasks.evaluate import aggregate, by_language, load_gold, score
-from tasks.generate import Generator, numbered_sources
+from tasks.generate import Generator, numbered_sources, searched_as
 from tasks.retrieve import Retriever, covered
 from tasks.settings import Settings, settings_for_run
 
@@ -19,7 +19,8 @@ from tasks.settings import Settings, settings_for_run
 @task(name="retrieve-gold", cache_policy=NONE, persist_result=False)
 def retrieve_all(settings: Settings, questions: list[str], k: int, version: str | None,
                  docs_lang: str | None) -> list[list[dict]]:
-    return Retriever(settings).search(questions, k, version, docs_lang)
+    """As the answer flow retrieves: questions not in English searched in their translation."""
+    return Retriever(settings).search(searched_as(settings, questions), k, version, docs_lang)
 
 
 @task(name="answer-gold", cache_policy=NONE, persist_result=False)

@@ -97,6 +97,28 @@ def not_covered(lang: str | None) -> str:
     return NOT_COVERED_IN.get(lang or "en", NOT_COVERED)
 
 
+def searched_as(settings: Settings, questions: list[str]) -> list[str]:
+    """What retrieval searches for each question outside the answer flow (``docsrag search``,
+    ``eval``): a question not in English as its English translation by the LLM the answer flow
+    uses (all at once), the others, and any the model does not translate (no server, a slow one,
+    DOCSRAG_TRANSLATE_QUESTIONS off), as asked."""
+    foreign = [n for n, q in enumerate(questions) if language.detect(q) != language.DEFAULT]
+    if not foreign or not settings.translate_questions:
+        return list(questions)
+
+    async def translate_all() -> list[str | None]:
+        generator = Generator(settings)
+        try:
+            return await asyncio.gather(*(generator.translate(questions[n]) for n in foreign))
+        finally:
+            await generator.close()
+
+    searched = list(questions)
+    for n, english in zip(foreign, asyncio.run(translate_all())):
+        searched[n] = english or searched[n]
+    return searched
+
+
 def instructions(lang: str | None = None) -> str:
     text = INSTRUCTIONS.format(not_covered=not_covered(lang))
     if lang in language.LANGUAGES and lang != "en":

@@ -238,3 +238,22 @@ def test_a_failed_translation_costs_nothing_but_the_translation(llm, capsys, alw
     qid = cli(capsys, "ask", "Milvus는 데이터를 어디에 저장하나요?")["id"]
     assert subset(cli(capsys, "answer"), answered=1, failed=0)
     assert stored(qid)["status"] == "answered" and stored(qid)["attempts"] == 1
+
+
+def test_search_and_eval_look_for_a_question_not_in_english_in_its_translation(llm, capsys, tmp_path):
+    question, english = "Milvus는 데이터를 어디에 저장하나요?", "Where does Milvus store data?"
+    llm.translations[question] = english
+    found = cli(capsys, "search", question)
+    assert found["query"] == question and found["searched_as"] == english
+    assert found["results"] == cli(capsys, "search", english)["results"]
+    [translation] = llm.requests  # the English search asked for none
+    assert translation["reasoning_effort"] == "low" and translation["messages"][1]["content"] == question
+    gold = tmp_path / "gold.jsonl"
+    gold.write_text(json.dumps({"question": question, "gold_sources": ["en/faq/product_faq.md"], "lang": "ko"}))
+    assert cli(capsys, "eval", "--gold", str(gold))["by_language"]["ko"]["recall@1"] == 1.0
+
+
+def test_search_without_a_model_looks_for_the_question_as_asked(faq_home, capsys, monkeypatch):
+    monkeypatch.setenv("DOCSRAG_LLM_BASE_URL", "http://127.0.0.1:9/v1")  # nothing listens there
+    found = cli(capsys, "search", "Milvus는 데이터를 어디에 저장하나요?")
+    assert "searched_as" not in found and found["results"]

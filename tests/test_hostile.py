@@ -218,10 +218,24 @@ def crafted_files() -> dict[str, bytes]:
     }
 
 
-def test_crafted_files_are_skipped_or_cut_with_reasons_and_the_rest_is_indexed(home, prefect_server, releases,
-                                                                                 tmp_path, capsys):
-    release = faq_zip(releases, tmp_path / "milvus_docs_2.4.x_en.zip", crafted_files())
-    summary = ingest(capsys, "--release", str(release))
+@pytest.fixture(scope="module")
+def crafted_ingest(tmp_path_factory, prefect_server, releases) -> tuple[Path, dict, float]:
+    """The whole ingest of the crafted release, once, in its own process (its peak resident memory
+    is the process's own). -> (its home, its summary, its peak RSS in MiB)"""
+    folder = tmp_path_factory.mktemp("crafted")
+    release = faq_zip(releases, folder / "milvus_docs_2.4.x_en.zip", crafted_files())
+    done = subprocess.run([sys.executable, "-c", "import resource, sys; from flows.cli import main; code = main("
+                           f"['ingest', '--release', {str(release)!r}, '--json']); print(resource.getrusage("
+                           "resource.RUSAGE_SELF).ru_maxrss); sys.exit(code)"],
+                          env=api_env(DOCSRAG_HOME=str(folder / "home")), cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    *_, summary, peak_kib = done.stdout.strip().splitlines()
+    return folder / "home", json.loads(summary), int(peak_kib) / 1024
+
+
+def test_crafted_files_are_skipped_or_cut_with_reasons_and_the_rest_is_indexed(crafted_ingest, monkeypatch):
+    home, summary, _ = crafted_ingest
     skipped = {s["path"]: s["reason"] for s in summary["skipped"]}
     warnings = "\n".join(f"{w['path']}: {w['reason']}" for w in summary["warnings"])
     assert "includes and variables expand it past" in skipped["en/includes_itself.md"]
@@ -233,18 +247,12 @@ def test_crafted_files_are_skipped_or_cut_with_reasons_and_the_rest_is_indexed(h
     assert "en/deep_quotes.md: blocks nested 20 deep: text nested deeper is not indexed" in warnings
     assert "doc_path longer than 1024 bytes, cut to fit the index" in warnings
     assert summary["documents"] == 4 + 4  # the FAQ pages, the bomb page (no front matter), two cut, the deep one
+    monkeypatch.setenv("DOCSRAG_HOME", str(home))
     assert served() == summary["collection"]
 
 
-def test_crafted_files_stay_within_memory(home, releases, tmp_path):
-    """The whole ingest of the crafted release, in its own process: its peak resident memory."""
-    release = faq_zip(releases, tmp_path / "milvus_docs_2.4.x_en.zip", crafted_files())
-    done = subprocess.run([sys.executable, "-c", "import resource, sys; from flows.cli import main; code = main("
-                           f"['ingest', '--release', {str(release)!r}]); print(resource.getrusage("
-                           "resource.RUSAGE_SELF).ru_maxrss); sys.exit(code)"],
-                          env=api_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    peak_mib = int(done.stdout.strip().splitlines()[-1]) / 1024
+def test_crafted_files_stay_within_memory(crafted_ingest):
+    peak_mib = crafted_ingest[2]
     assert peak_mib < 2048, f"peak RSS {peak_mib:.0f} MiB"
 
 

@@ -4,6 +4,7 @@ handed to the flows it calls (``tasks.settings.given``); a deployment's run buil
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -170,11 +171,19 @@ def printable(text: str) -> str:
     return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
-def _ingest(args, settings: Settings) -> int:
-    from flows.temporary_api import prefect_api
+def _runs_flows(command):
+    """A command that runs flows gets a Prefect API: the configured server, or Prefect's temporary
+    one started as the command's first act (flows/temporary_api.py). The command is given
+    ``wait_for_api`` and calls it after the work that can overlap the server's start."""
 
-    with prefect_api(on_wait=_api_wait_begins) as wait_for_api:
-        return _ingest_with_api(args, settings, wait_for_api)
+    @functools.wraps(command)
+    def with_api(args, settings: Settings) -> int:
+        from flows.temporary_api import prefect_api
+
+        with prefect_api(on_wait=_api_wait_begins) as wait_for_api:
+            return command(args, settings, wait_for_api)
+
+    return with_api
 
 
 def _api_wait_begins() -> None:
@@ -184,7 +193,8 @@ def _api_wait_begins() -> None:
         terminal.api_wait_from = time.perf_counter()
 
 
-def _ingest_with_api(args, settings: Settings, wait_for_api) -> int:
+@_runs_flows
+def _ingest(args, settings: Settings, wait_for_api) -> int:
     from tasks import embedding
 
     embedding.preload(settings)  # the model loads beside the imports and Prefect's start
@@ -313,9 +323,11 @@ def _prefect_server() -> str | None:
     return PREFECT_API_URL.value()
 
 
-def _answer(args, settings: Settings) -> int:
+@_runs_flows
+def _answer(args, settings: Settings, wait_for_api) -> int:
     from flows.answer import answer_questions
 
+    wait_for_api()
     summary = answer_questions(max_seconds=args.max_seconds, max_questions=args.max, top_k=args.k)
     print(json.dumps(summary) if args.json else
           f"claimed {summary['claimed']}, answered {summary['answered']} ({summary['not_covered']} not covered), "
@@ -376,18 +388,22 @@ def _age(seconds: float | None) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
-def _watch(args, settings: Settings) -> int:
+@_runs_flows
+def _watch(args, settings: Settings, wait_for_api) -> int:
     from flows.watch import watch_releases
 
+    wait_for_api()
     summary = watch_releases(ingest=args.ingest)
     print(json.dumps(summary) if args.json else
           f"new: {', '.join(summary['new']) or 'none'} ({summary['seen']} seen, {summary['events']} events)")
     return 0
 
 
-def _eval(args, settings: Settings) -> int:
+@_runs_flows
+def _eval(args, settings: Settings, wait_for_api) -> int:
     from flows.evaluate import evaluate_retrieval
 
+    wait_for_api()
     figures = evaluate_retrieval(gold=args.gold, k=args.k, version=args.version, answers=args.answers,
                                  docs_lang=args.lang)
     if args.json:

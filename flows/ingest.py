@@ -177,10 +177,13 @@ def embed_and_write(client, settings: Settings, plan: BuildPlan, rel: Release, c
     target = build.staging_collection(client, plan, rel, settings.embedder_id, embedder.dim,
                                       multilingual and multilingual.dim)
     chunks = plan.diff.to_embed()
+    # A small release is split so every batch slot (and so every core) has work: 49 chunks embed
+    # as two batches, not one on one core.
+    size = max(1, min(settings.embedding_batch_size, -(-len(chunks) // settings.embedding_concurrency)))
     # Similar lengths per batch: less padding. Longest first: the last batches are the cheap ones,
     # so no core idles long while the final batch runs alone.
-    waiting = batched(sorted(chunks, key=lambda c: len(c.embed_text), reverse=True), settings.embedding_batch_size)
-    batches, numbers, in_flight = -(-len(chunks) // settings.embedding_batch_size), itertools.count(1), {}
+    waiting = batched(sorted(chunks, key=lambda c: len(c.embed_text), reverse=True), size)
+    batches, numbers, in_flight = -(-len(chunks) // size), itertools.count(1), {}
 
     def submit_next() -> None:
         if (batch := next(waiting, None)) is not None:

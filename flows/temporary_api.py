@@ -7,7 +7,7 @@ Started here, before the command imports anything heavy, the same server (same c
 same environment as Prefect's) comes up beside the command's imports and the model's loading.
 
 Starting it is speculative: whether a server is configured is known only once Prefect's settings
-are read (the environment, or a profile); ``wait`` stops the temporary one when it is not needed.
+are read (the environment, or a profile); the temporary one is stopped at once when it is not needed.
 """
 
 from __future__ import annotations
@@ -44,7 +44,9 @@ class TemporaryApi:
             [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect_dir.parent), "--factory",
              "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
              "--log-level", "error", "--lifespan", "on"],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            # stdout stays the command's own (``--json``); the server's errors reach the terminal as
+            # Prefect's own temporary server's do (a pipe nobody reads could fill and stall it).
+            env=env, stdout=subprocess.DEVNULL)
 
     def wait_ready(self) -> str:
         """-> the API URL once it answers; raises with the server's own words when it cannot start."""
@@ -55,8 +57,8 @@ class TemporaryApi:
             if (code := self.process.poll()) == PORT_TAKEN:
                 self._launch()
             elif code is not None:
-                raise RuntimeError(f"Prefect's temporary API server exited with code {code}: "
-                                   f"{self.process.stderr.read().decode(errors='replace')[-2000:]}")
+                raise RuntimeError(f"Prefect's temporary API server exited with code {code} (its errors are above); "
+                                   "set PREFECT_API_URL to a running Prefect server to use that instead")
             try:
                 if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
                     return self.url

@@ -190,9 +190,9 @@ class Drain:
         beside the answers in flight). A question the model does not translate is searched as asked."""
         if not self.settings.translate_questions:
             return {}
-        foreign = [item for item in batch if (item.lang or language.detect(item.question)) != language.DEFAULT]
-        translations = await asyncio.gather(*(self.generator.translate(item.question) for item in foreign))
-        return {item.id: text for item, text in zip(foreign, translations) if text}
+        langs = [item.lang or language.detect(item.question) for item in batch]
+        english = await self.generator.in_english([item.question for item in batch], langs)
+        return {item.id: text for item, text in zip(batch, english) if text}
 
     def _retrieve(self, batch: list[Claimed], searched_as: dict[int, str]) -> list[Prepared]:
         """Questions on the same docs (version, language) share one embedding call. Docs nobody

@@ -102,21 +102,20 @@ def searched_as(settings: Settings, questions: list[str]) -> list[str]:
     ``eval``): a question not in English as its English translation by the LLM the answer flow
     uses (all at once), the others, and any the model does not translate (no server, a slow one,
     DOCSRAG_TRANSLATE_QUESTIONS off), as asked."""
-    foreign = [n for n, q in enumerate(questions) if language.detect(q) != language.DEFAULT]
-    if not foreign or not settings.translate_questions:
+    if not settings.translate_questions:
+        return list(questions)
+    langs = [language.detect(q) for q in questions]
+    if all(lang == language.DEFAULT for lang in langs):
         return list(questions)
 
     async def translate_all() -> list[str | None]:
         generator = Generator(settings)
         try:
-            return await asyncio.gather(*(generator.translate(questions[n]) for n in foreign))
+            return await generator.in_english(questions, langs)
         finally:
             await generator.close()
 
-    searched = list(questions)
-    for n, english in zip(foreign, asyncio.run(translate_all())):
-        searched[n] = english or searched[n]
-    return searched
+    return [english or question for question, english in zip(questions, asyncio.run(translate_all()))]
 
 
 def instructions(lang: str | None = None) -> str:
@@ -194,6 +193,16 @@ class Generator:
             return None
         text = (response.choices[0].message.content or "").strip()
         return text[:s.max_question_chars] or None
+
+    async def in_english(self, questions: list[str], langs: list[str]) -> list[str | None]:
+        """Each question's English translation where its language (``langs``) is not English, all
+        at once; None where it is, or where the model gave none (it is then searched as asked)."""
+        foreign = [n for n, lang in enumerate(langs) if lang != language.DEFAULT]
+        translations = await asyncio.gather(*(self.translate(questions[n]) for n in foreign))
+        english: list[str | None] = [None] * len(questions)
+        for n, text in zip(foreign, translations):
+            english[n] = text
+        return english
 
     async def answer_all(self, items: list[tuple[str, list[dict], str | None]]) -> list[Generated | Exception]:
         """(question, sources, lang) all at once, at most DOCSRAG_LLM_CONCURRENCY in flight; an error

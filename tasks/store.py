@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,9 @@ from pymilvus.exceptions import MilvusException
 from tasks.settings import Settings
 
 INFO_PROPERTY = "docsrag.info"
+# A connection pymilvus shares within the process can be cut by the server just as it is reused
+# (Milvus Lite's gRPC server sends GOAWAY to clients idle for ~30 s); a second try reconnects.
+CONNECT_RETRY_DELAYS_S = (0.5, 1.0)
 
 
 class StoreError(RuntimeError):
@@ -37,13 +41,24 @@ def connect(settings: Settings) -> MilvusClient:
     logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
     logging.getLogger("grpc._server").setLevel(logging.CRITICAL)
     try:
-        return MilvusClient(uri=uri, token=token, timeout=30)
+        return _client(uri, token)
     except MilvusException as exc:
         if lite:
             raise StoreError(f"cannot open the Milvus Lite file {uri}: {exc.message}. Milvus Lite serves one "
                              "process at a time: is another docsrag command using it? Use a Milvus server "
                              "(DOCSRAG_MILVUS_URI=http://host:19530) for concurrent readers and writers") from None
         raise StoreError(f"cannot reach Milvus at {uri}: {exc.message}") from None
+
+
+def _client(uri: str, token: str) -> MilvusClient:
+    for delay in CONNECT_RETRY_DELAYS_S:
+        try:
+            return MilvusClient(uri=uri, token=token, timeout=30)
+        except MilvusException as exc:
+            if not _unreachable(exc):
+                raise
+            time.sleep(delay)
+    return MilvusClient(uri=uri, token=token, timeout=30)
 
 
 @contextmanager

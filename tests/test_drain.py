@@ -21,7 +21,7 @@ from tasks.settings import load_settings
 
 from .conftest import DOCSRAG, ROOT, api_env
 from .llm_emulator import Emulator
-from .milvus_server import MilvusServer
+from .milvus_server import CuttingProxy, MilvusServer
 
 QUESTIONS = ["Where does Milvus store data?", "Is Docker the only way to install and run Milvus?",
              "What are the main factors affecting recall?", "Can I upsert data in Milvus?"]
@@ -197,6 +197,19 @@ def test_milvus_down_after_claiming_puts_the_questions_back(llm, capsys, monkeyp
     code, _, err = answer(capsys)
     assert code == 0, err
     assert {queue().get(qid)["status"] for qid in ids} == {"answered"}
+
+
+def test_a_connection_cut_as_it_opens_is_tried_again(llm, capsys, monkeypatch, milvus):
+    with CuttingProxy(milvus.port, cut=2) as proxy:
+        monkeypatch.setenv("DOCSRAG_MILVUS_URI", proxy.uri)
+        assert main(["search", QUESTIONS[0], "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["results"][0]["doc_path"].startswith("en/faq/")
+    with CuttingProxy(milvus.port, cut=3) as proxy:  # a server that stays away: a clear error soon
+        monkeypatch.setenv("DOCSRAG_MILVUS_URI", proxy.uri)
+        started = time.monotonic()
+        assert main(["search", QUESTIONS[0]]) == 1
+        assert f"cannot reach Milvus at {proxy.uri}" in capsys.readouterr().err
+        assert time.monotonic() - started < 5
 
 
 def test_locked_store_fails_before_claiming(llm, capsys, monkeypatch, tmp_path):

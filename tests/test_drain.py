@@ -19,7 +19,7 @@ from flows.cli import main
 from tasks.questions import Queue
 from tasks.settings import load_settings
 
-from .conftest import DOCSRAG, ROOT, api_env
+from .conftest import DOCSRAG, FAQ, ROOT, api_env, ingest_into
 from .llm_emulator import Emulator
 from .milvus_server import CuttingProxy, MilvusServer
 
@@ -30,11 +30,7 @@ QUESTIONS = ["Where does Milvus store data?", "Is Docker the only way to install
 @pytest.fixture(scope="module")
 def milvus(tmp_path_factory, prefect_server, releases):
     server = MilvusServer(tmp_path_factory.mktemp("milvus-data")).start()
-    home = tmp_path_factory.mktemp("drain") / "home"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("DOCSRAG_HOME", str(home))
-        patch.setenv("DOCSRAG_MILVUS_URI", server.uri)
-        assert main(["ingest", "--release", str(releases / "milvus_docs_faq_2.4.x_en.zip")]) == 0
+    ingest_into(tmp_path_factory.mktemp("drain") / "home", releases / FAQ, MILVUS_URI=server.uri)
     yield server
     server.kill()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tasks import embedding, store
-from tasks.build import MULTILINGUAL, aliases_for
+from tasks.index import MULTILINGUAL, aliases_for
 from tasks.language import DEFAULT as DEFAULT_LANGUAGE
 from tasks.settings import Settings
 

@@ -1,0 +1,175 @@
+"""Which release a run started by a deployment may fetch.
+
+A deployment's run takes its ``release`` from whoever can reach the orchestration: an event (any
+``docsrag.release.*`` event starts one), a schedule, a person with API access. The operator's own
+``docsrag`` command reads any path or URL; a deployment's run fetches only what the operator's
+settings allow:
+
+- http(s) from the releases feed's site (``api.github.com`` -> ``github.com``) or a host or origin
+  in ``DOCSRAG_RELEASE_HOSTS``;
+- ``s3://`` from a bucket (or bucket/prefix) in ``DOCSRAG_RELEASE_BUCKETS``, never just any
+  bucket the worker's credentials reach;
+- a path or ``file://`` inside a folder of ``DOCSRAG_RELEASE_FOLDERS``, never anything else on
+  the worker (``/etc/passwd``, another home's state);
+- never an address that is loopback, link-local, private or otherwise not global, as the host
+  *resolves* (a public name pointed at 127.0.0.1 is refused too), unless the operator named that
+  host or origin in ``DOCSRAG_RELEASE_HOSTS``: internal services are not a release server.
+
+A refused release fails the run with its reason before a byte is fetched. The check happens once,
+before the download: redirects are followed by the download itself, and a name that resolves to
+another address between the check and the connection (DNS rebinding) is outside what it sees.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from urllib.parse import unquote, urlparse
+
+from tasks.release import ReleaseError, redacted, release_version
+from tasks.settings import Settings
+
+Resolver = Callable[[str, int], list[str]]
+
+
+class RefusedSource(ReleaseError):
+    """The release is not one this run may fetch; the message says which setting allows it."""
+
+
+@dataclass(frozen=True)
+class SourcePolicy:
+    site_hosts: frozenset[str]  # the feed's own site: public addresses only
+    named_hosts: frozenset[str]  # DOCSRAG_RELEASE_HOSTS entries that are bare hosts
+    named_origins: frozenset[str]  # DOCSRAG_RELEASE_HOSTS entries that are scheme://host[:port]
+    buckets: tuple[tuple[str, str], ...]  # (bucket, key prefix)
+    folders: tuple[Path, ...]  # resolved
+
+
+def policy_for(settings: Settings) -> SourcePolicy:
+    api = urlparse(settings.releases_api)
+    api_host = _host(api.hostname or "")
+    site = {api_host, api_host.removeprefix("api.")} - {""}
+    entries = settings.trusted_release_hosts
+    origins = frozenset(_origin(e) for e in entries if "://" in e)
+    hosts = frozenset(_host(e) for e in entries if "://" not in e)
+    return SourcePolicy(frozenset(site), hosts, origins, _buckets(settings.release_buckets),
+                        tuple(Path(f).expanduser().resolve() for f in _items(settings.release_folders)))
+
+
+def check_source(url: str, policy: SourcePolicy, resolve: Resolver | None = None) -> None:
+    """Raise RefusedSource unless ``policy`` allows fetching ``url``."""
+    parsed = urlparse(url)
+    scheme = parsed.scheme.lower()
+    if scheme in ("http", "https"):
+        _check_http(url, parsed, policy, resolve or _resolve)
+    elif scheme == "s3":
+        _check_s3(url, parsed, policy)
+    elif scheme == "file" or not scheme or _is_windows_drive(url):
+        _check_local(url, Path(unquote(parsed.path)) if scheme == "file" else Path(url).expanduser(), policy)
+    else:
+        raise RefusedSource(f"refusing release {redacted(url)[:200]!r}: scheme {scheme!r} is not http(s), s3 or "
+                            "an allowed folder")
+
+
+def check_version(url: str, version: str | None) -> None:
+    """A version given beside a URL whose asset name names another one is refused: an event must
+    not label the 2.4.x release 999.0 and keep every later release off the main alias."""
+    named = release_version(url)
+    if version and named and version != named:
+        raise RefusedSource(f"refusing version {version[:64]!r} for release {redacted(url)[:200]!r}, whose "
+                            f"asset name says {named!r}")
+
+
+def check_run_source(settings: Settings, version: str | None = None) -> None:
+    """The ingest flow's guard: in a run a deployment started (an event, a schedule, the API), the
+    release must be one the operator allows. The operator's own command is not limited."""
+    from prefect.runtime import deployment
+
+    if deployment.id is None:
+        return
+    check_source(settings.release_url, policy_for(settings))
+    check_version(settings.release_url, version)
+
+
+# ---------------------------------------------------------------- one scheme each
+
+def _check_http(url: str, parsed, policy: SourcePolicy, resolve: Resolver) -> None:
+    shown = redacted(url)[:200]
+    host = _host(parsed.hostname or "")
+    if not host:
+        raise RefusedSource(f"refusing release {shown!r}: no host")
+    named = host in policy.named_hosts or _origin(url) in policy.named_origins
+    if not named and host not in policy.site_hosts:
+        raise RefusedSource(f"refusing release {shown!r}: host {host!r} is neither the releases feed's site nor "
+                            "in DOCSRAG_RELEASE_HOSTS")
+    if named:
+        return  # the operator named this host or origin: internal addresses included
+    port = parsed.port or (443 if parsed.scheme.lower() == "https" else 80)
+    try:
+        addresses = resolve(host, port)
+    except OSError as exc:
+        raise RefusedSource(f"refusing release {shown!r}: host {host!r} does not resolve ({exc.strerror or exc})") \
+            from None
+    internal = sorted({a for a in addresses if not _is_global(a)})
+    if internal or not addresses:
+        raise RefusedSource(f"refusing release {shown!r}: host {host!r} resolves to a non-public address "
+                            f"({', '.join(internal) or 'none'}); name it in DOCSRAG_RELEASE_HOSTS if it is trusted")
+
+
+def _check_s3(url: str, parsed, policy: SourcePolicy) -> None:
+    bucket, key = parsed.netloc, unquote(parsed.path).lstrip("/")
+    parts = PurePosixPath(key).parts
+    allowed = ".." not in parts and any(
+        bucket == b and (not prefix or key.startswith(prefix + "/")) for b, prefix in policy.buckets)
+    if not allowed:
+        raise RefusedSource(f"refusing release {redacted(url)[:200]!r}: bucket {bucket!r} (or that prefix) is not "
+                            "in DOCSRAG_RELEASE_BUCKETS")
+
+
+def _check_local(url: str, path: Path, policy: SourcePolicy) -> None:
+    real = path.resolve()  # links and '..' resolved: the folder check sees where the bytes are
+    if not any(real.is_relative_to(folder) for folder in policy.folders):
+        raise RefusedSource(f"refusing release {url[:200]!r}: a local file outside DOCSRAG_RELEASE_FOLDERS")
+
+
+# ---------------------------------------------------------------- helpers
+
+def _resolve(host: str, port: int) -> list[str]:
+    return [info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)]
+
+
+def _is_global(address: str) -> bool:
+    ip = ipaddress.ip_address(address.split("%", 1)[0])  # a scope id (fe80::1%eth0) is not part of it
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not ip.is_multicast
+
+
+def _host(host: str) -> str:
+    return host.strip().lower().rstrip(".").strip("[]")
+
+
+def _origin(url: str) -> str:
+    parsed = urlparse(url.strip())
+    scheme = parsed.scheme.lower()
+    port = parsed.port or (443 if scheme == "https" else 80)
+    return f"{scheme}://{_host(parsed.hostname or '')}:{port}"
+
+
+def _items(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def _buckets(value: str) -> tuple[tuple[str, str], ...]:
+    found = []
+    for item in _items(value):
+        bucket, _, prefix = item.removeprefix("s3://").partition("/")
+        found.append((bucket, prefix.strip("/")))
+    return tuple(found)
+
+
+def _is_windows_drive(url: str) -> bool:
+    return len(url) > 2 and url[1] == ":" and url[0].isalpha()

@@ -83,6 +83,9 @@ def _transient(task, task_run, state) -> bool:
 
 @task(retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=_transient, **IN_MEMORY)
 def fetch(settings: Settings, objects: ObjectStore, version: str | None) -> Release:
+    from tasks.source_policy import check_run_source  # a deployment's run fetches only what the operator allows
+
+    check_run_source(settings, version)
     rel = fetch_release(settings.release_url, home=settings.home, store=objects, version=version,
                         timeout_s=settings.download_timeout_s, s3_endpoint_url=settings.s3_endpoint_url,
                         max_bytes=settings.max_archive_bytes, deadline_s=settings.download_deadline_s)

@@ -128,6 +128,12 @@ class Settings(BaseSettings):
     release_hosts: str = Field(
         "", description="Comma-separated hosts or origins (http://host:port) a feed's asset URLs may point to, "
                         "beside the API's own site.")
+    release_buckets: str = Field(
+        "", description="Comma-separated S3 buckets (bucket or bucket/prefix) a deployment's run may fetch a "
+                        "release from (s3://); none by default.")
+    release_folders: str = Field(
+        "", description="Comma-separated local folders a deployment's run may read a release from (a path or "
+                        "file://); none by default. The docsrag command itself reads any path.")
     github_token: SecretStr | None = Field(
         None, validation_alias=AliasChoices("DOCSRAG_GITHUB_TOKEN", "GITHUB_TOKEN"),
         description="GitHub token (GITHUB_TOKEN) for a higher API rate limit.")

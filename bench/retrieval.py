@@ -20,7 +20,7 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks import build, chunking, embedding, markdown, release, store  # noqa: E402
+from tasks import build, chunking, embedding, index, markdown, release, store  # noqa: E402
 from tasks.evaluate import aggregate, load_gold, score  # noqa: E402
 from tasks.objectstore import LocalStore  # noqa: E402
 from tasks.retrieve import covered, search  # noqa: E402
@@ -70,10 +70,10 @@ def evaluate_variant(client, name: str, items: list[dict], embedders: dict, gold
     """Index ``items`` with the embedders given by field (``dense``, and the multilingual field
     when given), then score each gold set. -> ({set: figures}, {set: hits})"""
     vectors = {field: e.embed([i["embed"] for i in items]) for field, e in embedders.items()}
-    multilingual = vectors.get(build.MULTILINGUAL)
-    build.create_collection(client, name, len(vectors["dense"][0]), bm25=hybrid, info={},
+    multilingual = vectors.get(index.MULTILINGUAL)
+    index.create_collection(client, name, len(vectors["dense"][0]), bm25=hybrid,
                             multilingual_dim=multilingual and len(multilingual[0]))
-    rows = [build.row(SimpleNamespace(id=hashlib.sha256(f"{n}:{i['doc_path']}".encode()).hexdigest()[:32],
+    rows = [index.row(SimpleNamespace(id=hashlib.sha256(f"{n}:{i['doc_path']}".encode()).hexdigest()[:32],
                                       doc_path=i["doc_path"], title="", heading=i["heading"][:4000],
                                       text=i["text"][:60000], search_text=i["search"][:60000]),
                       {f: v[n] for f, v in vectors.items()}, "bench")
@@ -103,7 +103,7 @@ def crosslingual(client, root: Path, minilm, use, gold: list[dict], ko_id: list[
     options = [  # label, embedders by field, BM25
         ("MiniLM + BM25 (before)", {"dense": minilm}, True),
         ("USE multilingual dense alone", {"dense": use}, False),
-        ("USE + MiniLM + BM25 [default]", {"dense": minilm, build.MULTILINGUAL: use}, True),
+        ("USE + MiniLM + BM25 [default]", {"dense": minilm, index.MULTILINGUAL: use}, True),
     ]
     results, default_hits = {}, {}
     print("\n| option | question set | recall@1 | recall@5 | MRR@10 | answerable said 'not covered' | "

@@ -31,7 +31,7 @@ def load_env(path: Path) -> None:
 
 
 def all_rows(client, name: str) -> list[dict]:
-    from tasks.build import ROW_FIELDS
+    from tasks.index import ROW_FIELDS
 
     iterator = client.query_iterator(name, batch_size=1000, filter="", output_fields=ROW_FIELDS)
     rows = []
@@ -92,7 +92,7 @@ def main() -> int:
     stamp = time.strftime("%Y%m%d%H%M%S")
     os.environ["DOCSRAG_COLLECTION"] = f"bench_{stamp}"  # never touches the served alias
     from flows.ingest import ingest_release
-    from tasks import build, store
+    from tasks import index, store
     from tasks.settings import load_settings
 
     summary = ingest_release(release=args.release, version=f"bench-{stamp}")
@@ -102,7 +102,7 @@ def main() -> int:
     timings = {}
     for method in ("upsert", "bulk_import"):
         name = f"bench_{method}_{stamp}"
-        build.create_collection(client, name, len(rows[0]["dense"]), bm25=store.capabilities(client).bm25, info={})
+        index.create_collection(client, name, len(rows[0]["dense"]), bm25=store.capabilities(client).bm25)
         timings[method] = (write_by_upsert(client, name, rows) if method == "upsert"
                            else write_by_bulk_import(client, name, rows, settings))
         client.drop_collection(name)

@@ -367,7 +367,7 @@ def _print_record(record: dict, reasoning: bool) -> None:
 def _questions(args, settings: Settings) -> int:
     queue = _queue(settings)
     if args.stats:
-        stats = queue.stats()
+        stats = queue.stats().as_dict()
         print(json.dumps(stats) if args.json else
               "  ".join(f"{status} {n}" for status, n in stats["counts"].items()) +
               f"\noldest waiting: {_age(stats['oldest_waiting_s'])}\n"
@@ -428,12 +428,13 @@ def _automations(args, settings: Settings) -> int:
 
 
 def _rollback(args, settings: Settings) -> int:
-    from tasks import build, store
+    from tasks import publish, store, writer_lock
+    from tasks.index import Corpus
 
-    lang = args.lang or "en"
-    alias = build.aliases_for(settings.collection, None, lang)
-    with build.build_lock(settings.home, settings.collection):
-        current, previous = build.rollback(store.connect(settings), settings.collection, lang)
+    corpus = Corpus(settings.collection, args.lang or "en")
+    alias = corpus.alias
+    with writer_lock.held(settings):
+        current, previous = publish.rollback(store.connect(settings), corpus)
     if args.json:
         print(json.dumps({"alias": alias, "from": current, "to": previous}))
     else:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,8 +23,10 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
-from tasks import build, chunking, embedding, language, lineage, markdown, store
+from tasks import build, chunking, embedding, index, language, lineage, markdown, store, writer_lock
+from tasks import publish as publishing
 from tasks.build import BuildPlan, batched
+from tasks.index import Corpus
 from tasks.objectstore import ObjectStore, open_store
 from tasks.release import Release, ReleaseError, TransientFetchError, extract_release, fetch_release
 from tasks.report import IngestSummary, StageClock, log_problems, name_run, progress_bar, publish_artifacts
@@ -45,28 +48,29 @@ def ingest_release(release: str | None = None, version: str | None = None, force
     none in its name) is served on its own alias only, unless ``publish_main``."""
     settings = settings_for_run(release_url=release, collection=collection)
     clock = StageClock()
-    embedding.preload(settings)  # the model loads while the release is fetched and parsed
+    embedding.preload(settings)  # the model loads while the writer slot is taken and the release fetched
     objects = open_store(settings.object_store, settings.s3_endpoint_url)
-    rel = clock.run("fetch", fetch, settings, objects, version)
-    root = clock.run("extract", extract, settings, objects, rel)
-    parsed = clock.run("parse", parse, root, settings.parse_budgets)
-    chunks = clock.run("chunk", chunk, parsed, settings)
-    with build.build_lock(settings.home, settings.collection), store.milvus_errors(settings.milvus_uri):
-        client = clock.run("open-store", store.connect, settings)
-        main = "always" if publish_main else "if-newer" if rel.named else "never"
-        planned = clock.run("plan", plan, client, settings, rel, chunks, main, force)
-        summary = _summary(settings, rel, planned, parsed)
-        if planned.unchanged:
-            clock.run("publish", keep_serving, client, planned)
-        else:
-            target = clock.run("embed+write", embed_and_write, client, settings, planned, rel, clock)
-            clock.run("validate", validate, client, target, len(chunks))
+    # One writer per corpus from the first stage: two runs never share a download, an extraction
+    # or a publish (tasks/writer_lock.py).
+    with writer_lock.held(settings):
+        rel = clock.run("fetch", fetch, settings, objects, version)
+        root = clock.run("extract", extract, settings, objects, rel)
+        parsed = clock.run("parse", parse, root, settings.parse_budgets)
+        chunks = clock.run("chunk", chunk, parsed, settings)
+        with store.milvus_errors(settings.milvus_uri):
+            client = clock.run("open-store", store.connect, settings)
+            main = "always" if publish_main else "if-newer" if rel.named else "never"
+            planned = clock.run("plan", plan, client, settings, rel, chunks, main, force)
+            summary = _summary(settings, rel, planned, parsed)
+            target = planned.serves or clock.run("embed+write", embed_and_write, client, settings, planned, rel, clock)
+            if not planned.unchanged:
+                clock.run("validate", validate, client, target, planned.diff.new_ids)
+                summary.embedded, summary.reused = len(planned.diff.to_embed()), len(planned.diff.reusable())
+                summary.seconds_saved = _seconds_saved(clock, summary.embedded, summary.reused)
             summary.previous_collection = clock.run("publish", publish, client, settings, planned, rel, target,
                                                     objects.uri(rel.archive_key))
-            summary.embedded, summary.reused = len(planned.diff.to_embed()), len(planned.diff.reusable())
-            summary.seconds_saved = _seconds_saved(clock, summary.embedded, summary.reused)
-        summary.collection = store.served_collection(client, planned.version_alias)
-        summary.search = _search_mode(client, summary.collection)
+            summary.collection = store.served_collection(client, planned.version_alias)
+            summary.search = _search_mode(client, summary.collection)
     summary.stages, summary.seconds = clock.seconds, clock.total
     report(summary, planned, objects)
     return summary
@@ -123,11 +127,10 @@ def chunk(parsed: markdown.ParsedRelease, settings: Settings) -> list[chunking.C
 
 
 @task(**IN_MEMORY)
-def plan(client, settings: Settings, rel: Release, chunks: list[chunking.Chunk], main: build.MainAlias,
+def plan(client, settings: Settings, rel: Release, chunks: list[chunking.Chunk], main: publishing.MainPolicy,
          force: bool) -> BuildPlan:
-    lang = language.of_tree(c.doc_path for c in chunks)
-    planned = build.plan_build(client, settings.collection, rel, chunks, settings.embedder_id,
-                               settings.chunking_config, main, lang)
+    corpus = Corpus(settings.collection, language.of_tree(c.doc_path for c in chunks))
+    planned = build.plan_build(client, corpus, rel, chunks, settings.build_inputs, main)
     build.check_guard_rails(planned, force)
     diff = planned.diff
     log = get_run_logger()
@@ -138,13 +141,11 @@ def plan(client, settings: Settings, rel: Release, chunks: list[chunking.Chunk],
     return planned
 
 
-keep_serving = task(build.keep_serving, name="keep-serving", **IN_MEMORY)
-
-
 @task(**IN_MEMORY)
-def validate(client, collection: str, expected: int) -> None:
+def validate(client, collection: str, expected: set[str]) -> None:
     build.validate(client, collection, expected)
-    get_run_logger().info("Validated %s: %s rows, a smoke search finds them", collection, f"{expected:,}")
+    get_run_logger().info("Validated %s: exactly the release's %s chunk ids, a smoke search finds them", collection,
+                          f"{len(expected):,}")
 
 
 @task(name="embed-batch", retries=2, retry_delay_seconds=5, **IN_MEMORY)
@@ -152,7 +153,7 @@ def embed_batch(texts: list[str], settings: Settings, multilingual: bool) -> lis
     """Each text's vectors by field: ``dense`` (and ``dense_multilingual`` where the build has it)."""
     fields = {"dense": embedding.embedder_for(settings).embed(texts)}
     if multilingual:
-        fields[build.MULTILINGUAL] = embedding.multilingual_for(settings).embed(texts)
+        fields[index.MULTILINGUAL] = embedding.multilingual_for(settings).embed(texts)
     return [dict(zip(fields, vectors)) for vectors in zip(*fields.values())]
 
 
@@ -165,7 +166,7 @@ def write_batch(client, collection: str, rows: list[dict]) -> None:
 def copy_batch(client, base: str, target: str, chunks: list[chunking.Chunk], version: str) -> int:
     """Served vectors of unchanged chunks, copied into the new build instead of re-embedded."""
     vectors = store.vectors_of(client, base, [c.id for c in chunks], store.vector_fields(client, base))
-    store.upsert(client, target, [build.row(c, vectors[c.id], version) for c in chunks])
+    store.upsert(client, target, [index.row(c, vectors[c.id], version) for c in chunks])
     return len(chunks)
 
 
@@ -209,7 +210,7 @@ def embed_and_write(client, settings: Settings, plan: BuildPlan, rel: Release, c
             with clock("write"):
                 # quote(): Prefect would otherwise walk every float of every vector looking for
                 # futures (7 s per 1000 rows, measured), in the flow thread, while the embedding runs.
-                write_batch(client, target, quote([build.row(c, v, rel.version) for c, v in zip(batch, vectors)]))
+                write_batch(client, target, quote([index.row(c, v, rel.version) for c, v in zip(batch, vectors)]))
             done += len(batch)
             bar.update(len(batch))
             update_progress_artifact(artifact, 100.0 * done / len(chunks))
@@ -220,20 +221,23 @@ def embed_and_write(client, settings: Settings, plan: BuildPlan, rel: Release, c
 
 
 def publish(client, settings: Settings, plan: BuildPlan, rel: Release, target: str, archive: str) -> str | None:
-    """Point the aliases, as materializing steps: the event feed shows the release archive that
-    produced the collection, and which alias serves it."""
+    """Point the aliases (tasks/publish.py), as materializing steps: the event feed shows the
+    release archive that produced the collection, and which alias serves it."""
     uri, alias = settings.milvus_uri, plan.alias
     collection = lineage.milvus_asset(uri, target, f"docs {rel.version}, release sha256 {rel.sha256}")
     release = Asset(key=lineage.asset_key(archive), properties=AssetProperties(name=f"release {rel.version}"))
-    previous = lineage.materializing(build.publish, "publish", [collection, lineage.milvus_asset(
-        uri, plan.version_alias, f"serves docs {rel.version}")], [release])(
-        client, plan, target, settings.keep_collections)
-    now = store.served_collection(client, alias)
-    if now == target and previous != target:
+    step = publishing.publish if plan.unchanged else lineage.materializing(
+        publishing.publish, "publish", [collection, lineage.milvus_asset(uri, plan.version_alias,
+                                                                          f"serves docs {rel.version}")], [release])
+    done = step(client, Corpus(settings.collection, plan.lang), target, plan.main, settings.keep_collections)
+    if done.main_after == target and done.main_before != target:
         lineage.materializing(lambda: None, "serve-main-alias", [lineage.milvus_asset(
             uri, alias, "the newest docs")], [collection])()
-    get_run_logger().info("%s serves %s (was %s); %s serves it too", alias, now, previous, plan.version_alias)
-    return previous
+    log = get_run_logger()
+    log.info("%s serves %s (was %s); %s serves %s", alias, done.main_after, done.main_before, plan.version_alias, target)
+    if done.dropped:
+        log.info("Dropped %d builds no alias or rollback needs: %s", len(done.dropped), ", ".join(done.dropped))
+    return done.main_before
 
 
 def report(summary: IngestSummary, plan: BuildPlan, objects: ObjectStore) -> None:
@@ -268,8 +272,8 @@ def _forgotten_if_refused(rel: Release, objects: ObjectStore) -> Iterator[None]:
     except ReleaseError:
         if rel.newly_archived:
             objects.delete(rel.archive_key)
-        if rel.path.parent.name == "downloads":
-            rel.path.unlink(missing_ok=True)
+        if rel.downloaded:
+            shutil.rmtree(rel.path.parent, ignore_errors=True)  # downloads/<sha256>/
         raise
 
 

@@ -82,7 +82,7 @@ def row(chunk: Chunk, vectors: dict[str, list[float]], version: str) -> dict:
             "version": version, "text": chunk.text, "search_text": chunk.search_text, **vectors}
 
 
-def create_collection(client: MilvusClient, name: str, dim: int, *, bm25: bool, info: BuildInfo,
+def create_collection(client: MilvusClient, name: str, dim: int, *, bm25: bool, info: BuildInfo | None = None,
                       multilingual_dim: int | None = None) -> None:
     """The row schema as a Milvus collection: dense vector (cosine), a multilingual one where
     configured, plus a BM25 sparse field computed by Milvus from ``search_text`` where the server
@@ -102,7 +102,7 @@ def create_collection(client: MilvusClient, name: str, dim: int, *, bm25: bool, 
         schema.add_function(Function(name="text_bm25", function_type=FunctionType.BM25,
                                      input_field_names=[BM25_INPUT], output_field_names=["sparse"]))
         index.add_index("sparse", index_type="SPARSE_INVERTED_INDEX", metric_type="BM25")
-    store.create_collection(client, name, schema, index, info.to_dict())
+    store.create_collection(client, name, schema, index, info.to_dict() if info else {})
 
 
 def aliases_for(collection: str, version: str | None, lang: str = DEFAULT_LANGUAGE) -> str:
@@ -111,6 +111,21 @@ def aliases_for(collection: str, version: str | None, lang: str = DEFAULT_LANGUA
     tree gets its own (milvus_docs_ko, milvus_docs_2_4_x_ko). No version: the newest."""
     suffix = "" if lang == DEFAULT_LANGUAGE else f"_{lang}"
     return f"{collection}_{version_slug(version)}{suffix}" if version else f"{collection}{suffix}"
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """One language of a collection's docs: its main alias and one alias per version."""
+
+    collection: str
+    lang: str = DEFAULT_LANGUAGE
+
+    @property
+    def alias(self) -> str:
+        return aliases_for(self.collection, None, self.lang)
+
+    def version_alias(self, version: str) -> str:
+        return aliases_for(self.collection, version, self.lang)
 
 
 def build_name(alias: str, version: str, stamp: str) -> str:

@@ -102,6 +102,11 @@ class S3Store:
     def exists(self, key: str) -> bool:
         return self._call("head", self.client.head_object, Bucket=self.bucket, Key=self._key(key)) is not None
 
+    def size(self, key: str) -> int | None:
+        """Bytes of the object; None when there is none."""
+        found = self._call("head", self.client.head_object, Bucket=self.bucket, Key=self._key(key))
+        return None if found is None else int(found["ContentLength"])
+
     def put_file(self, key: str, path: Path) -> None:
         self._call("upload", self.client.upload_file, str(path), self.bucket, self._key(key))
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import email.utils
 import hashlib
+import os
 import re
 import shutil
 import stat
 import threading
 import time
+import uuid
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -48,6 +50,7 @@ class Release:
     archive_key: str
     newly_archived: bool
     named: bool = True  # the version was given or read from the asset name, not made up from the hash
+    downloaded: bool = False  # ``path`` is this home's copy (downloads/<sha256>/), not the user's own file
 
 
 def checked_version(version: str) -> str:
@@ -99,33 +102,57 @@ def fetch_release(url: str, *, home: Path, store: ObjectStore, version: str | No
     named = version or release_version(url)
     if named:
         checked_version(named)  # before anything is downloaded
-    local = _local_copy(url, home / "downloads", timeout_s, s3_endpoint_url, max_bytes, deadline_s)
+    downloads = home / "downloads"
+    local, downloaded = _local_copy(url, downloads, timeout_s, s3_endpoint_url, max_bytes, deadline_s)
     sha256, size = _digest(local)
+    if downloaded:  # by content: a concurrent run of the same release writes the same bytes there
+        final = downloads / sha256 / _asset_name(urlparse(url).path)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        local = local.replace(final)
     version = named or f"sha-{sha256[:12]}"
     key = f"releases/{version}/{sha256}/{local.name}"
     newly_archived = not store.exists(key)
     if newly_archived:
         store.put_file(key, local)
-    return Release(redacted(url), version, local, sha256, size, key, newly_archived, named=bool(named))
+    return Release(redacted(url), version, local, sha256, size, key, newly_archived, named=bool(named),
+                   downloaded=downloaded)
 
 
 def _local_copy(url: str, downloads: Path, timeout_s: float, s3_endpoint_url: str | None, max_bytes: int,
-                deadline_s: float) -> Path:
+                deadline_s: float) -> tuple[Path, bool]:
+    """-> (a local file, whether it is a scratch copy of this run's own)."""
     parsed = urlparse(url)
     if parsed.scheme in ("http", "https"):
-        return _download(url, downloads / _asset_name(parsed.path), timeout_s, max_bytes, deadline_s)
+        return _download(url, _scratch(downloads), timeout_s, max_bytes, deadline_s), True
     if parsed.scheme == "s3":
-        target = downloads / _asset_name(parsed.path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        bucket = S3Store(f"s3://{parsed.netloc}", s3_endpoint_url)
-        if not bucket.exists(parsed.path.lstrip("/")):
-            raise ReleaseError(f"release not found: {redacted(url)}")
-        bucket.get_file(parsed.path.lstrip("/"), target)
-        return target
+        return _s3_copy(url, _scratch(downloads), s3_endpoint_url, max_bytes), True
     path = Path(unquote(parsed.path) if parsed.scheme == "file" else url).expanduser()
     if not path.is_file():
         raise ReleaseError(f"release file not found: {path}")
-    return path
+    return path, False
+
+
+def _scratch(folder: Path) -> Path:
+    """A file name no other run uses: two runs never write into one another's download."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f".{os.getpid()}-{uuid.uuid4().hex[:8]}.partial"
+
+
+def _s3_copy(url: str, target: Path, s3_endpoint_url: str | None, max_bytes: int) -> Path:
+    parsed = urlparse(url)
+    bucket, key = S3Store(f"s3://{parsed.netloc}", s3_endpoint_url), parsed.path.lstrip("/")
+    size = bucket.size(key)
+    if size is None:
+        raise ReleaseError(f"release not found: {redacted(url)}")
+    if size > max_bytes:
+        raise ReleaseError(f"download of {redacted(url)} refused: {size} bytes, over {max_bytes} bytes "
+                           "(DOCSRAG_MAX_ARCHIVE_BYTES)")
+    try:
+        bucket.get_file(key, target)
+    except BaseException:
+        target.unlink(missing_ok=True)
+        raise
+    return target
 
 
 def _asset_name(url_path: str) -> str:
@@ -134,12 +161,11 @@ def _asset_name(url_path: str) -> str:
 
 
 def _download(url: str, target: Path, timeout_s: float, max_bytes: int, deadline_s: float) -> Path:
-    """Stream to a .partial file and rename, so a dead connection never leaves a half zip. Stops at
+    """Stream to ``target``, a scratch file deleted on any failure, so a dead connection never leaves
+    a half zip where a release is looked for. Stops at
     ``max_bytes`` and after ``deadline_s`` overall (a server trickling bytes keeps every read alive);
     redirects are followed over http(s) only."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + ".partial")
-    shown = redacted(url)
+    partial, shown = target, redacted(url)
     deadline = time.monotonic() + deadline_s
     try:
         with httpx.stream("GET", url, follow_redirects=True, timeout=timeout_s) as response:
@@ -167,8 +193,7 @@ def _download(url: str, target: Path, timeout_s: float, max_bytes: int, deadline
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
-    partial.replace(target)
-    return target
+    return partial
 
 
 def _check_status(response: httpx.Response, shown: str) -> None:
@@ -206,23 +231,39 @@ def _digest(path: Path) -> tuple[str, int]:
 
 
 def extract_release(release: Release, dest_root: Path, *, max_bytes: int, max_files: int) -> Path:
-    """Extract into ``dest_root/<sha256>`` after checking every entry; reuse a finished extraction."""
+    """Extract into ``dest_root/<sha256>`` after checking every entry. A finished extraction is
+    reused only when it holds every file of the archive at its size; each run extracts into a
+    scratch folder of its own and renames it into place, so no run sees another's half tree."""
     dest = dest_root / release.sha256
-    if (dest / ".complete").exists():
-        return dest
-    partial = dest_root / f"{release.sha256}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    try:
-        with _open_zip(release.path) as archive:
-            members = _checked_members(archive, max_bytes, max_files)
+    with _open_zip(release.path) as archive:
+        members = _checked_members(archive, max_bytes, max_files)
+        if _extracted(dest, members):
+            return dest
+        partial = _scratch(dest_root)
+        try:
             _copy_members(archive, members, partial, max_bytes)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
     (partial / ".complete").touch()
-    shutil.rmtree(dest, ignore_errors=True)
-    partial.replace(dest)
+    shutil.rmtree(dest, ignore_errors=True)  # an incomplete or damaged tree
+    try:
+        partial.replace(dest)
+    except OSError:  # a concurrent run put its own complete tree there first
+        shutil.rmtree(partial, ignore_errors=True)
+        if not _extracted(dest, members):
+            raise
     return dest
+
+
+def _extracted(dest: Path, members: list[zipfile.ZipInfo]) -> bool:
+    if not (dest / ".complete").is_file():
+        return False
+    for info in members:
+        path = dest / info.filename.replace("\\", "/")
+        if not path.is_file() or path.stat().st_size != info.file_size:
+            return False
+    return True
 
 
 def _open_zip(path: Path) -> zipfile.ZipFile:

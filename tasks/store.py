@@ -1,7 +1,7 @@
 """The Milvus side, in pymilvus ``MilvusClient`` idiom: a few verbs on plain dicts and lists.
 
 Connect, create, upsert, count, read ids and vectors, search, aliases, collection properties and
-the server's capabilities. What a build is and when it is served lives in tasks/build.py.
+the server's capabilities. What a build is lives in tasks/build.py, what is served in tasks/publish.py.
 """
 
 from __future__ import annotations
@@ -133,6 +133,11 @@ def upsert(client: MilvusClient, name: str, rows: list[dict]) -> None:
         client.upsert(name, rows)
 
 
+def delete_ids(client: MilvusClient, name: str, ids: list[str]) -> None:
+    if ids:
+        client.delete(name, ids=ids)
+
+
 def count(client: MilvusClient, name: str) -> int:
     return int(client.query(name, filter="", output_fields=["count(*)"])[0]["count(*)"])
 
@@ -145,9 +150,16 @@ def served_collection(client: MilvusClient, alias: str) -> str | None:
 
 def point_alias(client: MilvusClient, alias: str, collection: str) -> None:
     """Atomic for readers: the alias names the old collection until this call returns."""
-    if served_collection(client, alias) is None:
+    if served_collection(client, alias) is not None:
+        client.alter_alias(collection, alias)
+        return
+    try:
         client.create_alias(collection, alias)
-    else:
+    except MilvusException as exc:
+        # Milvus before 2.5.5 keeps an alias whose collection was dropped, unlisted, and refuses
+        # to create it again (milvus#40236): altering it repairs it.
+        if "exist" not in exc.message.lower():
+            raise
         client.alter_alias(collection, alias)
 
 

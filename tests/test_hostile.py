@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from flows.cli import main
-from tasks import build, store
+from tasks import index, store
 from tasks.generate import prompt
 from tasks.release import version_order
 from tasks.settings import load_settings
@@ -265,7 +265,7 @@ def test_a_release_over_its_chunk_budget_fails_before_embedding(home, prefect_se
     assert main(["ingest", "--release", str(releases / "milvus_docs_2.4.x_en.zip")]) == 1
     err = capsys.readouterr().err
     assert "over the limit of 100 (DOCSRAG_MAX_RELEASE_CHUNKS); nothing was embedded" in err
-    assert served() == before and len(build.builds_of(store.connect(load_settings()), "milvus_docs")) == 1
+    assert served() == before and len(index.builds_of(store.connect(load_settings()), "milvus_docs")) == 1
 
 
 # -- downloads ---------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from flows.cli import main
-from tasks import build, chunking, markdown, store
+from tasks import chunking, index, markdown, store, writer_lock
 from tasks.settings import load_settings
 
 from .conftest import DOCSRAG, ROOT, api_env
@@ -77,7 +77,7 @@ def test_full_release_then_unchanged_then_next_release(releases, tmp_path, prefe
     again = ingest(capsys, "--release", str(releases / "milvus_docs_2.4.x_en.zip"))
     assert (again["unchanged"], again["embedded"], again["reused"]) == (True, 0, 0)
     assert again["collection"] == summary["collection"]
-    assert build.builds_of(client, "milvus_docs") == [summary["collection"]]
+    assert index.builds_of(client, "milvus_docs") == [summary["collection"]]
 
     # The next release: only new ids are embedded; the result equals a fresh 2.5.x build.
     old_ids = served_ids()
@@ -123,7 +123,7 @@ def test_guard_rail_refuses_losing_most_documents_then_force_and_rollback(home, 
     assert "keeps 1 of the 4 documents served now (3 lost, more than half)" in err and "--force" in err
     client = store.connect(load_settings())
     assert store.served_collection(client, "milvus_docs") == first["collection"]
-    assert build.builds_of(client, "milvus_docs") == [first["collection"]], "nothing was built"
+    assert index.builds_of(client, "milvus_docs") == [first["collection"]], "nothing was built"
 
     forced = ingest(capsys, "--release", str(small), "--force")
     assert store.served_collection(client, "milvus_docs") == forced["collection"]
@@ -160,11 +160,12 @@ def test_rollback_with_nothing_before_says_so(home, prefect_server, releases, ca
 
 def test_second_concurrent_ingest_exits_with_a_clear_message(home, prefect_server, releases):
     settings = load_settings()
-    with build.build_lock(settings.home, settings.collection):
+    with writer_lock.file_lock(settings.home, settings.collection):
         result = subprocess.run([DOCSRAG, "ingest", "--release", str(releases / "milvus_docs_faq_2.4.x_en.zip")],
                                 capture_output=True, text=True, env=api_env(), cwd=ROOT, timeout=300)
     assert result.returncode == 1
-    assert re.search(r"another ingest of 'milvus_docs' is running \(pid \d+ since .* UTC\)", result.stderr)
+    assert re.search(r"another ingest or rollback of 'milvus_docs' is running on this host \(host \S+ pid \d+ "
+                     r"since .* UTC\)", result.stderr)
     assert store.served_collection(store.connect(settings), "milvus_docs") is None
 
 
@@ -183,7 +184,7 @@ def test_killed_ingest_resumes_without_re_embedding_finished_batches(home, prefe
     assert proc.returncode == -signal.SIGKILL, seen.decode(errors="replace")[-2000:]
 
     client = store.connect(load_settings())
-    staging = build.builds_of(client, "milvus_docs")
+    staging = index.builds_of(client, "milvus_docs")
     assert len(staging) == 1 and store.served_collection(client, "milvus_docs") is None
     written = store.count(client, store.loaded(client, staging[0]))
     assert written >= 12

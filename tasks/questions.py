@@ -4,15 +4,21 @@ pending -> claimed (leased to one worker) -> answered
                                            -> failed (the question's fault: claimable again after a backoff)
                                            -> dead (after max attempts, with the last error)
                                            -> pending (released: not the question's fault, no attempt spent)
-A claim is one UPDATE ... WHERE id IN (SELECT ... FOR UPDATE SKIP LOCKED) RETURNING, so
-several workers never claim the same question; a worker that dies lets its lease expire
-and the question is claimed again (that attempt counts: a question that kills every worker
-that takes it ends dead). Every state change after a claim checks the lease owner, so a late
-worker cannot overwrite the answer of the one that took over; a worker renews the leases of
-the questions it holds while it works on them.
+A claim is one statement: a materialized CTE picks the due rows (``FOR UPDATE SKIP LOCKED`` on
+PostgreSQL, so it is evaluated once and locks exactly what it picked) and the UPDATE leases them,
+RETURNING what was leased; several workers never claim the same question, and a claim never
+takes more than it asked for. A worker that dies lets its lease expire and the question is
+claimed again (that attempt counts: a question that kills every worker that takes it ends dead).
+Every state change after a claim checks the lease owner in the statement that makes it, so a
+late worker cannot overwrite the answer of the one that took over; a worker renews the leases
+of the questions it holds while it works on them.
+
+What is stored comes through ``tasks.records`` (cleaned, bounded, typed); a batch of answers
+that fails to commit is stored again row by row, so one bad row fails only its own question.
 
 Order: oldest first by ``claim_rank`` = submit time minus ``priority`` x PRIORITY_STEP_S, so a
-priority buys a bounded head start and never starves the questions already waiting.
+priority buys a bounded head start and never starves the questions already waiting. The table,
+its database-side defaults and its migrations live in ``tasks.queue_schema``.
 """
 
 from __future__ import annotations
@@ -21,52 +27,19 @@ import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
-from sqlalchemy import (
-    JSON, Column, DateTime, Float, Index, Integer, MetaData, String, Table, Text, case, create_engine, event, func,
-    insert, inspect, or_, select, text, update,
-)
-from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import case, create_engine, event, func, insert, or_, select, update
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, StatementError
 
 from tasks import language
+from tasks.queue_schema import metadata, open_schema, questions  # noqa: F401 - metadata: tests drop the tables
+from tasks.records import MAX_ERROR_CHARS, QueueStats, StoredAnswer, clean
 from tasks.settings import Settings
 
 STATUSES = ("pending", "claimed", "answered", "failed", "dead")
 PRIORITY_STEP_S = 300.0  # one priority level counts as five minutes of waiting
 MAX_PRIORITY = 10
 _LANG = re.compile(r"[a-z]{2,3}")  # ISO 639-1 (or -3): the prompt names the language by it
-metadata = MetaData()
-questions = Table(
-    "docsrag_questions", metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("client_key", String(200), unique=True),
-    Column("question", Text, nullable=False),
-    Column("version", String(64)),
-    Column("lang", String(8)),
-    Column("docs_lang", String(8)),  # answer from the localized docs in this language (None: English)  # ISO 639-1, detected at submit (or when claimed, for rows written by others)
-    Column("priority", Integer, nullable=False, default=0),
-    Column("claim_rank", Float, nullable=False, default=0.0),  # submit time minus the priority's head start
-    Column("status", String(16), nullable=False, index=True, default="pending"),
-    Column("attempts", Integer, nullable=False, default=0),
-    Column("last_error", Text),
-    Column("lease_owner", String(64)),
-    Column("lease_expires_at", DateTime(timezone=True)),
-    Column("available_at", DateTime(timezone=True), nullable=False),
-    Column("answer", Text),
-    Column("reasoning", Text),  # kept apart from the answer, shown only on request
-    Column("sources", JSON),
-    Column("model", String(200)),
-    Column("reasoning_effort", String(16)),
-    Column("usage", JSON),
-    Column("latency_ms", Integer),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-    Column("updated_at", DateTime(timezone=True), nullable=False),
-    Column("answered_at", DateTime(timezone=True)),
-    Index("docsrag_questions_due", "status", "claim_rank"),
-)
-# Columns added after the first release: an existing queue gets them on open (ALTER TABLE ... ADD).
-_ADDED_COLUMNS = {"priority": "INTEGER NOT NULL DEFAULT 0", "claim_rank": "FLOAT NOT NULL DEFAULT 0",
-                  "lang": "VARCHAR(8)", "docs_lang": "VARCHAR(8)"}
 
 
 class QuestionError(ValueError):
@@ -75,12 +48,15 @@ class QuestionError(ValueError):
 
 @dataclass(frozen=True)
 class Claimed:
+    """A question row as a worker holds it."""
+
     id: int
     question: str
     version: str | None
     attempts: int
     lang: str | None = None  # None: queued without one (a row from before the column, or another writer)
     docs_lang: str | None = None  # the localized docs to answer from; None: English
+    put_backs: int = 0  # times put back because the server was busy (bounded by the drain)
 
 
 def now() -> datetime:
@@ -92,8 +68,7 @@ class Queue:
                  backoff_s: float = 30.0):
         self.engine = _engine(url)
         self.max_chars, self.max_attempts, self.lease_s, self.backoff_s = max_chars, max_attempts, lease_s, backoff_s
-        metadata.create_all(self.engine)
-        _add_missing_columns(self.engine)
+        open_schema(self.engine)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Queue:
@@ -120,8 +95,9 @@ class Queue:
         try:
             with self.engine.begin() as db:
                 new_id = db.execute(insert(questions).values(
-                    question=question, version=version, lang=lang, docs_lang=docs_lang, client_key=client_key, status="pending",
-                    attempts=0, priority=priority, claim_rank=stamp.timestamp() - priority * PRIORITY_STEP_S,
+                    question=clean(question, self.max_chars), version=version, lang=lang, docs_lang=docs_lang,
+                    client_key=client_key, status="pending", attempts=0, priority=priority,
+                    claim_rank=stamp.timestamp() - priority * PRIORITY_STEP_S,
                     available_at=stamp, created_at=stamp, updated_at=stamp)).inserted_primary_key[0]
             return int(new_id), True
         except IntegrityError:
@@ -136,20 +112,21 @@ class Queue:
         stamp = now()
         expired = (questions.c.status == "claimed") & (questions.c.lease_expires_at < stamp)
         due = or_((questions.c.status.in_(("pending", "failed"))) & (questions.c.available_at <= stamp), expired)
+        # Materialized: evaluated once, so the rows it locked are the rows updated, never more than ``limit``.
         chosen = (select(questions.c.id).where(due).order_by(questions.c.claim_rank, questions.c.id).limit(limit)
-                  .with_for_update(skip_locked=True))
-        claim = (update(questions).where(questions.c.id.in_(chosen.scalar_subquery()))
+                  .with_for_update(skip_locked=True).cte("chosen").prefix_with("MATERIALIZED"))
+        claim = (update(questions).where(questions.c.id.in_(select(chosen.c.id)))
                  .values(status="claimed", lease_owner=owner, lease_expires_at=stamp + timedelta(seconds=self.lease_s),
                          attempts=questions.c.attempts + 1, updated_at=stamp,
                          last_error=case((expired, "a lease expired: its worker stopped before answering"),
                                          else_=questions.c.last_error))
                  .returning(questions.c.id, questions.c.question, questions.c.version, questions.c.attempts,
-                            questions.c.lang, questions.c.docs_lang, questions.c.claim_rank))
+                            questions.c.lang, questions.c.docs_lang, questions.c.claim_rank, questions.c.put_backs))
         with self.engine.begin() as db:
             self._bury_expired(db, stamp)
             rows = db.execute(claim).all()
         rows.sort(key=lambda r: (r.claim_rank, r.id))
-        return [Claimed(r.id, r.question, r.version, r.attempts, r.lang, r.docs_lang) for r in rows]
+        return [Claimed(r.id, r.question, r.version, r.attempts, r.lang, r.docs_lang, r.put_backs) for r in rows]
 
     def _bury_expired(self, db, stamp: datetime) -> None:
         """Questions whose every attempt ended with the worker gone are dead, with that reason."""
@@ -170,45 +147,77 @@ class Queue:
                 lease_expires_at=stamp + timedelta(seconds=self.lease_s)).returning(questions.c.id)).all()
         return {r.id for r in rows}
 
-    def release(self, ids: list[int], owner: str, reason: str, retry_after_s: float = 0) -> int:
+    def release(self, ids: list[int], owner: str, reason: str, retry_after_s: float = 0, busy: bool = False) -> int:
         """Put questions back, not their fault (a server down or busy, a worker stopping): the attempt
-        is given back and the reason kept. -> how many were still held."""
+        is given back and the reason kept; ``busy`` counts a put-back the drain bounds. -> how many
+        were still held."""
         if not ids:
             return 0
         stamp = now()
         held = (questions.c.id.in_(ids)) & (questions.c.status == "claimed") & (questions.c.lease_owner == owner)
         with self.engine.begin() as db:
             done = db.execute(update(questions).where(held).values(
-                status="pending", attempts=questions.c.attempts - 1, last_error=reason[:4000], lease_owner=None,
-                lease_expires_at=None, available_at=stamp + timedelta(seconds=retry_after_s), updated_at=stamp))
+                status="pending", attempts=questions.c.attempts - 1, last_error=clean(reason, MAX_ERROR_CHARS),
+                put_backs=questions.c.put_backs + int(busy), lease_owner=None, lease_expires_at=None,
+                available_at=stamp + timedelta(seconds=retry_after_s), updated_at=stamp))
         return done.rowcount
 
-    def settle(self, owner: str, answers: dict[int, dict] | None = None,
+    def settle(self, owner: str, answers: dict[int, StoredAnswer | dict] | None = None,
                failures: dict[int, str] | None = None) -> dict[int, str | None]:
-        """Store answers and failures of questions this worker holds, in one transaction.
-        -> the new status per id: answered, failed (back after a backoff), dead, or None (lease lost)."""
+        """Store answers and failures of questions this worker holds, in one transaction; if it cannot
+        commit, row by row, and a row refused again fails its question with the database's reason.
+        -> the new status per id: answered, failed (back after a backoff), dead, or None (lease lost).
+        A database that is unreachable raises (OperationalError): nothing is stored, the leases stay."""
+        answers, failures = answers or {}, failures or {}
+        try:
+            with self.engine.begin() as db:
+                return self._settle(db, answers, failures, owner)
+        except (StatementError, TypeError, ValueError) as exc:  # the driver may refuse a value itself
+            if not _refused(exc) or not answers:
+                raise
+        outcome: dict[int, str | None] = {}
+        for question_id, record in answers.items():
+            outcome.update(self._settle_alone(owner, question_id, record))
+        for question_id, error in failures.items():
+            with self.engine.begin() as db:
+                outcome[question_id] = self._fail(db, question_id, owner, error, now())
+        return outcome
+
+    def _settle_alone(self, owner: str, question_id: int, record: StoredAnswer | dict) -> dict[int, str | None]:
+        try:
+            with self.engine.begin() as db:
+                return self._settle(db, {question_id: record}, {}, owner)
+        except (StatementError, TypeError, ValueError) as exc:
+            if not _refused(exc):
+                raise
+            reason = f"the answer could not be stored: {_short(exc)}"
+        with self.engine.begin() as db:
+            return {question_id: self._fail(db, question_id, owner, reason, now())}
+
+    def _settle(self, db: Connection, answers: dict, failures: dict, owner: str) -> dict[int, str | None]:
         stamp = now()
         outcome: dict[int, str | None] = {}
-        with self.engine.begin() as db:
-            for question_id, record in (answers or {}).items():
-                done = db.execute(update(questions).where(_held(question_id, owner)).values(
-                    status="answered", last_error=None, lease_expires_at=None, answered_at=stamp, updated_at=stamp,
-                    **record))
-                outcome[question_id] = "answered" if done.rowcount == 1 else None
-            for question_id, error in (failures or {}).items():
-                outcome[question_id] = self._fail(db, question_id, owner, error, stamp)
+        for question_id, record in answers.items():
+            done = db.execute(update(questions).where(_held(question_id, owner)).values(
+                status="answered", last_error=None, lease_expires_at=None, answered_at=stamp, updated_at=stamp,
+                **_answer_row(record)))
+            outcome[question_id] = "answered" if done.rowcount == 1 else None
+        for question_id, error in failures.items():
+            outcome[question_id] = self._fail(db, question_id, owner, error, stamp)
         return outcome
 
     def _fail(self, db, question_id: int, owner: str, error: str, stamp: datetime) -> str | None:
-        attempts = db.scalar(select(questions.c.attempts).where(_held(question_id, owner)))
+        # Locked as it is read, and written only while still held: a worker that took the question
+        # over in between keeps it.
+        attempts = db.scalar(select(questions.c.attempts).where(_held(question_id, owner)).with_for_update())
         if attempts is None:
             return None
         status = "dead" if attempts >= self.max_attempts else "failed"
         backoff = timedelta(seconds=min(self.backoff_s * 2 ** (attempts - 1), 3600))
-        db.execute(update(questions).where(questions.c.id == question_id).values(
-            status=status, last_error=error[:4000], lease_expires_at=None, available_at=stamp + backoff,
-            updated_at=stamp))
-        return status
+        done = db.execute(update(questions).where(_held(question_id, owner)).values(
+            status=status, last_error=clean(error, MAX_ERROR_CHARS), lease_expires_at=None,
+            available_at=stamp + backoff, updated_at=stamp))
+        return status if done.rowcount == 1 else None
 
     def answer(self, question_id: int, owner: str, **record) -> bool:
         """Store the answer if this worker still holds the lease. -> stored?"""
@@ -235,7 +244,7 @@ class Queue:
             found = dict(db.execute(select(questions.c.status, func.count()).group_by(questions.c.status)).all())
         return {status: int(found.get(status, 0)) for status in STATUSES}
 
-    def stats(self, window_s: float = 300.0) -> dict:
+    def stats(self, window_s: float = 300.0) -> QueueStats:
         """What an operator asks first: how much waits, for how long, and how fast answers come."""
         stamp = now()
         with self.engine.begin() as db:
@@ -245,14 +254,35 @@ class Queue:
                 (questions.c.status == "answered") & (questions.c.answered_at >= stamp - timedelta(seconds=window_s))))
         if oldest is not None and oldest.tzinfo is None:  # SQLite hands back naive UTC
             oldest = oldest.replace(tzinfo=timezone.utc)
-        return {"counts": self.counts(),
-                "oldest_waiting_s": round((stamp - oldest).total_seconds(), 1) if oldest else None,
-                "answers_per_s": round(recent / window_s, 3), "window_s": window_s}
+        return QueueStats(self.counts(), round((stamp - oldest).total_seconds(), 1) if oldest else None,
+                          round(recent / window_s, 3), window_s)
 
 
 def _held(question_id: int, owner: str):
     """The question is still leased to this worker."""
     return (questions.c.id == question_id) & (questions.c.status == "claimed") & (questions.c.lease_owner == owner)
+
+
+def _answer_row(record: StoredAnswer | dict) -> dict:
+    """The columns of an answer, cleaned and bounded (a plain dict is a row given by a caller)."""
+    if isinstance(record, StoredAnswer):
+        return record.row()
+    row = dict(record)
+    for key, limit in (("answer", 32_000), ("reasoning", 64_000), ("model", 200)):
+        if row.get(key) is not None:
+            row[key] = clean(row[key], limit)
+    return row
+
+
+def _refused(exc: Exception) -> bool:
+    """The database (or the driver) refused the row's data, rather than being unreachable."""
+    return isinstance(exc, (DataError, IntegrityError)) or not isinstance(exc, DBAPIError)
+
+
+def _short(exc: Exception) -> str:
+    """The database's reason in one line, without the statement and its parameters."""
+    orig = getattr(exc, "orig", None) or exc
+    return f"{type(orig).__name__}: {str(orig).strip().splitlines()[0] if str(orig).strip() else ''}"[:500]
 
 
 def _record(row) -> dict:
@@ -261,14 +291,6 @@ def _record(row) -> dict:
         if record.get(key) is not None:
             record[key] = record[key].isoformat()
     return record
-
-
-def _add_missing_columns(engine: Engine) -> None:
-    present = {column["name"] for column in inspect(engine).get_columns(questions.name)}
-    with engine.begin() as db:
-        for name, ddl in _ADDED_COLUMNS.items():
-            if name not in present:
-                db.execute(text(f"ALTER TABLE {questions.name} ADD COLUMN {name} {ddl}"))
 
 
 def _engine(url: str) -> Engine:
@@ -283,4 +305,5 @@ def _engine(url: str) -> Engine:
         event.listen(engine, "connect", lambda conn, _: setattr(conn, "isolation_level", None))
         event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    # A lost server fails a call in seconds rather than hanging the drain (its leases then expire).
+    return create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": 10})

@@ -9,13 +9,19 @@ user's would.
 from __future__ import annotations
 
 import asyncio
+import base64
 import importlib.util
 import json
 import os
+import shlex
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import boto3
@@ -48,7 +54,7 @@ def stack(tmp_path_factory, releases):
 
 def read_env(path: Path) -> dict:
     lines = [line.removeprefix("export ") for line in path.read_text().splitlines() if line.startswith("export ")]
-    return {name: value.strip("'") for name, value in (line.split("=", 1) for line in lines)}
+    return {name: shlex.split(value)[0] if value else "" for name, value in (line.split("=", 1) for line in lines)}
 
 
 def docsrag(stack: dict, *args: str, timeout: int = 600, **extra: str) -> subprocess.CompletedProcess:
@@ -84,7 +90,7 @@ def run_deployment(stack: dict, name: str, parameters: dict, timeout_s: float = 
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
     async def go():
-        async with PrefectClient(stack["PREFECT_API_URL"]) as client:
+        async with PrefectClient(stack["PREFECT_API_URL"], auth_string=stack["PREFECT_API_AUTH_STRING"]) as client:
             deployment = await client.read_deployment_by_name(name)
             run = await client.create_flow_run_from_deployment(deployment.id, parameters=parameters)
             deadline = time.monotonic() + timeout_s
@@ -185,3 +191,91 @@ def test_milvus_lost_mid_ingest_fails_clearly_and_the_alias_survives(stack, rele
     found = docsrag(stack, "search", "Where does Milvus store data?", "--json")
     assert found.returncode == 0, found.stderr[-3000:]
     assert json.loads(found.stdout)["results"][0]["doc_path"] == "en/faq/product_faq.md"
+
+
+def prefect_status(stack: dict, path: str, auth: str | None) -> int:
+    """The HTTP status of a POST to the stack's Prefect API, with or without Basic credentials."""
+    request = urllib.request.Request(stack["PREFECT_API_URL"] + path, data=b"{}", method="POST",
+                                     headers={"Content-Type": "application/json"})
+    if auth is not None:
+        request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_the_prefect_api_refuses_requests_without_the_stacks_credentials(stack):
+    assert prefect_status(stack, "/deployments/filter", None) == 401
+    assert prefect_status(stack, "/deployments/filter", "docsrag:wrong") == 401
+    assert prefect_status(stack, "/deployments/filter", stack["PREFECT_API_AUTH_STRING"]) == 200
+
+
+class Watched:
+    """An HTTP server on loopback that a refused release must never reach."""
+
+    def __init__(self):
+        self.requests: list[str] = []
+        requests = self.requests
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                requests.append(self.path)
+                self.send_response(404)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def ingest_runs(stack: dict) -> list:
+    from prefect.client.orchestration import PrefectClient
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterDeploymentId
+
+    async def read():
+        async with PrefectClient(stack["PREFECT_API_URL"], auth_string=stack["PREFECT_API_AUTH_STRING"]) as client:
+            deployment = await client.read_deployment_by_name("ingest-docs/ingest-docs")
+            return await client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                deployment_id=FlowRunFilterDeploymentId(any_=[deployment.id])))
+
+    return asyncio.run(read())
+
+
+def test_hostile_release_events_start_runs_that_fail_with_their_reason_and_change_nothing(stack):
+    """The issue's reproduction, through the server's trigger and the stack's worker: each event
+    starts an ingest-docs run; none fetches, none forces, the served index stays."""
+    served, collections = served_alias(stack), set(milvus(stack).list_collections())
+    watched = Watched()
+    hostile = {f"{watched.url}/milvus_docs_999.0_en.zip": "DOCSRAG_RELEASE_HOSTS",
+               "s3://milvus/files/x.zip": "DOCSRAG_RELEASE_BUCKETS",
+               "file:///etc/passwd": "DOCSRAG_RELEASE_FOLDERS"}
+    before = {run.id for run in ingest_runs(stack)}
+    for url in hostile:
+        payload = {"asset_url": url, "version": "999.0", "force": True, "publish_main": True}
+        emitted = subprocess.run([str(Path(DOCSRAG).parent / "prefect"), "event", "emit", "docsrag.release.published",
+                                  "--resource-id", "docsrag.release.999.0", "--payload", json.dumps(payload)],
+                                 env={**os.environ, **stack}, capture_output=True, text=True, timeout=60)
+        assert emitted.returncode == 0, emitted.stderr[-2000:]
+    deadline = time.monotonic() + 150
+    while len(runs := [r for r in ingest_runs(stack) if r.id not in before and r.state.is_final()]) < len(hostile):
+        assert time.monotonic() < deadline, [(r.name, r.state.name) for r in ingest_runs(stack) if r.id not in before]
+        time.sleep(2)
+    watched.server.shutdown()
+    for run in runs:
+        assert run.state.is_failed(), (run.parameters, run.state.message)
+        assert run.parameters["force"] is False and run.parameters["publish_main"] is False
+        assert hostile[run.parameters["release"]] in run.state.message, run.state.message
+    assert watched.requests == []
+    assert served_alias(stack) == served and set(milvus(stack).list_collections()) == collections
+
+
+def served_alias(stack: dict) -> str | None:
+    try:
+        return milvus(stack).describe_alias("milvus_docs")["collection_name"]
+    except MilvusException:  # nothing served yet (the test ran alone)
+        return None

@@ -17,6 +17,7 @@ import asyncio
 import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -54,13 +55,14 @@ def load_state(stack: Path, free_ports: bool, postgres: str, db_prefix: str) -> 
     """Ports and credentials are chosen once and kept, so a restarted component finds its data."""
     path = stack / "state.json"
     if path.is_file():
-        return json.loads(path.read_text())
+        return _with_prefect_auth(path, json.loads(path.read_text()))
     public = {name: free_port() if free_ports else port for name, port in DEFAULT_PORTS.items()}
     state = {
         "ports": {**public, **{name: free_port() for name in INTERNAL_PORTS}},
         "s3_access_key": "docsrag" + secrets.token_hex(4),
         "s3_secret_key": secrets.token_urlsafe(24),
         "milvus_password": secrets.token_urlsafe(18),
+        "prefect_auth": _prefect_auth(),
         "postgres": postgres.rstrip("/"),
         "prefect_db": f"{db_prefix}_prefect",
         "queue_db": f"{db_prefix}_queue",
@@ -68,6 +70,21 @@ def load_state(stack: Path, free_ports: bool, postgres: str, db_prefix: str) -> 
     stack.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(state, indent=2))
     path.chmod(0o600)
+    return state
+
+
+def _prefect_auth() -> str:
+    """The Prefect API's credentials (``user:password``, the UI asks for them): whoever reaches the
+    API can emit the event that starts an ingest, start runs and read blocks."""
+    return "docsrag:" + secrets.token_urlsafe(24)
+
+
+def _with_prefect_auth(path: Path, state: dict) -> dict:
+    """A stack made before the API had credentials gets them; its server takes them at its next start."""
+    if "prefect_auth" not in state:
+        state["prefect_auth"] = _prefect_auth()
+        path.write_text(json.dumps(state, indent=2))
+        path.chmod(0o600)
     return state
 
 
@@ -250,12 +267,14 @@ def prefect_api(state: dict) -> str:
 
 def prefect_env(stack: Path, state: dict) -> dict:
     return {"PREFECT_HOME": str(stack / "prefect"), "PREFECT_API_URL": prefect_api(state),
+            "PREFECT_API_AUTH_STRING": state["prefect_auth"],
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "true"}
 
 
 def start_prefect(stack: Path, state: dict) -> None:
     env = {**prefect_env(stack, state),
-           "PREFECT_API_DATABASE_CONNECTION_URL": postgres_url(state, state["prefect_db"], "+asyncpg")}
+           "PREFECT_API_DATABASE_CONNECTION_URL": postgres_url(state, state["prefect_db"], "+asyncpg"),
+           "PREFECT_SERVER_API_AUTH_STRING": state["prefect_auth"]}  # every route but /health asks for it
     env.pop("PREFECT_API_URL")
     spawn(stack, "prefect", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
                              "--port", str(state["ports"]["prefect"])], env)
@@ -304,7 +323,7 @@ async def _pause_schedules(state: dict) -> None:
     """Tests and demos trigger runs by hand: no schedule fires behind their back."""
     from prefect.client.orchestration import PrefectClient
 
-    async with PrefectClient(prefect_api(state)) as client:
+    async with PrefectClient(prefect_api(state), auth_string=state["prefect_auth"]) as client:
         for deployment in await client.read_deployments():
             for schedule in deployment.schedules:
                 await client.update_deployment_schedule(deployment.id, schedule.id, active=False)
@@ -333,12 +352,27 @@ def stack_env(home: Path, state: dict) -> dict:
         "AWS_SECRET_ACCESS_KEY": state["s3_secret_key"],
         "AWS_DEFAULT_REGION": "us-east-1",
         "PREFECT_API_URL": prefect_api(state),
+        "PREFECT_API_AUTH_STRING": state["prefect_auth"],
+        # What a deployment's run may ingest (tasks/source_policy.py): the stack's own incoming/
+        # prefix and the folders of release zips, so `prefect deployment run ... -p release=<zip>`
+        # works here; nothing else on this machine, and no other bucket.
+        "DOCSRAG_RELEASE_BUCKETS": f"{OBJECTS_BUCKET}/incoming",
+        "DOCSRAG_RELEASE_FOLDERS": release_folders(),
     }
+
+
+def release_folders() -> str:
+    """DOCSRAG_RELEASE_FOLDERS as the operator set it, else the shared release zips beside the
+    checkout (DOCSRAG_TEST_DATA), where they exist."""
+    if os.environ.get("DOCSRAG_RELEASE_FOLDERS"):
+        return os.environ["DOCSRAG_RELEASE_FOLDERS"]
+    shared = Path(os.environ.get("DOCSRAG_TEST_DATA", ROOT.parent / "shared")) / "data" / "releases"
+    return str(shared.resolve()) if shared.is_dir() else ""
 
 
 def write_env(home: Path, state: dict) -> Path:
     path = home / "stack.env"
-    lines = [f"export {name}='{value}'" for name, value in stack_env(home, state).items()]
+    lines = [f"export {name}={shlex.quote(value)}" for name, value in stack_env(home, state).items()]
     path.write_text("# Written by `make stack-up`; `source` it to point docsrag at the local stack.\n"
                     + "\n".join(lines) + "\n")
     path.chmod(0o600)  # it holds the generated S3 and Milvus credentials

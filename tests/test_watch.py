@@ -161,4 +161,4 @@ def test_event_triggers_the_ingest_deployment_with_the_asset_url(github, prefect
         runs = asyncio.run(trigger_runs())
     assert runs, "the docsrag.release.published event created an ingest-docs run"
     assert runs[0].parameters == {"release": f"{github.base}/download/milvus_docs_faq_2.4.x_en.zip",
-                                  "version": "2.4.x"}
+                                  "version": "2.4.x", "force": False, "publish_main": False}

@@ -138,8 +138,8 @@ def delete_ids(client: MilvusClient, name: str, ids: list[str]) -> None:
         client.delete(name, ids=ids)
 
 
-def count(client: MilvusClient, name: str) -> int:
-    return int(client.query(name, filter="", output_fields=["count(*)"])[0]["count(*)"])
+def count(client: MilvusClient, name: str, timeout: float | None = None) -> int:
+    return int(client.query(name, filter="", output_fields=["count(*)"], timeout=timeout)[0]["count(*)"])
 
 
 def served_collection(client: MilvusClient, alias: str) -> str | None:
@@ -169,21 +169,23 @@ def aliases(client: MilvusClient) -> dict[str, str]:
 
 
 def dense_search(client: MilvusClient, collection: str, vectors: list[list[float]], limit: int,
-                 output_fields: list[str], field: str = "dense") -> list[list[dict]]:
+                 output_fields: list[str], field: str = "dense", timeout: float | None = None) -> list[list[dict]]:
+    """``timeout``: the call's gRPC deadline in seconds (None: none; a hung server then hangs the caller)."""
     return client.search(collection, data=vectors, anns_field=field, limit=limit,
-                         search_params={"metric_type": "COSINE"}, output_fields=output_fields)
+                         search_params={"metric_type": "COSINE"}, output_fields=output_fields, timeout=timeout)
 
 
 def bm25_search(client: MilvusClient, collection: str, texts: list[str], limit: int,
-                output_fields: list[str]) -> list[list[dict]]:
+                output_fields: list[str], timeout: float | None = None) -> list[list[dict]]:
     """Full-text search: Milvus turns the texts into BM25 sparse vectors itself."""
     return client.search(collection, data=texts, anns_field="sparse", limit=limit,
-                         search_params={"metric_type": "BM25"}, output_fields=output_fields)
+                         search_params={"metric_type": "BM25"}, output_fields=output_fields, timeout=timeout)
 
 
-def doc_of_ids(client: MilvusClient, name: str) -> dict[str, str]:
+def doc_of_ids(client: MilvusClient, name: str, timeout: float | None = None) -> dict[str, str]:
     """Every primary key of a collection with its doc path, paged so a large index never loads at once."""
-    iterator = client.query_iterator(name, batch_size=4096, filter="", output_fields=["id", "doc_path"])
+    iterator = client.query_iterator(name, batch_size=4096, filter="", output_fields=["id", "doc_path"],
+                                     timeout=timeout)
     found: dict[str, str] = {}
     while page := iterator.next():
         found.update((row["id"], row["doc_path"]) for row in page)
@@ -197,9 +199,10 @@ def vector_fields(client: MilvusClient, name: str) -> list[str]:
             if f.get("type") == DataType.FLOAT_VECTOR]
 
 
-def vectors_of(client: MilvusClient, name: str, ids: list[str], fields: list[str]) -> dict[str, dict]:
+def vectors_of(client: MilvusClient, name: str, ids: list[str], fields: list[str],
+               timeout: float | None = None) -> dict[str, dict]:
     """id -> {field: vector} for the given dense fields."""
-    rows = client.get(name, ids=ids, output_fields=fields)
+    rows = client.get(name, ids=ids, output_fields=fields, timeout=timeout)
     return {row["id"]: {f: [float(v) for v in row[f]] for f in fields} for row in rows}
 
 

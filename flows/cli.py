@@ -13,6 +13,7 @@ import sys
 import time
 
 from tasks import release
+from tasks.escaping import for_terminal
 from tasks.settings import Settings, SettingsError, given, load_settings
 
 
@@ -162,13 +163,10 @@ def _positive(text: str) -> int:
     return value
 
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\x9b]")
-
-
 def printable(text: str) -> str:
-    """Text from documents or questions, safe for a terminal: control characters (escape
-    sequences that could rewrite the screen) are printed as their code."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    """Text from documents or questions, safe for a terminal: C0/C1 controls (escape sequences
+    that could rewrite the screen) and bidi overrides printed as their code (tasks/escaping.py)."""
+    return for_terminal(text)
 
 
 def _runs_flows(command):

@@ -84,12 +84,15 @@ def numbered_sources(hits: list[dict]) -> list[dict]:
              "relevance": h.get("relevance"), "text": h["text"]} for n, h in enumerate(hits, 1)]
 
 
-_SOURCE_TAG = re.compile(r"<(/?\s*source)", re.IGNORECASE)
+_SOURCE_TAG = re.compile(r"<(\s*/?\s*source)", re.IGNORECASE)
 
 
 def fenced(text: str) -> str:
-    """Text that cannot open or close a source tag, in any case or spacing."""
-    return _SOURCE_TAG.sub(r"&lt;\1", text)
+    """Text that cannot open or close a source tag, in any case or spacing, nor with look-alikes
+    (``< /source>``, full-width ``＜/source＞``): those are written as the ASCII tag first, then escaped."""
+    from tasks.escaping import source_tags_normalized  # one edit in a module the answer flow's owner keeps
+
+    return _SOURCE_TAG.sub(r"&lt;\1", source_tags_normalized(text))
 
 
 def not_covered(lang: str | None) -> str:

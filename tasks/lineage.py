@@ -11,16 +11,20 @@ from pathlib import Path
 from prefect.assets import Asset, AssetProperties, materialize
 from prefect.cache_policies import NONE
 
+from tasks.redaction import redact_url
+
 # Characters Prefect refuses in an asset key (a URI); a path holding one is still named.
 _UNSAFE = re.compile(r"[\s#?&%\"'<>\[\]{}|\\^`]")
 
 
 def asset_key(uri: str) -> str:
-    return _UNSAFE.sub("_", uri)[:500]
+    """An asset key is stored in Prefect's database and sent in every asset event: never with the
+    URI's credentials (pymilvus takes ``http://user:pass@host:19530``) or query."""
+    return _UNSAFE.sub("_", redact_url(uri))[:500]
 
 
 def milvus_asset(milvus_uri: str, name: str, description: str) -> Asset:
-    server = re.sub(r"^[a-z]+://", "", milvus_uri).rstrip("/")
+    server = re.sub(r"^[a-z]+://", "", redact_url(milvus_uri)).rstrip("/")
     scheme = "milvus" if re.match(r"^[a-z]+://", milvus_uri) else "milvuslite"
     if scheme == "milvuslite":
         server = "/" + str(Path(server).resolve()).lstrip("/")

@@ -11,6 +11,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 from tqdm import tqdm
 
+from tasks.escaping import for_markdown, for_terminal
+from tasks.redaction import redact_text
 from tasks.terminal import current
 
 SHOWN_PROBLEMS = 50  # files named one by one in the log; the artifact and the JSON hold them all
@@ -104,8 +106,9 @@ def name_run(name: str) -> None:
 def log_problems(logger, skipped: list[dict], warnings: list[dict]) -> None:
     """One WARNING per file that was skipped or indexed best-effort, with its reason."""
     problems = [("skipped", p) for p in skipped] + [("warning", p) for p in warnings]
-    for kind, problem in problems[:SHOWN_PROBLEMS]:
-        logger.warning("%s %s: %s", kind, problem["path"][:300], problem["reason"][:500])
+    for kind, problem in problems[:SHOWN_PROBLEMS]:  # paths and reasons come from the archive: escaped
+        logger.warning("%s %s: %s", kind, for_terminal(problem["path"][:300]),
+                       for_terminal(redact_text(problem["reason"][:500])))
     if len(problems) > SHOWN_PROBLEMS:
         logger.warning("... and %d more (see the run's summary artifact)", len(problems) - SHOWN_PROBLEMS)
 
@@ -120,13 +123,15 @@ def publish_artifacts(summary: IngestSummary, documents: dict[str, str], chunks_
 
 
 def summary_markdown(s: IngestSummary) -> str:
+    """The run's summary artifact. Paths and reasons come from the archive (and errors may quote
+    URLs): literal, redacted text, never markup of their own (tasks/escaping.py)."""
     docs = s.document_changes
     lines = [
         f"# Ingest of docs {s.version}: {'unchanged' if s.unchanged else 'published'}",
         "",
         "| | |",
         "|---|---|",
-        f"| release | `{s.release}` |",
+        f"| release | {for_markdown(redact_text(s.release))} |",
         f"| sha256 | `{s.sha256}` ({s.size:,} bytes) |",
         f"| documents | {s.documents} (added {docs['added']}, changed {docs['changed']}, "
         f"removed {docs['removed']}, unchanged {docs['unchanged']}) |",
@@ -145,5 +150,6 @@ def summary_markdown(s: IngestSummary) -> str:
     for title, items in (("Skipped files", s.skipped), ("Parsed best-effort", s.warnings)):
         if items:
             lines += ["", f"## {title}", "", "| file | reason |", "|---|---|"]
-            lines += [f"| `{item['path']}` | {item['reason']} |" for item in items]
+            lines += [f"| {for_markdown(item['path'])} | {for_markdown(redact_text(item['reason']))} |"
+                      for item in items]
     return "\n".join(lines)

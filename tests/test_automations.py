@@ -1,6 +1,7 @@
 """The shipped automations on a real Prefect server: created from the repo's file, fired by real runs."""
 
 import json
+import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -76,7 +77,20 @@ def test_a_failed_answer_run_reaches_the_webhook(webhook, capsys):
     assert main(["automations"]) == 0
     assert main(["answer"]) == 1  # nothing ingested: the run fails before claiming
     text = webhook.wait_for("answer-questions run")
-    assert "Failed" in text and "run `docsrag ingest` first" in text
+    assert "Failed" in text and re.search(r"\(id [0-9a-f-]{36}\)", text)
+
+
+def test_the_failure_notification_names_the_run_not_its_parameters_or_error(webhook):
+    """A chat service is outside: it gets the run's name, state and link, never its parameters
+    or its error text, which may quote a URL's credentials."""
+    from flows.ingest import ingest_release
+
+    assert main(["automations"]) == 0
+    planted = "Pl4ntedS3cret"
+    with pytest.raises(Exception, match=planted):  # today's error text quotes the URL as given
+        ingest_release(release=f"ftp://docs:{planted}@mirror.example/milvus_docs_2.4.x_en.zip")
+    text = webhook.wait_for("ingest-docs run")
+    assert "Failed" in text and re.search(r"\(id [0-9a-f-]{36}\)", text) and planted not in text
 
 
 def test_dead_lettered_questions_reach_the_webhook(webhook):

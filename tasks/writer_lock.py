@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import logging
 import os
 import re
 import socket
@@ -91,19 +92,25 @@ def _prefect_slot(settings: Settings):
 
 @contextmanager
 def _slot(name: str, wait_s: float, lease_s: float) -> Iterator[None]:
+    from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
     from prefect.concurrency.sync import concurrency
-    from prefect.exceptions import PrefectException
     from prefect.variables import Variable
 
     _ensure_limit(name)
+    # Prefect's acquisition service logs a refused slot as an error of its own, with a traceback:
+    # here a refusal is an answer, said once below.
+    quiet = logging.getLogger("prefect._internal.concurrency")
+    level, quiet.level = quiet.level, logging.CRITICAL
     try:
         slot = concurrency(name, occupy=1, strict=True, lease_duration=lease_s,
                            **({"timeout_seconds": wait_s} if wait_s > 0 else {"max_retries": 0}))
         slot.__enter__()
-    except (PrefectException, TimeoutError) as exc:
+    except (ConcurrencySlotAcquisitionError, TimeoutError) as exc:
         who = Variable.get(name, default=None) or "a run that recorded no name"
         raise WriterBusy(f"another ingest or rollback holds the writer slot {name!r} ({who}); a killed holder "
-                         f"frees it when its {lease_s:.0f} s lease runs out") from exc
+                         f"frees it when its {lease_s:.0f} s lease runs out") from None
+    finally:
+        quiet.level = level
     try:
         Variable.set(name, _holder(), overwrite=True)
         yield

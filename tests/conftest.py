@@ -126,3 +126,19 @@ def postgres_url():
     with engine.connect() as db:
         db.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
     engine.dispose()
+
+
+@pytest.fixture
+def gpu_embeddings(monkeypatch):
+    """Whole releases are embedded by an OpenAI-compatible embeddings server (the emulator's, at a
+    GPU's pace), as on the cluster: what these tests check is the diff, the reuse and the aliases
+    at the scale of real releases, and the real model would spend 15 minutes of a 2-core CPU on
+    them (the FAQ tests use the real model)."""
+    from .llm_emulator import Emulator
+
+    server = Emulator().start()
+    for name, value in {"EMBEDDING": "openai", "EMBEDDING_BASE_URL": server.url, "EMBEDDING_MODEL": "emulated",
+                        "EMBEDDING_BATCH_SIZE": "256", "MULTILINGUAL": "off"}.items():
+        monkeypatch.setenv(f"DOCSRAG_{name}", value)
+    yield server
+    server.stop()

@@ -15,7 +15,6 @@ from tasks import chunking, index, markdown, store, writer_lock
 from tasks.settings import load_settings
 
 from .conftest import DOCSRAG, ROOT, api_env
-from .llm_emulator import Emulator
 
 
 def ingest(capsys, *args: str) -> dict:
@@ -39,20 +38,6 @@ def fresh_build_ids(summary: dict) -> set[str]:
 
 
 
-
-
-@pytest.fixture
-def gpu_embeddings(monkeypatch):
-    """Whole releases are embedded by an OpenAI-compatible embeddings server (the emulator's, at a
-    GPU's pace), as on the cluster: what these tests check is the diff, the reuse and the aliases
-    at the scale of real releases, and the real model would spend 15 minutes of a 2-core CPU on
-    them (the FAQ tests use the real model)."""
-    server = Emulator().start()
-    for name, value in {"EMBEDDING": "openai", "EMBEDDING_BASE_URL": server.url, "EMBEDDING_MODEL": "emulated",
-                        "EMBEDDING_BATCH_SIZE": "256", "MULTILINGUAL": "off"}.items():
-        monkeypatch.setenv(f"DOCSRAG_{name}", value)
-    yield server
-    server.stop()
 
 
 def test_full_release_then_unchanged_then_next_release(releases, tmp_path, prefect_server, capsys, monkeypatch,

@@ -27,6 +27,7 @@ from pydantic import Field
 from tasks import embedding
 from tasks.drain import Drain, DrainSummary, ServingOutage
 from tasks.questions import Queue
+from tasks.records import QueueStats
 from tasks.report import name_run
 from tasks.retrieve import Retriever
 from tasks.settings import Settings, settings_for_run
@@ -102,8 +103,8 @@ def _announce_dead(summary: DrainSummary, owner: str) -> None:
                    payload={"count": len(dead), "ids": [p["id"] for p in dead][:50], "reason": dead[0]["reason"]})
 
 
-def _report(summary: DrainSummary, stats: dict) -> None:
-    counts = stats["counts"]
+def _report(summary: DrainSummary, stats: QueueStats) -> None:
+    counts = stats.counts
     create_markdown_artifact(key="answer-questions-summary", description="What this answer run did", markdown=(
         f"### Answer run: {summary.answered} answered in {summary.seconds} s ({summary.answers_per_s}/s)\n\n"
         f"| claimed | answered | not covered | failed | dead | put back | lost | output tokens |\n"
@@ -113,8 +114,8 @@ def _report(summary: DrainSummary, stats: dict) -> None:
         f"Answered in: {', '.join(f'{lang} {n}' for lang, n in sorted(summary.languages.items())) or '–'}.\n\n"
         f"Stopped: **{summary.outage or summary.stopped}**.\n\n"
         f"Queue now: {', '.join(f'{k} {v}' for k, v in counts.items())}; oldest waiting "
-        f"{stats['oldest_waiting_s'] if stats['oldest_waiting_s'] is not None else '–'} s; "
-        f"{stats['answers_per_s']} answers/s over the last {stats['window_s']:.0f} s."))
+        f"{stats.oldest_waiting_s if stats.oldest_waiting_s is not None else '–'} s; "
+        f"{stats.answers_per_s} answers/s over the last {stats.window_s:.0f} s."))
     if summary.problems:
         create_table_artifact(table=summary.problems[:500], key="answer-questions-problems",
                               description="Questions this run did not answer, and why")

@@ -8,8 +8,20 @@ once). A worker killed at any point holds at most two windows: only those wait f
 
 Every claimed question ends answered, failed (its own fault: an attempt spent, dead after the
 last), or released back to the queue with the reason (not its fault: the LLM server or Milvus
-down, the time budget spent, the run stopped; no attempt spent). The leases of the questions
-held are renewed while they wait and generate.
+down, the time budget spent, the run stopped; no attempt spent), whatever fails: the final
+release does not depend on the writer. The leases of the questions held are renewed while they
+wait and generate.
+
+"Down" is a fact about the server, not a guess from one request: a request that fails with
+nothing answered since it went out makes the run probe the server (a tiny question); only a
+failed probe stops the run. While the server answers, a 5xx is the question's own failure (vLLM
+answers 500 for a prompt whose output it cannot parse), and a timeout, 429 or reset puts the
+question back as busy, at most DOCSRAG_MAX_ATTEMPTS times before it counts as an attempt. A reply
+that is not a chat completion means a misconfigured server: the run stops, nothing spent.
+
+Time: the run stops claiming at ``max_seconds``; a request still out then has until
+``max_seconds + grace`` (grace = min(STOP_GRACE_S, DOCSRAG_LLM_DEADLINE_S)) before it is cut and
+its question put back, so a run ends within that margin (plus the queue's last writes).
 """
 
 from __future__ import annotations
@@ -22,9 +34,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from functools import partial
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from tasks import language
-from tasks.generate import Generator, not_covered, numbered_sources, overloaded, server_fault
+from tasks.generate import (
+    BadResponse, Generated, Generator, RequestDeadline, not_covered, numbered_sources, overloaded, server_fault,
+)
 from tasks.questions import Claimed, Queue
+from tasks.records import Source, StoredAnswer
 from tasks.retrieve import Retriever, covered
 from tasks.settings import Settings
 from tasks.store import StoreError
@@ -33,12 +50,13 @@ CLAIM_BATCH = 64  # questions claimed, embedded and searched together
 POLL_S = 0.5  # how often an otherwise idle feeder looks for new questions while answers are in flight
 PROGRESS_S = 5.0
 NO_ATTEMPT_SPENT = " (put back, no attempt spent)"
+STOP_GRACE_S = 30.0  # how long requests still out at max_seconds may finish
 
 
 @dataclass
 class Prepared:
     item: Claimed
-    sources: list[dict] = field(default_factory=list)  # numbered; empty: the docs do not cover it
+    sources: list[Source] = field(default_factory=list)  # numbered; empty: the docs do not cover it
     error: str | None = None  # the question's own failure before generation (e.g. an unknown version)
     lang: str = language.DEFAULT  # the language to answer in
 
@@ -72,6 +90,14 @@ class ServingOutage(RuntimeError):
     """A service every question needs is down; the claimed questions went back to the queue."""
 
 
+class QueueFailure(RuntimeError):
+    """The queue's database failed a write; what the run held went back (or waits for its lease)."""
+
+
+class RunOutOfTime(Exception):
+    """A request was cut at the run's end (max_seconds + grace)."""
+
+
 class Drain:
     def __init__(self, settings: Settings, queue: Queue, retriever: Retriever, *, owner: str, max_seconds: float,
                  max_questions: int | None = None, top_k: int | None = None,
@@ -93,6 +119,7 @@ class Drain:
         started = time.monotonic()
         self.deadline = started + self.max_seconds
         self.generator = Generator(self.settings)
+        self.grace = min(STOP_GRACE_S, self.settings.llm_deadline_s)
         # Up to a full window of prepared questions waits beside the window in flight, so a slot
         # that frees never waits on retrieval; a permit per question held bounds both.
         self.permits = asyncio.Semaphore(2 * self.slots)
@@ -109,23 +136,40 @@ class Drain:
             done = await asyncio.gather(self.feeder, *self.workers, return_exceptions=True)
             errors = [r for r in done if isinstance(r, Exception) and not isinstance(r, ServingOutage)]
             if errors:  # a bug or the queue's own database: the leases held are released below
+                if isinstance(errors[0], SQLAlchemyError):
+                    raise QueueFailure(f"the question queue failed: {_short(errors[0])}") from None
                 raise errors[0]
         finally:
             for task in [*self.workers, self.feeder, *background]:
                 task.cancel()
             await self.settled.put(None)
-            try:
-                await writer  # raises what made a write fail
+            failed = await self._written(writer) or _failure(renewer)
+            try:  # whatever the writer did: what is still held goes back
                 reason = (f"{self.summary.outage}{NO_ATTEMPT_SPENT}" if self.summary.outage
                           else "the answer run stopped before answering it")
                 self.summary.released += await self._db(self._release_held, reason)
+            except SQLAlchemyError as exc:
+                failed = failed or exc
             finally:
                 self.held.clear()
                 await self.generator.close()
                 self.db.shutdown()
                 self.search.shutdown()
                 self.summary.seconds = round(time.monotonic() - started, 2)
+            if failed is not None:
+                raise QueueFailure(f"the question queue failed: {_short(failed)}. The questions "
+                                   "this run held went back to the queue (or wait for their lease)") from None
         return self.summary
+
+    async def _written(self, writer: asyncio.Task) -> BaseException | None:
+        """The writer's end: None, or what made its last write fail."""
+        try:
+            await writer
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - reported after the held questions are released
+            return exc
+        return None
 
     def _release_held(self, reason: str) -> int:
         """In the queue's thread, so a claim still running there when the run stopped has finished
@@ -230,41 +274,68 @@ class Drain:
         if prepared.error:
             return await self.settled.put(("failed", item, prepared.error))
         if not prepared.sources:
-            return await self.settled.put(("answered", item, {
-                "answer": not_covered(prepared.lang), "lang": prepared.lang, "sources": [], "model": None,
-                "reasoning_effort": None, "latency_ms": 0}))
+            return await self.settled.put(("answered", item, StoredAnswer(not_covered(prepared.lang), prepared.lang)))
         if time.monotonic() >= self.deadline:
             return await self._release([item], "put back: the answer run's time budget (max_seconds) ran out")
         sent = time.monotonic()
         try:
-            result = await self.generator.answer(item.question, prepared.sources, prepared.lang)
+            result = await self._generate(prepared)
+        except RunOutOfTime:
+            return await self._release([item], "put back: cut at the answer run's end (max_seconds and its grace)")
+        except BadResponse as exc:
+            return await self._outage(item, f"the LLM server at {self.settings.llm_base_url} is misconfigured: {exc}")
         except Exception as exc:
-            if server_fault(exc) and (self.last_success < sent or overloaded(exc)):
-                return await self._server_fault(item, exc, down=self.last_success < sent)
+            if server_fault(exc):
+                return await self._server_fault(item, exc, sent)
             return await self.settled.put(("failed", item, f"{type(exc).__name__}: {exc}"))
         self.last_success = time.monotonic()
         s = self.settings
-        await self.settled.put(("answered", item, {
-            "answer": result.answer, "lang": prepared.lang, "reasoning": result.reasoning, "model": s.llm_model,
-            "reasoning_effort": s.reasoning_effort, "usage": result.usage, "latency_ms": result.latency_ms,
-            "sources": [{k: src[k] for k in ("n", "doc_path", "heading", "score")} for src in prepared.sources]}))
+        await self.settled.put(("answered", item, StoredAnswer(
+            result.answer, prepared.lang, prepared.sources, s.llm_model, s.reasoning_effort, result.reasoning,
+            result.usage, result.latency_ms)))
 
-    async def _server_fault(self, item: Claimed, exc: Exception, down: bool) -> None:
-        """The server, not the question, failed: down (nothing answered since this request went out,
-        after the client's retries) stops the run; overloaded (a timeout or 429 while others are
-        answered) puts the question back for later. No attempt is spent either way."""
+    async def _generate(self, prepared: Prepared) -> Generated:
+        """The model's answer within the request's deadline, and never past the run's end plus grace."""
+        left = self.deadline + self.grace - time.monotonic()
+        if left <= 0:
+            raise RunOutOfTime
+        try:
+            return await self.generator.answer(prepared.item.question, prepared.sources, prepared.lang,
+                                               deadline_s=min(self.settings.llm_deadline_s, left))
+        except RequestDeadline:
+            if left < self.settings.llm_deadline_s:
+                raise RunOutOfTime from None
+            raise
+
+    async def _server_fault(self, item: Claimed, exc: Exception, sent: float) -> None:
+        """The request failed in a way that may be the server's. With nothing answered since it went
+        out, the server is probed: down stops the run (no attempt spent). A server that answers is
+        busy (timeout, 429, reset: put back, bounded) or refusing this question (5xx: its failure)."""
         reason = f"the LLM server at {self.settings.llm_base_url} failed: {type(exc).__name__}: {exc}"
-        if down and self.summary.outage is None:  # stop claiming first: the question put back stays put
+        within = self.deadline + self.grace - time.monotonic()
+        if self.last_success < sent and (trouble := await self.generator.probe(within)) is not None:
+            return await self._outage(item, f"{reason}; a probe request failed too: {trouble}")
+        if not overloaded(exc):
+            return await self.settled.put(("failed", item, f"{type(exc).__name__}: {exc}"))
+        if item.put_backs >= self.settings.max_attempts:
+            return await self.settled.put(("failed", item, f"{reason} (busy each time it was sent: after "
+                                                           f"{item.put_backs} put-backs it spends an attempt)"))
+        await self._release([item], reason + NO_ATTEMPT_SPENT, retry_after_s=self.settings.retry_backoff_s,
+                            busy=True)
+
+    async def _outage(self, item: Claimed, reason: str) -> None:
+        """The server every question needs is down or misconfigured: stop claiming, put this one back
+        (the others go back as the run stops)."""
+        if self.summary.outage is None:  # stop claiming first: the question put back stays put
             self.summary.outage = reason
             self.feeder.cancel()
-        await self._release([item], reason + NO_ATTEMPT_SPENT,
-                            retry_after_s=0 if down else self.settings.retry_backoff_s)
+        await self._release([item], reason + NO_ATTEMPT_SPENT)
 
-    async def _release(self, items: list[Claimed], reason: str, retry_after_s: float = 0) -> None:
+    async def _release(self, items: list[Claimed], reason: str, retry_after_s: float = 0, busy: bool = False) -> None:
         ids = [i.id for i in items if i.id in self.held]
         # Shielded, and forgotten only once done: a run stopping meanwhile releases them again, harmlessly.
         self.summary.released += await asyncio.shield(
-            self._db(self.queue.release, ids, self.owner, reason, retry_after_s))
+            self._db(self.queue.release, ids, self.owner, reason, retry_after_s, busy))
         self.held.difference_update(ids)
         for _ in ids:
             self.permits.release()
@@ -299,17 +370,16 @@ class Drain:
             if last:
                 return
 
-    def _count(self, item: Claimed, status: str | None, detail) -> None:
+    def _count(self, item: Claimed, status: str | None, detail: StoredAnswer | str) -> None:
         self.held.discard(item.id)
         self.permits.release()
         s = self.summary
         if status == "answered":
             s.answered += 1
-            s.not_covered += not detail["sources"]  # answered with no sources: retrieval found nothing
-            s.languages[detail["lang"]] = s.languages.get(detail["lang"], 0) + 1
-            usage = detail.get("usage") or {}
-            s.prompt_tokens += usage.get("prompt_tokens", 0)
-            s.output_tokens += usage.get("completion_tokens", 0)
+            s.not_covered += not detail.sources  # answered with no sources: retrieval found nothing
+            s.languages[detail.lang] = s.languages.get(detail.lang, 0) + 1
+            s.prompt_tokens += detail.usage.prompt_tokens
+            s.output_tokens += detail.usage.completion_tokens
             return
         if status is None:
             s.lost += 1
@@ -329,3 +399,14 @@ class Drain:
         while self.on_progress:
             await asyncio.sleep(PROGRESS_S)
             self.on_progress(self.summary, self.busy)
+
+
+def _failure(task: asyncio.Task) -> BaseException | None:
+    return task.exception() if task.done() and not task.cancelled() else None
+
+
+def _short(exc: BaseException) -> str:
+    """A database error in one line: its type and first line, never the statement and its parameters."""
+    orig = getattr(exc, "orig", None) or exc
+    first = str(orig).strip().splitlines()[0] if str(orig).strip() else ""
+    return f"{type(orig).__name__}: {first}"[:500]

@@ -59,7 +59,8 @@ class Retriever:
         fields = self._fields[name]
         if not fields.multilingual:  # an index built without it (or a query embedder without it)
             vectors = {"dense": vectors["dense"]}
-        return search(self.client, name, vectors, queries, k, hybrid=fields.bm25, rrf_k=self.settings.rrf_k)
+        return search(self.client, name, vectors, queries, k, hybrid=fields.bm25, rrf_k=self.settings.rrf_k,
+                      timeout=self.settings.milvus_timeout_s)
 
 
 @dataclass(frozen=True)
@@ -71,18 +72,20 @@ class Fields:
 
 
 def search(client, collection: str, vectors: dict[str, list[list[float]]], texts: list[str], k: int, *,
-           hybrid: bool, rrf_k: int) -> list[list[dict]]:
+           hybrid: bool, rrf_k: int, timeout: float | None = None) -> list[list[dict]]:
     """Top-k rows per query: the multilingual dense field (where given), the English dense field
-    and BM25 (where the collection has it), fused by RRF in that order."""
+    and BM25 (where the collection has it), fused by RRF in that order; each Milvus call within
+    ``timeout`` seconds (DOCSRAG_MILVUS_TIMEOUT_S when serving: a hung Milvus fails the call)."""
     fields = [*OUTPUT_FIELDS, "dense"]
     searches = [field for field in (MULTILINGUAL, "dense") if field in vectors]
     fused = hybrid or len(searches) > 1
     depth = k * FUSION_DEPTH if fused else k
-    dense = {f: store.dense_search(client, collection, vectors[f], depth, fields, field=f) for f in searches}
+    dense = {f: store.dense_search(client, collection, vectors[f], depth, fields, field=f, timeout=timeout)
+             for f in searches}
     queries = [dict(zip(vectors, per_query)) for per_query in zip(*vectors.values())]
     if not fused:
         return [[hit(h, query, h["distance"]) for h in row] for row, query in zip(dense["dense"], queries)]
-    sparse = store.bm25_search(client, collection, texts, depth, fields) if hybrid else None
+    sparse = store.bm25_search(client, collection, texts, depth, fields, timeout=timeout) if hybrid else None
     results = []
     for n, query in enumerate(queries):
         rankings = [dense[f][n] for f in searches] + ([sparse[n]] if hybrid else [])

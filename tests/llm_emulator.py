@@ -5,6 +5,16 @@ separate field (``reasoning``, as vLLM does, or ``reasoning_content``), accepts
 ``reasoning_effort``, records every request, and can inject latency, 429, 500 and hangs. The
 answer echoes the system prompt's "Answer in <language>" line, in parentheses, when it has one.
 
+Faults of an untrusted or failing server, per request (``fault``: a function of the question
+naming one of FAULTS, or None) or for every request (``always``): ``poison`` (HTTP 500 at once,
+as vLLM answers a prompt whose output fails harmony parsing), ``hang`` (no answer for
+``hang_question_s``), ``html`` (200 with a proxy's login page), ``empty`` (``"choices": []``),
+``huge_citation`` (``[9999...]`` of 5,000 digits), ``trickle`` (the body a byte at a time, every
+``trickle_s``), ``nul`` (NUL bytes in the answer and reasoning), ``bad_usage`` (usage counts as
+strings), ``reset`` (the connection reset, no response), ``big_error`` (a 500 with a 100 KB body).
+The health probe docsrag sends (its tiny question) is counted in ``probes``, not ``requests``,
+and fails only under ``always_fail``, ``hang_s``, ``always`` or a stopped server.
+
 With ``step_s`` set it behaves like a GPU under continuous batching: every decoding step
 produces one token for each sequence in flight, a step takes longer the more sequences it
 serves (``step_s=(at one sequence, at max_num_seqs)``), and requests beyond ``max_num_seqs``
@@ -28,6 +38,8 @@ import base64
 import hashlib
 import json
 import re
+import socket
+import struct
 import threading
 import time
 from collections import deque
@@ -35,6 +47,18 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 _TOKEN = re.compile(r"\w+|[^\w\s]")
+FAULTS = ("poison", "hang", "html", "empty", "huge_citation", "trickle", "nul", "bad_usage", "reset", "big_error")
+LOGIN_PAGE = b"<!DOCTYPE html><html><head><title>Sign in</title></head><body><form>Proxy login</form></body></html>"
+
+
+@dataclass
+class Raw:
+    """A response that is not the JSON the handler would send: its bytes and how to send them."""
+
+    body: bytes = b""
+    content_type: str = "application/json"
+    trickle_s: float = 0.0  # a pause before every byte
+    reset: bool = False  # close the connection with a reset instead of answering
 
 
 def count_tokens(text: str) -> int:
@@ -135,6 +159,12 @@ class Emulator:
         self.hang_s = 0.0
         self.answer_text: str | None = None  # fixed content instead of the default citing answer
         self.translations: dict[str, str] = {}  # question -> English, for translation requests (else echoed)
+        self.fault = None  # question -> a name in FAULTS, or None: injected per request
+        self.always: str | None = None  # a fault every request gets, the health probe included
+        self.hang_question_s = 30.0
+        self.trickle_s = 0.05
+        self.probes = 0
+        self.faults_injected: dict[str, int] = {}
         self.lock = threading.Lock()
         self.server = _Server((host, port), self._handler())
         self.server.daemon_threads = True
@@ -150,15 +180,31 @@ class Emulator:
         self.server.shutdown()
         self.server.server_close()
 
-    def reply(self, body: dict) -> tuple[int, dict]:
+    def reply(self, body: dict) -> tuple[int, dict | Raw]:
+        probe = _is_probe(body)
+        question = body["messages"][-1]["content"].rsplit("Question: ", 1)[-1]
+        fault = self.always or (None if probe or self.fault is None else self.fault(question))
         with self.lock:
-            self.requests.append(body)
-            status = self.always_fail or (self.failures.pop(0) if self.failures else 200)
+            if probe:
+                self.probes += 1
+            else:
+                self.requests.append(body)
+            status = self.always_fail or (self.failures.pop(0) if self.failures and not probe else 200)
+            if fault:
+                self.faults_injected[fault] = self.faults_injected.get(fault, 0) + 1
         if self.hang_s:
             time.sleep(self.hang_s)
+        if fault in ("poison", "big_error", "reset", "html"):  # at once, before any work
+            return _faulty(fault)
+        if fault == "hang":
+            time.sleep(self.hang_question_s)
         time.sleep(self.latency_s)
         if status != 200:
             return status, {"error": {"message": f"injected {status}", "type": "server_error", "code": status}}
+        status, payload = self._completion(body)
+        return status, _spoiled(payload, fault, self.trickle_s)
+
+    def _completion(self, body: dict) -> tuple[int, dict]:
         prompt = body["messages"][-1]["content"]
         tokens = min(self.output_tokens, int(body.get("max_tokens") or self.output_tokens))
         if self.engine:
@@ -207,13 +253,22 @@ class Emulator:
             def log_message(self, *args):
                 pass
 
-            def _send(self, status: int, payload: dict) -> None:
-                data = json.dumps(payload).encode()
+            def _send(self, status: int, payload: dict | Raw) -> None:
+                raw = payload if isinstance(payload, Raw) else Raw(json.dumps(payload).encode())
+                if raw.reset:  # SO_LINGER 0: the close sends a reset, as a crashing proxy does
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    self.close_connection = True
+                    return
                 self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
+                self.send_header("Content-Type", raw.content_type)
+                self.send_header("Content-Length", str(len(raw.body)))
                 self.end_headers()
-                self.wfile.write(data)
+                if not raw.trickle_s:
+                    return self.wfile.write(raw.body)
+                for n in range(len(raw.body)):
+                    time.sleep(raw.trickle_s)
+                    self.wfile.write(raw.body[n:n + 1])
+                    self.wfile.flush()
 
             def do_GET(self):
                 if self.path.rstrip("/").endswith("/models"):
@@ -234,10 +289,48 @@ class Emulator:
                     return self._send(404, {"error": {"message": "not found"}})
                 try:
                     self._send(*emulator.reply(body))
-                except (BrokenPipeError, ConnectionResetError):
+                except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
                     pass  # the client gave up (timeout): nothing to answer
 
         return Handler
+
+
+def _is_probe(body: dict) -> bool:
+    """docsrag's health probe: one user message and no sources."""
+    messages = body.get("messages") or []
+    return len(messages) == 1 and "<source" not in messages[0].get("content", "")
+
+
+def _faulty(fault: str) -> tuple[int, dict | Raw]:
+    """The faults that replace the answer outright."""
+    if fault == "poison":
+        return 500, {"error": {"message": "Expected 2 output messages (reasoning and final), but got 1.",
+                               "type": "InternalServerError", "code": 500}}
+    if fault == "big_error":
+        return 500, {"error": {"message": "Traceback (most recent call last):\n" + "  File ...\n" * 9_000,
+                               "type": "InternalServerError", "code": 500}}  # ~100 KB
+    if fault == "reset":
+        return 200, Raw(reset=True)
+    return 200, Raw(LOGIN_PAGE, "text/html")  # html
+
+
+def _spoiled(payload: dict, fault: str | None, trickle_s: float) -> dict | Raw:
+    """The faults that spoil a completed answer."""
+    choice = payload["choices"][0]
+    if fault == "empty":
+        payload["choices"] = []
+    elif fault == "huge_citation":
+        choice["message"]["content"] += " [" + "9" * 5_000 + "]"  # int() refuses more than 4,300 digits
+    elif fault == "nul":
+        choice["message"]["content"] = choice["message"]["content"].replace(" ", "\x00 ", 1)
+        for key in ("reasoning", "reasoning_content"):
+            if key in choice["message"]:
+                choice["message"][key] += "\x00"
+    elif fault == "bad_usage":
+        payload["usage"] = {k: str(v) for k, v in payload["usage"].items() if not isinstance(v, dict)}
+    elif fault == "trickle":
+        return Raw(json.dumps(payload).encode(), trickle_s=trickle_s)
+    return payload
 
 
 def _default_answer(docs: list[tuple[str, str]], messages: list[dict]) -> str:

@@ -369,3 +369,141 @@ def test_queue_database_lost_mid_drain_stops_the_run(llm, capsys, monkeypatch, p
     code, _, err = answer(capsys)
     assert code == 0, err
     assert {queue().get(qid)["status"] for qid in ids} == {"answered"}, "nothing lost"
+
+
+# -- issue 23: poison questions, failed writes, an untrusted server, deadlines ------------------
+
+def poisoned(*markers: str):
+    """The emulator's fault function: a question containing a marker gets that marker's fault."""
+    return lambda question: next((fault for marker, fault in markers if marker in question), None)
+
+
+def test_a_poison_question_at_the_head_does_not_block_the_queue(llm, capsys, monkeypatch):
+    """vLLM answers HTTP 500 at once for a prompt whose output it cannot parse (vllm#22403): that is
+    the question's failure while the server answers the others, not an outage."""
+    monkeypatch.setenv("DOCSRAG_MAX_ATTEMPTS", "3")
+    monkeypatch.setenv("DOCSRAG_RETRY_BACKOFF_S", "0")
+    q = queue()
+    poison, _ = q.submit("POISON: Where does Milvus store data?")
+    ordinary = submit(40)
+    llm.latency_s = 1.0  # every ordinary answer takes a second; the 500 comes at once
+    llm.fault = poisoned(("POISON", "poison"))
+    code, summary, err = answer(capsys)
+    assert code == 0, err
+    assert summary["answered"] == 40 and summary["dead"] == 1, "the 40 answered in the first run"
+    assert {queue().get(i)["status"] for i in ordinary} == {"answered"}
+    record = queue().get(poison)
+    assert (record["status"], record["attempts"]) == ("dead", 3)
+    assert "InternalServerError" in record["last_error"] and "Expected 2 output messages" in record["last_error"]
+
+
+def test_a_question_that_always_times_out_ends_dead_instead_of_going_back_forever(llm, capsys, monkeypatch):
+    monkeypatch.setenv("DOCSRAG_MAX_ATTEMPTS", "2")
+    monkeypatch.setenv("DOCSRAG_RETRY_BACKOFF_S", "0")
+    monkeypatch.setenv("DOCSRAG_LLM_TIMEOUT_S", "0.5")
+    monkeypatch.setenv("DOCSRAG_LLM_MAX_RETRIES", "0")
+    stuck, _ = queue().submit("STUCK: Where does Milvus store data?")
+    ordinary = submit(10)
+    llm.hang_question_s = 3
+    llm.fault = poisoned(("STUCK", "hang"))
+    code, summary, err = answer(capsys)
+    assert code == 0, err
+    assert {queue().get(i)["status"] for i in ordinary} == {"answered"}
+    record = queue().get(stuck)
+    assert (record["status"], record["attempts"], record["put_backs"]) == ("dead", 2, 2)
+    assert "Timeout" in record["last_error"] and "put-backs" in record["last_error"]
+
+
+@pytest.mark.parametrize("fault", ["html", "empty"])
+def test_a_server_that_does_not_speak_chat_completions_dead_letters_nothing(llm, capsys, monkeypatch, fault):
+    """A wrong DOCSRAG_LLM_BASE_URL (a proxy's login page) or a broken server: every run fails saying so."""
+    monkeypatch.setenv("DOCSRAG_MAX_ATTEMPTS", "2")
+    ids = submit(5)
+    llm.always = fault
+    for _ in range(3):
+        code, _, err = answer(capsys)
+        assert code == 1 and "misconfigured" in err, err
+    records = [queue().get(i) for i in ids]
+    assert {(r["status"], r["attempts"]) for r in records} == {("pending", 0)}
+    assert "no attempt spent" in records[0]["last_error"]
+    llm.always = None
+    assert answer(capsys)[1]["answered"] == 5
+
+
+def test_a_citation_of_thousands_of_digits_is_dropped_not_fatal(llm, capsys):
+    ids = submit(3)
+    llm.fault = lambda question: "huge_citation"
+    code, summary, err = answer(capsys)
+    assert code == 0 and summary["answered"] == 3, err
+    answer_text = queue().get(ids[0])["answer"]
+    assert "[1]" in answer_text and "9999" not in answer_text
+
+
+def test_nul_bytes_and_string_usage_from_the_server_lose_no_answer(llm, capsys, monkeypatch, postgres_url):
+    """PostgreSQL refuses NUL in text: the transaction of answers that held one was lost, attempts
+    spent; usage counts as strings raised after the commit and killed the run."""
+    monkeypatch.setenv("DOCSRAG_QUEUE_URL", postgres_url)
+    ids = submit(30)
+    spoil = {ids[3]: "nul", ids[11]: "nul", ids[20]: "bad_usage", ids[25]: "nul"}
+    by_question = {queue().get(qid)["question"]: fault for qid, fault in spoil.items()}
+    llm.fault = by_question.get
+    code, summary, err = answer(capsys)
+    assert code == 0, err
+    assert summary["answered"] == 30 and summary["failed"] == summary["dead"] == 0
+    records = [queue().get(i) for i in ids]
+    assert all(r["status"] == "answered" and r["attempts"] == 1 for r in records)
+    assert "\x00" not in records[3]["answer"] and "\x00" not in (records[3]["reasoning"] or "")
+    assert records[20]["usage"]["prompt_tokens"] > 0, "counts sent as strings are stored as numbers"
+
+
+def test_a_huge_error_body_is_a_short_reason(llm, capsys, monkeypatch):
+    monkeypatch.setenv("DOCSRAG_MAX_ATTEMPTS", "1")
+    bad, _ = queue().submit("BIG: Where does Milvus store data?")
+    ordinary = submit(3)
+    llm.fault = poisoned(("BIG", "big_error"))
+    code, _, err = answer(capsys)
+    assert code == 0, err
+    assert {queue().get(i)["status"] for i in ordinary} == {"answered"}
+    record = queue().get(bad)
+    assert record["status"] == "dead" and len(record["last_error"]) <= 2_000
+
+
+def test_a_trickling_server_cannot_keep_the_run_past_its_deadline(llm, capsys, monkeypatch):
+    """The client's timeout is per read: a byte every 50 ms kept a request, and the run, alive for minutes."""
+    monkeypatch.setenv("DOCSRAG_LLM_DEADLINE_S", "2")
+    ids = submit(4)
+    llm.always = "trickle"
+    started = time.monotonic()
+    code, _, err = answer(capsys, "--max-seconds", "1")
+    elapsed = time.monotonic() - started
+    assert code == 1 and "RequestDeadline" in err, err
+    assert elapsed < 1 + 2 + 10, f"max_seconds + grace + start-up, not {elapsed:.0f} s"
+    assert {(queue().get(i)["status"], queue().get(i)["attempts"]) for i in ids} == {("pending", 0)}
+
+
+def test_a_hung_milvus_fails_the_run_within_its_deadline(llm, capsys, monkeypatch, milvus):
+    """SIGSTOP: the server keeps its connections and answers nothing, as a hung Milvus does."""
+    monkeypatch.setenv("DOCSRAG_MILVUS_TIMEOUT_S", "2")
+    ids = submit(40)
+    llm.latency_s = 0.3
+    stopped = threading.Event()
+
+    def hang_once_generating():
+        while not llm.requests:
+            time.sleep(0.02)
+        os.kill(milvus.process.pid, signal.SIGSTOP)
+        stopped.set()
+
+    hanger = threading.Thread(target=hang_once_generating, daemon=True)
+    hanger.start()
+    try:
+        started = time.monotonic()
+        code, _, err = answer(capsys)
+        assert code == 1 and f"Milvus at {milvus.uri} failed while retrieving" in err, err
+        assert time.monotonic() - started < 30
+    finally:
+        hanger.join()
+        os.kill(milvus.process.pid, signal.SIGCONT)
+    records = [queue().get(i) for i in ids]
+    assert {r["status"] for r in records} <= {"answered", "pending"}
+    assert all(r["attempts"] == (1 if r["status"] == "answered" else 0) for r in records)

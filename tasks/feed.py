@@ -10,14 +10,22 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from urllib.parse import urlparse
 
 import httpx
 
+from tasks.escaping import for_terminal
 from tasks.objectstore import ObjectStore
+from tasks.redaction import redact_text, redact_url
 from tasks.release import ReleaseError, checked_version, redacted, release_version
+
+# GitHub's releases list (100 releases with their assets) is well under 1 MiB; a feed past these
+# holds `watch-releases` (concurrency limit 1) and its memory, so it is stopped and not retried.
+MAX_FEED_BYTES = 8 * 1024**2
+FEED_DEADLINE_S = 60.0  # the whole read, far under the 15-minute schedule
 
 
 class FeedError(RuntimeError):
@@ -30,6 +38,10 @@ class RateLimited(FeedError):
 
 class MalformedFeed(FeedError):
     """The API answered, but not with a list of releases: asking again in seconds gets the same."""
+
+
+class FeedOverBudget(MalformedFeed):
+    """The feed is larger than MAX_FEED_BYTES or slower than FEED_DEADLINE_S: so would a retry be."""
 
 
 @dataclass(frozen=True)
@@ -50,24 +62,43 @@ class PublishedAsset:
 
 def read_feed(api_url: str, pattern: str, *, etag: str | None = None, token: str | None = None,
               timeout_s: float = 30.0, trusted: tuple[str, ...] = ()) -> tuple[list[PublishedAsset] | None, str | None]:
-    """Assets of published releases matching ``pattern``; ``None`` when the feed is unchanged."""
+    """Assets of published releases matching ``pattern``; ``None`` when the feed is unchanged.
+    The feed is read within MAX_FEED_BYTES and FEED_DEADLINE_S; errors show its URL redacted."""
     headers = {"Accept": "application/vnd.github+json", "X-GitHub-Api-Version": "2022-11-28"}
     if etag:
         headers["If-None-Match"] = etag
     if token:
         headers["Authorization"] = f"Bearer {token}"
+    shown = redact_url(api_url)
     try:
-        response = httpx.get(api_url, headers=headers, params={"per_page": 100}, timeout=timeout_s,
-                             follow_redirects=True)
+        with httpx.stream("GET", api_url, headers=headers, params={"per_page": 100}, timeout=timeout_s,
+                          follow_redirects=True) as response:
+            body = _read_capped(response, shown)
     except httpx.HTTPError as exc:
-        raise FeedError(f"cannot read the releases feed {api_url}: {exc.__class__.__name__}: {exc}") from exc
+        raise FeedError(f"cannot read the releases feed {shown}: {exc.__class__.__name__}: "
+                        f"{redact_text(str(exc))}") from None
     if response.status_code == 304:
         return None, etag
     if response.status_code in (403, 429) and _rate_limited(response):
-        raise RateLimited(_rate_limit_message(api_url, response, token is not None))
+        raise RateLimited(_rate_limit_message(shown, response, token is not None))
     if response.status_code >= 400:
-        raise FeedError(f"the releases feed {api_url} answered HTTP {response.status_code}: {response.text[:200]}")
-    return _assets(api_url, response, pattern, trusted), response.headers.get("etag")
+        text = for_terminal(redact_text(body[:200].decode("utf-8", "replace")))
+        raise FeedError(f"the releases feed {shown} answered HTTP {response.status_code}: {text}")
+    return _assets(api_url, body, pattern, trusted), response.headers.get("etag")
+
+
+def _read_capped(response: httpx.Response, shown: str) -> bytes:
+    """The body, as it arrives, within MAX_FEED_BYTES and FEED_DEADLINE_S (a trickle of bytes keeps
+    every single read within its timeout, so the deadline is counted over the whole body)."""
+    deadline, limit = time.monotonic() + FEED_DEADLINE_S, MAX_FEED_BYTES
+    body = bytearray()
+    for block in response.iter_bytes():
+        body += block
+        if len(body) > limit:
+            raise FeedOverBudget(f"the releases feed {shown} is over {limit} bytes: stopped")
+        if time.monotonic() > deadline:
+            raise FeedOverBudget(f"the releases feed {shown} was not read within {FEED_DEADLINE_S:.0f} s: stopped")
+    return bytes(body)
 
 
 def _rate_limited(response: httpx.Response) -> bool:
@@ -103,9 +134,9 @@ def _refusal(url: str, version: str, api_url: str, trusted: tuple[str, ...]) -> 
             "DOCSRAG_RELEASE_HOSTS if it is trusted")
 
 
-def _assets(api_url: str, response: httpx.Response, pattern: str, trusted: tuple[str, ...]) -> list[PublishedAsset]:
+def _assets(api_url: str, body: bytes, pattern: str, trusted: tuple[str, ...]) -> list[PublishedAsset]:
     try:
-        releases = response.json()
+        releases = json.loads(body)
         if not isinstance(releases, list):
             raise ValueError(f"expected a JSON list of releases, got {type(releases).__name__}")
         found = []
@@ -122,7 +153,8 @@ def _assets(api_url: str, response: httpx.Response, pattern: str, trusted: tuple
                         refused=_refusal(url, version, api_url, trusted)))
         return found
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise MalformedFeed(f"malformed releases feed from {api_url}: {exc.__class__.__name__}: {exc}") from None
+        raise MalformedFeed(f"malformed releases feed from {redact_url(api_url)}: {exc.__class__.__name__}: "
+                            f"{for_terminal(redact_text(str(exc)))[:300]}") from None
 
 
 class SeenReleases:

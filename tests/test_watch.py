@@ -55,11 +55,28 @@ class FakeGitHub:
                         "x-ratelimit-remaining": "0", "x-ratelimit-reset": str(int(time.time()) + 600)})
                 if fake.mode == "malformed":
                     return self._send(200, b'{"message": "this is not a list"')
+                if fake.mode == "huge":  # a list of releases that never ends, sent as fast as it goes
+                    return self._send(200, b"[" + b'{"draft": true},' * (2 * 1024**2) + b"{}]")
+                if fake.mode == "trickle":  # a byte every 0.2 s: each read is quick, the whole is not
+                    return self._trickle(json.dumps(fake.releases).encode())
                 body = json.dumps(fake.releases).encode()
                 etag = '"' + hashlib.sha1(body).hexdigest() + '"'
                 if self.headers.get("If-None-Match") == etag:
                     return self._send(304, b"", headers={"ETag": etag})
                 self._send(200, body, headers={"ETag": etag})
+
+            def _trickle(self, body):
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                try:
+                    for byte in body:
+                        self.wfile.write(bytes([byte]))
+                        self.wfile.flush()
+                        time.sleep(0.2)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the reader gave up, as it should
 
             def _send(self, status, body, content_type="application/json", headers=None):
                 self.send_response(status)
@@ -162,3 +179,32 @@ def test_event_triggers_the_ingest_deployment_with_the_asset_url(github, prefect
     assert runs, "the docsrag.release.published event created an ingest-docs run"
     assert runs[0].parameters == {"release": f"{github.base}/download/milvus_docs_faq_2.4.x_en.zip",
                                   "version": "2.4.x", "force": False, "publish_main": False}
+
+
+def test_a_feed_over_its_size_cap_is_refused_without_retries(github, prefect_server, capsys):
+    github.mode = "huge"
+    started = time.monotonic()
+    assert main(["watch", "--once"]) == 1
+    err = capsys.readouterr().err
+    assert "over 8388608 bytes" in err, err[-2000:]
+    assert time.monotonic() - started < 20, "not retried: the same feed would come back"
+
+
+def test_a_trickling_feed_stops_at_its_deadline(github, prefect_server, capsys, monkeypatch):
+    from tasks import feed
+
+    monkeypatch.setattr(feed, "FEED_DEADLINE_S", 2.0)  # 60 s in production; the trickle takes minutes
+    github.mode = "trickle"
+    started = time.monotonic()
+    assert main(["watch", "--once"]) == 1
+    assert "not read within 2 s" in capsys.readouterr().err
+    assert time.monotonic() - started < 20
+
+
+def test_feed_errors_never_show_the_feeds_credentials(github, prefect_server, capsys, monkeypatch):
+    monkeypatch.setenv("DOCSRAG_RELEASES_API", github.base.replace("http://", "http://bot:Pl4ntedS3cret@")
+                       + API_PATH + "?access_token=Pl4ntedT0ken")
+    github.mode = "malformed"
+    assert main(["watch", "--once"]) == 1
+    err = capsys.readouterr().err
+    assert "malformed releases feed" in err and "Pl4nted" not in err, err[-2000:]

@@ -78,7 +78,7 @@ def drain_backlog(questions: list[str], url: str, capacity: float) -> dict:
     ids = [queue.submit(q)[0] for q in questions]
     emulator_stats(url, reset=True)
     start = time.perf_counter()
-    summary = answer_questions(**deployment_parameters())
+    summary = answer_questions(**deployment_parameters()).to_dict()
     wall = time.perf_counter() - start
     server = emulator_stats(url)
     latencies = submit_to_answer_s(queue, ids)

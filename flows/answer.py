@@ -57,7 +57,7 @@ def open_index(settings: Settings) -> Retriever:
 @flow(name="answer-questions")
 def answer_questions(max_seconds: Annotated[float, Field(gt=0)] = 3600,
                      max_questions: Annotated[int, Field(ge=1)] | None = None,
-                     top_k: Annotated[int, Field(ge=1, le=50)] | None = None) -> dict:
+                     top_k: Annotated[int, Field(ge=1, le=50)] | None = None) -> DrainSummary:
     """Answer queued questions until the queue is empty, ``max_seconds`` have passed (the deployment
     sets it under its schedule's interval) or ``max_questions`` were claimed."""
     settings = settings_for_run()
@@ -92,7 +92,7 @@ def answer_questions(max_seconds: Annotated[float, Field(gt=0)] = 3600,
     if summary.outage:
         raise ServingOutage(f"{summary.outage}. {summary.released} claimed questions went back to the queue "
                             "without spending an attempt; they are answered once the server is back")
-    return {k: v for k, v in summary.as_dict().items() if k != "problems"}
+    return summary
 
 
 def _announce_dead(summary: DrainSummary, owner: str) -> None:

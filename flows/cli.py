@@ -326,7 +326,7 @@ def _answer(args, settings: Settings, wait_for_api) -> int:
     from flows.answer import answer_questions
 
     wait_for_api()
-    summary = answer_questions(max_seconds=args.max_seconds, max_questions=args.max, top_k=args.k)
+    summary = answer_questions(max_seconds=args.max_seconds, max_questions=args.max, top_k=args.k).to_dict()
     print(json.dumps(summary) if args.json else
           f"claimed {summary['claimed']}, answered {summary['answered']} ({summary['not_covered']} not covered), "
           f"failed {summary['failed']}, dead {summary['dead']}, put back {summary['released']}, "
@@ -391,7 +391,7 @@ def _watch(args, settings: Settings, wait_for_api) -> int:
     from flows.watch import watch_releases
 
     wait_for_api()
-    summary = watch_releases(ingest=args.ingest)
+    summary = watch_releases(ingest=args.ingest).to_dict()
     print(json.dumps(summary) if args.json else
           f"new: {', '.join(summary['new']) or 'none'} ({summary['seen']} seen, {summary['events']} events)")
     return 0
@@ -403,7 +403,7 @@ def _eval(args, settings: Settings, wait_for_api) -> int:
 
     wait_for_api()
     figures = evaluate_retrieval(gold=args.gold, k=args.k, version=args.version, answers=args.answers,
-                                 docs_lang=args.lang)
+                                 docs_lang=args.lang).to_dict()
     if args.json:
         print(json.dumps(figures))
         return 0

@@ -14,6 +14,7 @@ from tasks.evaluate import aggregate, by_language, load_gold, score
 from tasks.generate import Generator, numbered_sources, searched_as
 from tasks.retrieve import Retriever, covered
 from tasks.settings import Settings, settings_for_run
+from tasks.summaries import EvaluationSummary
 
 
 @task(name="retrieve-gold", cache_policy=NONE, persist_result=False)
@@ -32,7 +33,7 @@ def answer_all(settings: Settings, items: list[dict], hits: list[list[dict]]) ->
     results = asyncio.run(Generator(settings).answer_all(asked))
     checked = []
     for item, srcs, result in zip(items, sources, results):
-        cited = [] if isinstance(result, Exception) else [srcs[n - 1]["doc_path"] for n in result.cited]
+        cited = [] if isinstance(result, Exception) else [srcs[n - 1].doc_path for n in result.cited]
         checked.append({"id": item["id"], "lang": item["lang"],
                         "cites_gold": any(doc in item["gold_sources"] for doc in cited),
                         "error": str(result) if isinstance(result, Exception) else None})
@@ -41,7 +42,8 @@ def answer_all(settings: Settings, items: list[dict], hits: list[list[dict]]) ->
 
 @flow(name="evaluate-retrieval")
 def evaluate_retrieval(gold: str | None = None, k: int = 10, version: str | None = None,
-                       answers: bool = False, collection: str | None = None, docs_lang: str | None = None) -> dict:
+                       answers: bool = False, collection: str | None = None,
+                       docs_lang: str | None = None) -> EvaluationSummary:
     """Doc-level recall@1/3/5/10 and MRR@10 of the index served as ``collection`` (default
     DOCSRAG_COLLECTION) on a gold file (JSON lines; default DOCSRAG_EVAL_GOLD)."""
     settings = settings_for_run(collection=collection)
@@ -50,7 +52,7 @@ def evaluate_retrieval(gold: str | None = None, k: int = 10, version: str | None
         # The deployment runs after every ingest; without a gold set that is a no-op, not a failure.
         reason = "no gold set: pass gold= or set DOCSRAG_EVAL_GOLD on the worker to a JSON lines file"
         get_run_logger().warning("Skipped: %s", reason)
-        return {"skipped": reason}
+        return EvaluationSummary(skipped=reason)
     items = load_gold(Path(gold))
     hits = retrieve_all(settings, [i["question"] for i in items], k, version, docs_lang)
     rows = [score(item, h, not covered(h, settings.min_relevance, settings.weak_relevance))
@@ -66,7 +68,7 @@ def evaluate_retrieval(gold: str | None = None, k: int = 10, version: str | None
     _report(figures, rows, gold)
     get_run_logger().info("recall@5 %s, MRR@10 %s on %s questions", figures["recall@5"], figures["mrr@10"],
                           figures["questions"])
-    return figures
+    return EvaluationSummary(gold, {k: v for k, v in figures.items() if k != "by_language"}, languages)
 
 
 def _answer_figures(checked: list[dict]) -> dict:

@@ -17,6 +17,7 @@ from tasks.objectstore import open_store
 from tasks.release import version_order
 from tasks.report import name_run
 from tasks.settings import Settings, settings_for_run
+from tasks.summaries import RefusedAsset, WatchSummary
 
 EVENT = "docsrag.release.published"
 
@@ -43,7 +44,7 @@ def announce(asset: PublishedAsset) -> None:
 
 
 @flow(name="watch-releases")
-def watch_releases(ingest: bool = False) -> dict:
+def watch_releases(ingest: bool = False) -> WatchSummary:
     """Find new release assets; emit an event for each (or ingest them when ``ingest``)."""
     settings = settings_for_run()
     seen = SeenReleases(open_store(settings.object_store, settings.s3_endpoint_url), settings.release_repo)
@@ -71,5 +72,5 @@ def watch_releases(ingest: bool = False) -> dict:
                           len(assets or []), len(new), ", ".join(a.version for a in new) or "none",
                           len(new) if ingest else 0, events, len(refused))
     name_run(f"watch: {len(new)} new release{'' if len(new) == 1 else 's'}")
-    return {"new": [a.version for a in new], "seen": len(seen.seen), "events": events,
-            "refused": [{"asset": a.name, "tag": a.tag, "reason": a.refused} for a in refused]}
+    return WatchSummary([a.version for a in new], len(seen.seen), events,
+                        [RefusedAsset(a.name, a.tag, a.refused) for a in refused])

@@ -85,6 +85,10 @@ class DrainSummary:
     def as_dict(self) -> dict:
         return {**asdict(self), "answers_per_s": self.answers_per_s}
 
+    def to_dict(self) -> dict:
+        """What ``docsrag answer --json`` prints: the counts, without the per-question problems."""
+        return {k: v for k, v in self.as_dict().items() if k != "problems"}
+
 
 class ServingOutage(RuntimeError):
     """A service every question needs is down; the claimed questions went back to the queue."""

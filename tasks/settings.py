@@ -107,6 +107,13 @@ class Settings(BaseSettings):
         256, ge=1, le=1024, description="Requests in flight, so the server can batch them (vLLM's max_num_seqs).")
     llm_timeout_s: float = Field(120.0, gt=0, allow_inf_nan=False, description="Per-request timeout.")
     llm_max_retries: int = Field(3, ge=0, description="Retries with backoff on 429/5xx/timeouts.")
+    llm_deadline_s: float = Field(
+        300.0, gt=0, allow_inf_nan=False, description="Overall deadline of one LLM request, its retries included: "
+                                                      "a server trickling its answer cannot hold it longer.")
+    llm_max_response_bytes: int = Field(
+        1024**2, ge=1024, description="A response (or error body) of the LLM server larger than this is refused.")
+    milvus_timeout_s: float = Field(
+        10.0, gt=0, allow_inf_nan=False, description="Deadline of each Milvus search, query or get when serving.")
     translate_questions: bool = Field(
         True, description="Translate questions not in English into English (the LLM, low reasoning effort) before "
                           "retrieval; the answer is still asked in the question's language.")

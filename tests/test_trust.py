@@ -3,7 +3,11 @@ terminal, in a markdown artifact, inside the prompt's source fence."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import re
+import subprocess
+import time
 import unicodedata
 
 import pytest
@@ -14,6 +18,8 @@ from tasks.generate import prompt
 from tasks.redaction import Secrets, redact_text, redact_url
 from tasks.report import IngestSummary, log_problems, summary_markdown
 from tasks.settings import Settings
+from tests.conftest import DOCSRAG, FAQ, ROOT, api_env
+from tests.milvus_server import MilvusServer
 
 PLANTED = "Pl4ntedS3cret"
 
@@ -47,6 +53,46 @@ def test_lineage_asset_keys_never_carry_milvus_credentials():
     asset = lineage.milvus_asset(f"http://root:{PLANTED}@milvus:19530", "milvus_docs", "the newest docs")
     assert asset.key == "milvus://milvus:19530/milvus_docs"
     assert PLANTED not in lineage.asset_key(f"s3://docsrag/releases/x.zip?X-Amz-Signature={PLANTED}")
+
+
+async def _everything_prefect_stored() -> str:
+    """Flow and task runs (parameters, state messages), artifacts, logs and events, as JSON."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter
+
+    async with get_client() as client:
+        rows = ([r.model_dump(mode="json") for r in await client.read_flow_runs()]
+                + [t.model_dump(mode="json") for t in await client.read_task_runs()]
+                + [a.model_dump(mode="json") for a in await client.read_artifacts()]
+                + [log.model_dump(mode="json") for log in await client.read_logs(LogFilter())])
+        page = await client.read_events(limit=50)
+        events = [e.model_dump(mode="json") for e in page.events]
+        while page.next_page:
+            page = await client.read_events_page(page.next_page)
+            events += [e.model_dump(mode="json") for e in page.events]
+        return json.dumps(rows + events)
+
+
+def test_an_ingest_on_a_milvus_uri_with_credentials_stores_them_nowhere(prefect_server, releases, tmp_path):
+    """pymilvus takes ``http://user:pass@host:19530``; the lineage events name that server without them."""
+    server = MilvusServer(tmp_path / "milvus").start()
+    home = tmp_path / "home"
+    try:
+        done = subprocess.run([DOCSRAG, "ingest", "--release", str(releases / FAQ), "--json"], cwd=ROOT,
+                              env=api_env(DOCSRAG_HOME=str(home), DOCSRAG_MILVUS_URI=server.uri.replace(
+                                  "http://", f"http://root:{PLANTED}@")),
+                              capture_output=True, text=True, timeout=300)
+    finally:
+        server.kill()
+    assert done.returncode == 0, done.stderr[-3000:]
+    named = f"milvus://127.0.0.1:{server.port}/"
+    deadline = time.monotonic() + 30
+    while named not in (stored := asyncio.run(_everything_prefect_stored())):  # events land asynchronously
+        assert time.monotonic() < deadline, "no asset event names the Milvus server"
+        time.sleep(1)
+    files = "".join(p.read_text(errors="replace") for p in home.rglob("*") if p.suffix in (".json", ".md", ".log"))
+    for text in (done.stdout, done.stderr, stored, files):
+        assert PLANTED not in text
 
 
 # ---------------------------------------------------------------- markdown artifacts

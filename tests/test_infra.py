@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from urllib.parse import urlparse
 
 import kubernetes_validate
@@ -274,7 +275,7 @@ def checkov_findings(rendered, tmp_path_factory) -> list[dict]:
     network policies are seen beside the pods they select). Its virtualenv is made on first use."""
     checkov = CHECKOV_VENV / "bin" / "checkov"
     if not checkov.exists():
-        made = subprocess.run(f"{shutil.which('python3')} -m venv {CHECKOV_VENV} && "
+        made = subprocess.run(f"{sys.executable} -m venv {CHECKOV_VENV} && "
                               f"{CHECKOV_VENV}/bin/pip install --quiet '{CHECKOV}'", shell=True,
                               capture_output=True, text=True, timeout=900)
         if made.returncode:

@@ -5,8 +5,8 @@ A deployment's run takes its ``release`` from whoever can reach the orchestratio
 ``docsrag`` command reads any path or URL; a deployment's run fetches only what the operator's
 settings allow:
 
-- http(s) from the releases feed's site (``api.github.com`` -> ``github.com``) or a host or origin
-  in ``DOCSRAG_RELEASE_HOSTS``;
+- https from the releases feed's site (``api.github.com`` -> ``github.com``; the API's own origin as
+  configured), or http(s) from a host or origin in ``DOCSRAG_RELEASE_HOSTS``;
 - ``s3://`` from a bucket (or bucket/prefix) in ``DOCSRAG_RELEASE_BUCKETS``, never just any
   bucket the worker's credentials reach;
 - a path or ``file://`` inside a folder of ``DOCSRAG_RELEASE_FOLDERS``, never anything else on
@@ -41,7 +41,8 @@ class RefusedSource(ReleaseError):
 
 @dataclass(frozen=True)
 class SourcePolicy:
-    site_hosts: frozenset[str]  # the feed's own site: public addresses only
+    site_hosts: frozenset[str]  # the feed's own site: over https (or the API's own origin), public addresses only
+    api_origin: str  # scheme://host:port of the releases API
     named_hosts: frozenset[str]  # DOCSRAG_RELEASE_HOSTS entries that are bare hosts
     named_origins: frozenset[str]  # DOCSRAG_RELEASE_HOSTS entries that are scheme://host[:port]
     buckets: tuple[tuple[str, str], ...]  # (bucket, key prefix)
@@ -55,7 +56,8 @@ def policy_for(settings: Settings) -> SourcePolicy:
     entries = settings.trusted_release_hosts
     origins = frozenset(_origin(e) for e in entries if "://" in e)
     hosts = frozenset(_host(e) for e in entries if "://" not in e)
-    return SourcePolicy(frozenset(site), hosts, origins, _buckets(settings.release_buckets),
+    return SourcePolicy(frozenset(site), _origin(settings.releases_api), hosts, origins,
+                        _buckets(settings.release_buckets),
                         tuple(Path(f).expanduser().resolve() for f in _items(settings.release_folders)))
 
 
@@ -107,6 +109,8 @@ def _check_http(url: str, parsed, policy: SourcePolicy, resolve: Resolver) -> No
                             "in DOCSRAG_RELEASE_HOSTS")
     if named:
         return  # the operator named this host or origin: internal addresses included
+    if parsed.scheme.lower() != "https" and _origin(url) != policy.api_origin:
+        raise RefusedSource(f"refusing release {shown!r}: the feed's site is fetched over https only")
     port = parsed.port or (443 if parsed.scheme.lower() == "https" else 80)
     try:
         addresses = resolve(host, port)

@@ -39,6 +39,10 @@ def test_the_feeds_own_site_over_https_is_allowed():
                  policy(), public)
 
 
+def test_the_feeds_site_is_fetched_over_https_only():
+    assert "https only" in refusal("http://github.com/o/r/releases/download/v/milvus_docs_2.4.x_en.zip", public)
+
+
 def test_hosts_off_the_feeds_site_are_refused_unless_named():
     assert "DOCSRAG_RELEASE_HOSTS" in refusal("https://evil.example/x.zip", public)
     check_source("https://mirror.example/x.zip", policy(release_hosts="mirror.example"), public)

@@ -66,6 +66,10 @@ def check_source(url: str, policy: SourcePolicy, resolve: Resolver | None = None
     parsed = urlparse(url)
     scheme = parsed.scheme.lower()
     if scheme in ("http", "https"):
+        try:
+            parsed.port  # noqa: B018 - raises on a port that is not one
+        except ValueError:
+            raise RefusedSource(f"refusing release {redacted(url)[:200]!r}: not a valid URL") from None
         _check_http(url, parsed, policy, resolve or _resolve)
     elif scheme == "s3":
         _check_s3(url, parsed, policy)

@@ -96,7 +96,7 @@ def test_local_files_only_inside_configured_folders(tmp_path):
 
 
 def test_other_schemes_are_refused():
-    for url in ("ftp://github.com/x.zip", "gopher://github.com/x", "C:\\x.zip"):
+    for url in ("ftp://github.com/x.zip", "gopher://github.com/x", "C:\\x.zip", "https://github.com:99999/x.zip"):
         with pytest.raises(RefusedSource):
             check_source(url, policy(), public)
 

@@ -69,6 +69,12 @@ def count_tokens(text: str) -> int:
 class _Server(ThreadingHTTPServer):
     request_queue_size = 1024  # the default backlog of 5 drops connections when hundreds of clients arrive at once
 
+    def handle_error(self, request, client_address) -> None:
+        import sys
+
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):  # a client gone is no news
+            super().handle_error(request, client_address)
+
 
 @dataclass
 class _Sequence:

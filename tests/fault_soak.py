@@ -249,7 +249,7 @@ def soak(stack: Stack, plan: Plan, questions: int, workers: int = 3, tmp: Path |
                 log(f"{elapsed:6.1f}s {event}")
                 _inject(event, stack, procs, env, stop, tmp / f"{name}.w{len(procs)}.log")
                 done_events.append(f"{elapsed:.1f}s {event}")
-            if _settled(url, questions):
+            if not pending_events and _settled(url, questions):  # every scheduled fault happens
                 break
             time.sleep(0.5)
         seconds = time.monotonic() - started

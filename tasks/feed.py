@@ -125,6 +125,9 @@ def _refusal(url: str, version: str, api_url: str, trusted: tuple[str, ...]) -> 
         checked_version(version)
     except ReleaseError as exc:
         return str(exc)
+    if redact_url(url) != url:  # the URL would travel in an event, stored and shown by Prefect
+        return (f"asset URL {redact_url(url)[:200]!r} carries credentials (user:password, a query or a "
+                "fragment): not announced, they would be stored in Prefect's events")
     asset, api = urlparse(url), urlparse(api_url)
     origin = f"{asset.scheme}://{asset.netloc}"
     own_site = asset.scheme == "https" and asset.hostname in {api.hostname, (api.hostname or "").removeprefix("api.")}

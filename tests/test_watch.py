@@ -208,3 +208,16 @@ def test_feed_errors_never_show_the_feeds_credentials(github, prefect_server, ca
     assert main(["watch", "--once"]) == 1
     err = capsys.readouterr().err
     assert "malformed releases feed" in err and "Pl4nted" not in err, err[-2000:]
+
+
+def test_an_asset_url_with_credentials_is_refused_not_announced(github, prefect_server, capsys):
+    """An event is stored in Prefect's database and shown in its UI: a signed or credentialed asset
+    URL would leave its secret there. Such an asset is refused with the reason, its secret unshown."""
+    github.releases.clear()
+    github.publish("v2.5.0", "milvus_docs_2.5.x_en.zip", "milvus_docs_faq_2.4.x_en.zip", asset_id=31)
+    asset = github.releases[0]["assets"][0]
+    asset["browser_download_url"] += "?X-Amz-Signature=Pl4ntedSig"
+    result = watch(capsys)
+    assert result["new"] == [] and result["events"] == 0
+    assert "carries credentials" in result["refused"][0]["reason"]
+    assert "Pl4ntedSig" not in json.dumps(result)

@@ -507,3 +507,33 @@ def test_a_hung_milvus_fails_the_run_within_its_deadline(llm, capsys, monkeypatc
     records = [queue().get(i) for i in ids]
     assert {r["status"] for r in records} <= {"answered", "pending"}
     assert all(r["attempts"] == (1 if r["status"] == "answered" else 0) for r in records)
+
+
+def test_a_write_that_fails_still_puts_back_every_question_the_run_held(llm, capsys, monkeypatch, postgres_url):
+    """The connection drops as a batch of answers is written (a PostgreSQL trigger ends its own
+    backend once): that batch rolls back, and every question the run held goes back at once, no
+    attempt spent, instead of waiting out its lease with an attempt spent."""
+    import sqlalchemy
+
+    monkeypatch.setenv("DOCSRAG_QUEUE_URL", postgres_url)
+    ids = submit(30)
+    marked, _ = queue().submit("DROP-CONN: Where does Milvus store data?")
+    engine = sqlalchemy.create_engine(postgres_url.replace("postgresql://", "postgresql+psycopg://"))
+    with engine.begin() as db:
+        db.exec_driver_sql("CREATE SEQUENCE IF NOT EXISTS drop_once")
+        db.exec_driver_sql("""CREATE OR REPLACE FUNCTION drop_conn() RETURNS trigger AS $$
+            BEGIN IF left(NEW.question, 9) = 'DROP-CONN' AND nextval('drop_once') = 1 THEN
+                PERFORM pg_terminate_backend(pg_backend_pid()); END IF; RETURN NEW; END $$ LANGUAGE plpgsql""")
+        db.exec_driver_sql("CREATE TRIGGER drop_conn BEFORE UPDATE OF status ON docsrag_questions FOR EACH ROW "
+                           "WHEN (NEW.status = 'answered') EXECUTE FUNCTION drop_conn()")
+    engine.dispose()
+    llm.latency_s = 0.2
+    code, _, err = answer(capsys)
+    assert code == 1 and "the question queue failed: AdminShutdown: terminating connection" in err, err
+    assert "UPDATE" not in err and "[SQL" not in err, "one line, not the statement and its parameters"
+    records = [queue().get(i) for i in [*ids, marked]]
+    assert {r["status"] for r in records} <= {"answered", "pending"}, "nothing left claimed"
+    assert all(r["attempts"] == (1 if r["status"] == "answered" else 0) for r in records)
+    code, _, err = answer(capsys)
+    assert code == 0, err
+    assert {queue().get(i)["status"] for i in [*ids, marked]} == {"answered"}

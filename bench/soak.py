@@ -3,7 +3,8 @@ PostgreSQL queue of 2,000 questions, first without faults, then once per seed wi
 faults (a poison question per 100, resets, timeouts, trickled bodies, NUL bytes, bad usage,
 503 bursts, an HTML page for 10 s, a worker SIGKILLed, a PostgreSQL crash-restart, a Milvus
 restart). Prints each run's counts, its invariant violations (none expected) and its time
-factor against the fault-free run; the last line is JSON. Exit status 1 on any violation.
+factor against the fault-free run (at most FACTOR_LIMIT); the last line is JSON. Exit status 1 on
+any violation.
 
 Run: .venv/bin/python bench/soak.py [--questions 2000] [--seeds 1 2 3]
 """
@@ -19,6 +20,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# The faults cost time of their own (an HTML page for 10 s, leases of 6 s after a kill and a
+# PostgreSQL restart, backoffs, 10 s request deadlines): measured 3.2-3.8x at 2,000 questions.
+FACTOR_LIMIT = 5.0
 
 
 def cpu() -> str:
@@ -51,11 +55,13 @@ def main() -> int:
             plan = Plan.drawn(seed, span_s=max(30.0, clean.seconds * 1.5))
             result = soak(stack, plan, args.questions, args.workers, home, log=print)
             result.factor = round(result.seconds / clean.seconds, 2)
+            violations = result.violations() + ([f"{result.factor}x the fault-free time, over {FACTOR_LIMIT}x"]
+                                                if result.factor > FACTOR_LIMIT else [])
             print(f"seed {seed}: {result.answered} answered, {result.dead} dead ({result.dead_poison} of "
                   f"{result.poison} poison), {result.left_claimed} claimed, {result.answered_twice} answered twice, "
                   f"{result.seconds} s = {result.factor}x the fault-free run; faults {result.injected}; "
-                  f"violations: {result.violations() or 'none'}", flush=True)
-            runs.append({**result.as_dict(), "violations": result.violations()})
+                  f"violations: {violations or 'none'}", flush=True)
+            runs.append({**result.as_dict(), "violations": violations})
     finally:
         stop_stack(stack)
     print(json.dumps({"cpu": cpu(), "questions": args.questions, "workers": args.workers, "runs": runs}))

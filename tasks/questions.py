@@ -305,5 +305,6 @@ def _engine(url: str) -> Engine:
         event.listen(engine, "connect", lambda conn, _: setattr(conn, "isolation_level", None))
         event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
         return engine
-    # A lost server fails a call in seconds rather than hanging the drain (its leases then expire).
-    return create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": 10})
+    # A lost or hung server fails a call in seconds rather than hanging the drain (its leases then expire).
+    return create_engine(url, pool_pre_ping=True,
+                         connect_args={"connect_timeout": 10, "options": "-c statement_timeout=60000"})

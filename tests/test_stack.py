@@ -14,6 +14,7 @@ import importlib.util
 import json
 import os
 import shlex
+import socket
 import subprocess
 import sys
 import threading
@@ -279,3 +280,27 @@ def served_alias(stack: dict) -> str | None:
         return milvus(stack).describe_alias("milvus_docs")["collection_name"]
     except MilvusException:  # nothing served yet (the test ran alone)
         return None
+
+
+def this_machines_address() -> str | None:
+    """An address of this machine other than loopback (the one its default route would use)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("10.255.255.255", 1))  # no packet is sent: UDP connect only picks a route
+        except OSError:
+            return None
+        address = probe.getsockname()[0]
+    return None if address.startswith("127.") else address
+
+
+def test_the_prefect_api_and_s3_listen_on_loopback_only(stack):
+    """Milvus 2.3's servers listen on every interface (no setting binds them; its root password is
+    generated); what the stack can bind, it binds to 127.0.0.1."""
+    address = this_machines_address()
+    if address is None:
+        pytest.skip("this machine has no address besides loopback")
+    for url in (stack["PREFECT_API_URL"], stack["DOCSRAG_S3_ENDPOINT_URL"]):
+        port = int(url.split(":")[2].split("/")[0])
+        with pytest.raises(OSError):
+            socket.create_connection((address, port), timeout=2).close()
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()

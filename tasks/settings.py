@@ -45,7 +45,11 @@ class Settings(BaseSettings):
     milvus_bucket: str | None = Field(
         None, description="The S3 bucket the Milvus server stores into (bulk-import files go there).")
     collection: str = Field("milvus_docs", description="The alias searches and answers are served from.")
-    keep_collections: int = Field(2, ge=1, description="Physical collections kept per alias (for rollback).")
+    keep_collections: int = Field(2, ge=1, description="Builds kept per alias: what it serves and its rollback targets.")
+    writer_wait_s: float = Field(0.0, ge=0, description="How long a second ingest or rollback of a corpus waits for "
+                                 "the writer slot before failing with who holds it (0: fail at once).")
+    writer_lease_s: float = Field(120.0, ge=30, description="Lease of the cross-host writer slot (Prefect global "
+                                  "concurrency limit): a killed holder frees it after this long.")
 
     object_store: str = Field("", description="Folder or s3://bucket/prefix (default: <home>/objects).")
     s3_endpoint_url: str | None = Field(None, description="S3 endpoint for MinIO/SeaweedFS.")
@@ -198,6 +202,13 @@ class Settings(BaseSettings):
         from tasks.markdown import Budgets
 
         return Budgets(self.max_file_bytes, self.max_document_bytes, self.max_document_elements)
+
+    @property
+    def build_inputs(self) -> dict:
+        """Every setting that decides a release's chunk ids: part of the build key, so a killed
+        build is resumed only by a run that would write the same rows."""
+        return {"embedder": self.embedder_id, "chunking": self.chunking_config, "budgets": self.parse_budgets,
+                "max_document_chunks": self.max_document_chunks}
 
     @property
     def embedder_id(self) -> str:

@@ -29,7 +29,7 @@ from tasks.index import Corpus
 from tasks.release import Release, version_order
 
 logging.getLogger("pymilvus").setLevel(logging.CRITICAL)  # query_iterator warns on every page against Milvus Lite
-CORPUS = Corpus("docs")
+CORPUS = Corpus("lifecycle_docs")
 KEEP = 2
 DIM = 8
 VERSIONS = ("2.4.x", "2.5.x", "2.10.x")  # 2.10.x is the newest: versions order as numbers
@@ -192,9 +192,11 @@ class Lifecycle(RuleBasedStateMachine):
         cls.counts[what] = cls.counts.get(what, 0) + 1
 
     def _empty(self) -> None:
-        for alias in self.client.list_aliases().get("aliases", []):
-            self.client.drop_alias(alias)
-        for name in self.client.list_collections():
+        """Only the corpus's own aliases and builds: the Milvus server may serve others."""
+        for alias, name in store.aliases(self.client).items():
+            if name.startswith(f"{CORPUS.alias}{index.BUILD_SEPARATOR}"):
+                self.client.drop_alias(alias)
+        for name in index.builds_of(self.client, CORPUS.alias):
             self.client.drop_collection(name)
 
     # -- the operations, as the flows run them ------------------------------------------------------

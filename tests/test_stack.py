@@ -304,3 +304,20 @@ def test_the_prefect_api_and_s3_listen_on_loopback_only(stack):
         with pytest.raises(OSError):
             socket.create_connection((address, port), timeout=2).close()
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+def test_the_lifecycle_state_machine_holds_on_the_stacks_milvus_server(stack, tmp_path):
+    """A bounded run of tests/lifecycle_machine.py against the stack's Milvus 2.3 (no BM25: its
+    builds are created dense only, as capabilities() detects)."""
+    from hypothesis import HealthCheck, settings
+
+    from tests.test_lifecycle_model import run_machine
+
+    client = milvus(stack)
+    assert not store.capabilities(client).bm25
+    counts = run_machine(client, tmp_path, settings(max_examples=3, stateful_step_count=10, deadline=None,
+                                                    derandomize=True, database=None,
+                                                    suppress_health_check=list(HealthCheck)))
+    print("lifecycle on the stack's Milvus:", counts)
+    assert counts["ingests"] and counts["crashes injected"]
+

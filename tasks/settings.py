@@ -99,6 +99,13 @@ class Settings(BaseSettings):
     retry_backoff_s: float = Field(30.0, ge=0, allow_inf_nan=False,
                                    description="First wait before a failed question is retried (doubles).")
 
+    api_tokens: SecretStr | None = Field(
+        None, description="Bearer tokens the HTTP API accepts, comma-separated (none: loopback clients only).")
+    api_rate_per_min: int = Field(120, ge=1, description="Requests per minute per API token (or client address).")
+    api_max_body_bytes: int = Field(16_384, ge=1024, description="A request body larger than this is refused (413).")
+    api_max_wait_s: float = Field(30.0, ge=0, le=300, allow_inf_nan=False,
+                                  description="Longest long-poll of GET /v1/questions/{id}?wait=N (seconds).")
+
     llm_base_url: str = Field("http://localhost:8000/v1", description="OpenAI-compatible server (vLLM, Ollama...).")
     llm_model: str = Field("openai/gpt-oss-20b", description="Model id on that server.")
     llm_api_key: SecretStr | None = Field(None, description="API key of the LLM server.")

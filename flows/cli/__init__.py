@@ -1,0 +1,88 @@
+"""``docsrag``: the command line over the flows and the questions service. Settings are built
+here, once per command, and handed to the flows it calls (``tasks.settings.given``); a
+deployment's run builds its own.
+
+One module per command group, each adding its commands to the parser with the shared argument
+parents of ``flows.cli.common``:
+
+- ``flows.cli.index``: ingest, search, rollback, watch, eval (the docs index);
+- ``flows.cli.questions``: ask, show, questions, answer (the queue, through ``tasks.service``);
+- ``flows.cli.serve``: api (the HTTP API and page), automations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+
+from flows.cli import index, questions, serve
+from flows.cli.common import printable  # noqa: F401 - part of the CLI's interface
+from tasks import release
+from tasks.settings import SettingsError, given, load_settings
+
+
+def _process_started() -> float:
+    """The process's start on the ``time.perf_counter()`` scale (Linux: /proc; elsewhere: now)."""
+    try:
+        ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
+        uptime = float(open("/proc/uptime").read().split()[0])
+        return time.perf_counter() - max(0.0, uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return time.perf_counter()
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: the platform or the scheduler stops the command."""
+
+
+def run() -> None:
+    """The console script. SIGTERM stops a command promptly: the flow run is marked crashed by
+    Prefect, and the process exits without waiting for network reads still blocked in threads."""
+
+    def terminate(signum, frame):
+        release.stopping.set()
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, terminate)
+    code = main(started=_process_started())
+    if release.stopping.is_set():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(143)
+    sys.exit(code)
+
+
+def main(argv: list[str] | None = None, started: float | None = None) -> int:
+    """``started``: when the process started (the console script); a caller in a running process
+    (a test) starts the clock here."""
+    from tasks.terminal import Terminal, from_terminal
+
+    terminal = Terminal(process_started=started or time.perf_counter())
+    args = parser().parse_args(argv)
+    try:
+        # Fail before starting Prefect when the configuration is wrong.
+        with given(load_settings(release_url=getattr(args, "release", None))) as settings, from_terminal(terminal):
+            return args.run(args, settings)
+    except SettingsError as exc:
+        print(f"docsrag: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # the flows' own errors already say what to fix
+        print(f"docsrag {args.command}: {exc}", file=sys.stderr)
+        return 1
+
+
+def parser() -> argparse.ArgumentParser:
+    built = argparse.ArgumentParser(prog="docsrag", description="Keep a docs release searchable and answerable.")
+    commands = built.add_subparsers(dest="command", required=True)
+    for group in (index, questions, serve):
+        group.add_commands(commands)
+    return built
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,99 @@
+"""What the command groups share: argument parents, parse-time validators, terminal-safe text,
+the Prefect API for commands that run flows, and the questions service."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import time
+
+from tasks.escaping import for_terminal
+from tasks.settings import Settings
+
+
+def json_output() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--json", action="store_true", help="print JSON")
+    return parent
+
+
+def docs_choice(what: str = "search") -> argparse.ArgumentParser:
+    """--version and --lang: which served docs a command reads."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--version", help=f"{what} this docs version instead of the newest")
+    parent.add_argument("--lang", help=f"{what} the localized docs in this language (ko, id...; default English)")
+    return parent
+
+
+def bounded_int(low: int, high: int):
+    """An argparse type: an integer in [low, high], refused at parse time otherwise."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is not between {low} and {high}")
+        return value
+
+    parse.__name__ = f"integer {low}..{high}"
+    return parse
+
+
+positive = bounded_int(1, 100)
+
+
+def non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{value} is not a number of seconds >= 0")
+    return value
+
+
+def printable(text: str) -> str:
+    """Text from documents or questions, safe for a terminal: C0/C1 controls (escape sequences
+    that could rewrite the screen) and bidi overrides printed as their code (tasks/escaping.py)."""
+    return for_terminal(text)
+
+
+def runs_flows(command):
+    """A command that runs flows gets a Prefect API: the configured server, or Prefect's temporary
+    one started as the command's first act (flows/temporary_api.py). The command is given
+    ``wait_for_api`` and calls it after the work that can overlap the server's start."""
+
+    @functools.wraps(command)
+    def with_api(args, settings: Settings) -> int:
+        from flows.temporary_api import prefect_api
+
+        with prefect_api(on_wait=_api_wait_begins) as wait_for_api:
+            return command(args, settings, wait_for_api)
+
+    return with_api
+
+
+def _api_wait_begins() -> None:
+    from tasks.terminal import current
+
+    if terminal := current():
+        terminal.api_wait_from = time.perf_counter()
+
+
+def prefect_server() -> str | None:
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value()
+
+
+def service(settings: Settings, announce: bool = False):
+    """The questions service; ``announce``: a new question is announced to the Prefect server
+    (when one is configured), flushed before the command exits."""
+    from tasks.service import Service
+
+    announcer = None
+    if announce and prefect_server():
+        from flows.answer import announce_question as announcer
+    return Service(settings, announce=announcer)

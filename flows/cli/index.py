@@ -1,0 +1,140 @@
+"""The docs index: ingest, search, rollback, watch, eval."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from flows.cli.common import docs_choice, json_output, positive, printable, runs_flows, service
+from tasks.settings import Settings
+
+
+def add_commands(commands) -> None:
+    out = json_output()
+
+    ingest = commands.add_parser("ingest", parents=[out], help="ingest a docs release into the served collection")
+    ingest.add_argument("--release", help="zip URL (https, s3, file) or path; default DOCSRAG_RELEASE_URL")
+    ingest.add_argument("--version", help="docs version; default: read from the asset name")
+    ingest.add_argument("--force", action="store_true", help="publish even when the guard rails refuse")
+    ingest.add_argument("--publish-main", action="store_true",
+                        help="serve a release without a version (e.g. docs.zip) as the main alias too")
+    ingest.add_argument("--task-runner", metavar="dask[=ADDRESS]",
+                        help="embed on Dask: a local cluster, or the scheduler at ADDRESS (default: threads)")
+    ingest.set_defaults(run=_ingest)
+
+    search = commands.add_parser("search", parents=[out, docs_choice()], help="search the served collection")
+    search.add_argument("query", nargs="?", help="text to search for")
+    search.add_argument("--file", help="JSON lines with id and question; prints one result line each")
+    search.add_argument("-k", type=positive, default=5, help="results per query")
+    search.set_defaults(run=_search)
+
+    watch = commands.add_parser("watch", parents=[out], help="look for new docs releases")
+    watch.add_argument("--once", action="store_true", required=True,
+                       help="check once (schedule the watch-releases deployment to keep watching)")
+    watch.add_argument("--ingest", action="store_true", help="ingest new releases here instead of emitting events")
+    watch.set_defaults(run=_watch)
+
+    evaluate = commands.add_parser("eval", parents=[out, docs_choice("evaluate")],
+                                   help="measure retrieval on a gold set (JSON lines)")
+    evaluate.add_argument("--gold", required=True, help="JSON lines with question and gold_sources")
+    evaluate.add_argument("-k", type=positive, default=10)
+    evaluate.add_argument("--answers", action="store_true", help="also ask the LLM; check answers cite a gold doc")
+    evaluate.set_defaults(run=_eval)
+
+    rollback = commands.add_parser("rollback", parents=[out], help="serve the previous collection again")
+    rollback.add_argument("--lang", help="roll back the localized docs in this language (default English)")
+    rollback.set_defaults(run=_rollback)
+
+
+@runs_flows
+def _ingest(args, settings: Settings, wait_for_api) -> int:
+    from tasks import embedding
+
+    embedding.preload(settings)  # the model loads beside the imports and Prefect's start
+    from flows.ingest import ingest_release, task_runner
+    from tasks.release import has_credentials
+
+    flow = ingest_release
+    if args.task_runner:
+        flow = ingest_release.with_options(task_runner=task_runner(args.task_runner, settings))
+    # Flow parameters are stored by Prefect and shown in its UI: a URL with credentials travels in
+    # the settings only (they hold it already).
+    release = None if args.release and has_credentials(args.release) else args.release
+    wait_for_api()
+    s = flow(release=release, version=args.version, force=args.force, publish_main=args.publish_main)
+    if args.json:
+        print(json.dumps(s.to_dict()))
+    else:
+        state = "unchanged" if s.unchanged else f"published {s.collection}"
+        served = s.alias if s.named_version or args.publish_main else (
+            f"{s.version_alias} only (no version in its name: --version or --publish-main serves it as {s.alias})")
+        print(f"{s.version}: {state} as {served} — {s.documents} documents, {s.chunks} chunks ({s.embedded} "
+              f"embedded, {s.reused} reused, {s.deleted} deleted), {len(s.skipped)} skipped, {s.seconds} s")
+    return 0
+
+
+def _search(args, settings: Settings) -> int:
+    if bool(args.query) == bool(args.file):
+        print("docsrag search: give a query or --file, not both", file=sys.stderr)
+        return 2
+    questions = service(settings)
+    if args.file:
+        with open(args.file, encoding="utf-8") as lines:
+            items = [json.loads(line) for line in filter(str.strip, lines)]
+        for item in items:
+            found = questions.search(item["question"], args.k, args.version, args.lang)
+            print(json.dumps({"id": item.get("id"), **found.as_dict()}))
+        return 0
+    found = questions.search(args.query, args.k, args.version, args.lang)
+    if args.json:
+        print(json.dumps(found.as_dict()))
+        return 0
+    if found.searched_as != found.query:
+        print(printable(f"(searched as: {found.searched_as})"))
+    for n, hit in enumerate(found.results, 1):
+        print(printable(f"{n}. {hit['doc_path']} — {hit['heading']} ({hit['score']:.4f})"))
+        print("   " + printable(" ".join(hit["text"].split())[:300]))
+    return 0
+
+
+@runs_flows
+def _watch(args, settings: Settings, wait_for_api) -> int:
+    from flows.watch import watch_releases
+
+    wait_for_api()
+    summary = watch_releases(ingest=args.ingest).to_dict()
+    print(json.dumps(summary) if args.json else
+          f"new: {', '.join(summary['new']) or 'none'} ({summary['seen']} seen, {summary['events']} events)")
+    return 0
+
+
+@runs_flows
+def _eval(args, settings: Settings, wait_for_api) -> int:
+    from flows.evaluate import evaluate_retrieval
+
+    wait_for_api()
+    figures = evaluate_retrieval(gold=args.gold, k=args.k, version=args.version, answers=args.answers,
+                                 docs_lang=args.lang).to_dict()
+    if args.json:
+        print(json.dumps(figures))
+        return 0
+    languages = figures.pop("by_language", {})
+    print("\n".join(f"{k:>26}  {v}" for k, v in figures.items()))
+    for lang, part in languages.items():
+        print(f"\n{lang}:\n" + "\n".join(f"{k:>26}  {v}" for k, v in part.items()))
+    return 0
+
+
+def _rollback(args, settings: Settings) -> int:
+    from tasks import publish, store, writer_lock
+    from tasks.index import Corpus
+
+    corpus = Corpus(settings.collection, args.lang or "en")
+    alias = corpus.alias
+    with writer_lock.held(settings):
+        current, previous = publish.rollback(store.connect(settings), corpus)
+    if args.json:
+        print(json.dumps({"alias": alias, "from": current, "to": previous}))
+    else:
+        print(f"{alias}: {current} -> {previous}")
+    return 0

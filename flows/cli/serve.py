@@ -1,0 +1,46 @@
+"""Long-running and server-side commands: api (the HTTP API and its page), automations."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from flows.cli.common import bounded_int, json_output, prefect_server
+from tasks.settings import Settings
+
+
+def add_commands(commands) -> None:
+    api = commands.add_parser("api", help="serve the questions API and the page to ask on (FastAPI on uvicorn)")
+    api.add_argument("--host", default="127.0.0.1",
+                     help="address to listen on (default loopback; any other needs DOCSRAG_API_TOKENS)")
+    api.add_argument("--port", type=bounded_int(1, 65535), default=8080)
+    api.set_defaults(run=_api)
+
+    automations = commands.add_parser(
+        "automations", parents=[json_output()],
+        help="create the shipped automations (failed runs, stale index, dead questions) on the "
+             "Prefect server, notifying DOCSRAG_NOTIFY_WEBHOOK_URL or DOCSRAG_NOTIFY_BLOCK")
+    automations.set_defaults(run=_automations)
+
+
+def _api(args, settings: Settings) -> int:
+    from flows.api import serve
+    from tasks.api_guard import loopback
+
+    if not settings.api_tokens and not loopback(args.host):
+        print(f"docsrag api: set DOCSRAG_API_TOKENS to listen on {args.host}: without tokens the API answers "
+              "loopback clients only", file=sys.stderr)
+        return 2
+    serve(settings, args.host, args.port)
+    return 0
+
+
+def _automations(args, settings: Settings) -> int:
+    if not prefect_server():
+        print("docsrag automations: set PREFECT_API_URL to the Prefect server to create them on", file=sys.stderr)
+        return 2
+    from tasks.automations import apply_automations, notification_block
+
+    names = apply_automations(notification_block(settings))
+    print(json.dumps({"automations": names}) if args.json else "\n".join(f"created: {name}" for name in names))
+    return 0

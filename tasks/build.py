@@ -100,7 +100,7 @@ def plan_build(client: MilvusClient, corpus: Corpus, rel: Release, chunks: list[
     diff = ReleaseDiff(chunks, store.doc_of_ids(client, base) if base else {},
                        frozenset(store.doc_of_ids(client, target)) if target else frozenset())
     base_version = index.info_of(client, base).version if base else None
-    moves_main = publish.moves_main(client, corpus, rel.version, main)
+    moves_main = publish.moves_main(corpus, publish.builds(client, corpus), rel.version, main)
     main_now = served.get(alias)
     main_served = {} if not (moves_main and main_now) else diff.served_ids if main_now == base \
         else store.doc_of_ids(client, store.loaded(client, main_now))

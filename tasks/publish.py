@@ -104,11 +104,10 @@ def _adopt_unnumbered(client: MilvusClient, corpus: Corpus, found: list[Build]) 
     return adopted
 
 
-def moves_main(client: MilvusClient, corpus: Corpus, version: str, policy: MainPolicy) -> bool:
+def moves_main(corpus: Corpus, found: list[Build], version: str, policy: MainPolicy) -> bool:
     """``if-newer``: the main alias moves unless it serves a newer version than ``version``."""
     if policy != "if-newer":
         return policy == "always"
-    found = builds(client, corpus)
     main = desired(corpus, found)[corpus.alias]
     served = next((b.info.version for b in found if b.name == main), None)
     return served is None or version_order(version) >= version_order(served)
@@ -120,7 +119,7 @@ def publish(client: MilvusClient, corpus: Corpus, collection: str, policy: MainP
     found = builds(client, corpus)
     want = desired(corpus, found)
     info = next(b.info for b in found if b.name == collection)
-    move = moves_main(client, corpus, info.version, policy)
+    move = moves_main(corpus, found, info.version, policy)
     if want.get(corpus.version_alias(info.version)) != collection or (move and want[corpus.alias] != collection):
         number = 1 + max((n for b in found for n in (b.info.published, b.info.main) if n is not None), default=0)
         kept_main = None if info.rolled_back else info.main

@@ -105,7 +105,7 @@ def _slot(name: str, wait_s: float, lease_s: float) -> Iterator[None]:
         slot = concurrency(name, occupy=1, strict=True, lease_duration=lease_s,
                            **({"timeout_seconds": wait_s} if wait_s > 0 else {"max_retries": 0}))
         slot.__enter__()
-    except (ConcurrencySlotAcquisitionError, TimeoutError) as exc:
+    except (ConcurrencySlotAcquisitionError, TimeoutError):
         who = Variable.get(name, default=None) or "a run that recorded no name"
         raise WriterBusy(f"another ingest or rollback holds the writer slot {name!r} ({who}); a killed holder "
                          f"frees it when its {lease_s:.0f} s lease runs out") from None

@@ -177,7 +177,7 @@ class Lifecycle(RuleBasedStateMachine):
 
     client: MilvusClient
     home: Path
-    counts: dict[str, int] = {}
+    counts: dict[str, int]  # set per run: what the sequences did
 
     def __init__(self):
         super().__init__()
@@ -259,7 +259,7 @@ class Lifecycle(RuleBasedStateMachine):
         expected = self.model.copy()
         lands_on = expected.rollback()
         try:
-            current, to = publish.rollback(self.client, CORPUS)
+            _, to = publish.rollback(self.client, CORPUS)
         except store.StoreError as exc:
             assert lands_on is None, f"rollback refused ({exc}); the model lands on {lands_on}"
             self._count("rollbacks refused")

@@ -173,7 +173,7 @@ def test_two_hosts_ingesting_one_corpus_on_one_milvus_server_take_turns(tmp_path
         _wait_for_embedding(slow, first)
         second = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300,
                                 env=api_env(**env, DOCSRAG_HOME=str(tmp_path / "host-b")))
-        out, err = first.communicate(timeout=300)
+        _, err = first.communicate(timeout=300)
         assert first.returncode == 0, err
         assert second.returncode == 1, second.stderr
         assert re.search(rf"holds the writer slot 'docsrag-writer-milvus-docs-[0-9a-f]{{8}}' \(.*pid {first.pid} "

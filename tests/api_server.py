@@ -1,0 +1,63 @@
+"""The questions API on real uvicorn, on a free loopback port, in a thread of the test process;
+and a worker draining the queue beside it (the drain the answer flow runs)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+import uvicorn
+
+from flows.api import _announcer, create_app
+from tasks.drain import Drain
+from tasks.service import Service
+from tasks.settings import Settings
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@dataclass
+class RunningApi:
+    url: str
+    service: Service
+    server: uvicorn.Server
+    thread: threading.Thread
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+    def drain(self, max_seconds: float = 30.0):
+        """Answer what is queued, as a worker would (sharing the API's index handle)."""
+        retriever = self.service.retriever()
+        retriever.collection()
+        return asyncio.run(Drain(self.service.settings, self.service.queue, retriever,
+                                 owner=f"test-{uuid.uuid4().hex[:8]}", max_seconds=max_seconds).run())
+
+    def drain_later(self, delay_s: float) -> threading.Thread:
+        worker = threading.Thread(target=lambda: (time.sleep(delay_s), self.drain()), daemon=True)
+        worker.start()
+        return worker
+
+
+def start_api(settings: Settings, host: str = "127.0.0.1") -> RunningApi:
+    service = Service(settings, announce=_announcer(), served_ttl_s=0.0)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings, service), host=host, port=port, log_level="warning",
+                                           access_log=False))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the API did not start")
+        time.sleep(0.05)
+    return RunningApi(f"http://{host}:{port}", service, server, thread)

@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
+from urllib.parse import urlparse
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
@@ -258,9 +259,19 @@ def task_runner(spec: str, settings: Settings):
     from prefect_dask import DaskTaskRunner
 
     if address:
-        return DaskTaskRunner(address=address)
+        return DaskTaskRunner(address=_private_channel(address))
     return DaskTaskRunner(cluster_kwargs={"n_workers": settings.embedding_concurrency, "threads_per_worker": 1,
                                           "processes": True, "dashboard_address": None})
+
+
+def _private_channel(address: str) -> str:
+    """Embedding batches carry the run's settings, secrets included, to the scheduler's workers:
+    over TLS, or to this machine's own loopback, never in clear text across a network."""
+    parsed = urlparse(address if "://" in address else f"tcp://{address}")
+    if parsed.scheme != "tls" and parsed.hostname not in ("127.0.0.1", "localhost", "::1"):
+        raise ValueError(f"refusing Dask scheduler {address!r}: batches carry the run's secrets; use a tls:// "
+                         "address (Dask's TLS security settings) or a scheduler on this machine's loopback")
+    return address
 
 
 @contextmanager

@@ -20,7 +20,7 @@ import httpx
 from tasks.escaping import for_terminal
 from tasks.objectstore import ObjectStore
 from tasks.redaction import redact_text, redact_url
-from tasks.release import ReleaseError, checked_version, redacted, release_version
+from tasks.release import ReleaseError, checked_version, release_version
 
 # GitHub's releases list (100 releases with their assets) is well under 1 MiB; a feed past these
 # holds `watch-releases` (concurrency limit 1) and its memory, so it is stopped and not retried.
@@ -133,7 +133,7 @@ def _refusal(url: str, version: str, api_url: str, trusted: tuple[str, ...]) -> 
     own_site = asset.scheme == "https" and asset.hostname in {api.hostname, (api.hostname or "").removeprefix("api.")}
     if origin == f"{api.scheme}://{api.netloc}" or own_site or origin in trusted or asset.hostname in trusted:
         return None
-    return (f"asset URL {redacted(url)[:200]!r} is not served by {api.hostname} over https; add its host to "
+    return (f"asset URL {redact_url(url)[:200]!r} is not served by {api.hostname} over https; add its host to "
             "DOCSRAG_RELEASE_HOSTS if it is trusted")
 
 

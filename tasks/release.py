@@ -16,11 +16,12 @@ import zlib
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
-from urllib.parse import unquote, urlparse, urlunparse
+from urllib.parse import unquote, urlparse
 
 import httpx
 
 from tasks.objectstore import ObjectStore, S3Store
+from tasks.redaction import redact_url
 
 _VERSION = re.compile(r"(\d+\.\d+(?:\.(?:\d+|x))?)")
 _RELEASE_VERSION = re.compile(r"\d+(?:\.(?:\d+|x))+")
@@ -74,19 +75,8 @@ def version_slug(version: str) -> str:
     return re.sub(r"[^A-Za-z0-9]", "_", version)
 
 
-def redacted(url: str) -> str:
-    """The URL as shown and stored (CLI, logs, report, artifact): without ``user:password@`` and
-    without the query string, where tokens and signatures travel. The download uses the original."""
-    parsed = urlparse(url)
-    if parsed.scheme not in ("http", "https", "s3") or not (parsed.password or parsed.username or parsed.query):
-        return url
-    host = parsed.hostname or ""
-    netloc = f"{host}:{parsed.port}" if parsed.port else host
-    return urlunparse((parsed.scheme, netloc, parsed.path, "", "redacted" if parsed.query else "", ""))
-
-
 def has_credentials(url: str) -> bool:
-    return redacted(url) != url
+    return redact_url(url) != url
 
 
 def release_version(url: str) -> str | None:
@@ -114,7 +104,7 @@ def fetch_release(url: str, *, home: Path, store: ObjectStore, version: str | No
     newly_archived = not store.exists(key)
     if newly_archived:
         store.put_file(key, local)
-    return Release(redacted(url), version, local, sha256, size, key, newly_archived, named=bool(named),
+    return Release(redact_url(url), version, local, sha256, size, key, newly_archived, named=bool(named),
                    downloaded=downloaded)
 
 
@@ -143,9 +133,9 @@ def _s3_copy(url: str, target: Path, s3_endpoint_url: str | None, max_bytes: int
     bucket, key = S3Store(f"s3://{parsed.netloc}", s3_endpoint_url), parsed.path.lstrip("/")
     size = bucket.size(key)
     if size is None:
-        raise ReleaseError(f"release not found: {redacted(url)}")
+        raise ReleaseError(f"release not found: {redact_url(url)}")
     if size > max_bytes:
-        raise ReleaseError(f"download of {redacted(url)} refused: {size} bytes, over {max_bytes} bytes "
+        raise ReleaseError(f"download of {redact_url(url)} refused: {size} bytes, over {max_bytes} bytes "
                            "(DOCSRAG_MAX_ARCHIVE_BYTES)")
     try:
         bucket.get_file(key, target)
@@ -165,7 +155,7 @@ def _download(url: str, target: Path, timeout_s: float, max_bytes: int, deadline
     a half zip where a release is looked for. Stops at
     ``max_bytes`` and after ``deadline_s`` overall (a server trickling bytes keeps every read alive);
     redirects are followed over http(s) only."""
-    partial, shown = target, redacted(url)
+    partial, shown = target, redact_url(url)
     deadline = time.monotonic() + deadline_s
     try:
         with httpx.stream("GET", url, follow_redirects=True, timeout=timeout_s) as response:

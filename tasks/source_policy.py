@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlparse
 
-from tasks.release import ReleaseError, redacted, release_version
+from tasks.redaction import redact_url
+from tasks.release import ReleaseError, release_version
 from tasks.settings import Settings
 
 Resolver = Callable[[str, int], list[str]]
@@ -69,14 +70,14 @@ def check_source(url: str, policy: SourcePolicy, resolve: Resolver | None = None
         try:
             parsed.port  # noqa: B018 - raises on a port that is not one
         except ValueError:
-            raise RefusedSource(f"refusing release {redacted(url)[:200]!r}: not a valid URL") from None
+            raise RefusedSource(f"refusing release {redact_url(url)[:200]!r}: not a valid URL") from None
         _check_http(url, parsed, policy, resolve or _resolve)
     elif scheme == "s3":
         _check_s3(url, parsed, policy)
     elif scheme == "file" or not scheme or _is_windows_drive(url):
         _check_local(url, Path(unquote(parsed.path)) if scheme == "file" else Path(url).expanduser(), policy)
     else:
-        raise RefusedSource(f"refusing release {redacted(url)[:200]!r}: scheme {scheme!r} is not http(s), s3 or "
+        raise RefusedSource(f"refusing release {redact_url(url)[:200]!r}: scheme {scheme!r} is not http(s), s3 or "
                             "an allowed folder")
 
 
@@ -85,7 +86,7 @@ def check_version(url: str, version: str | None) -> None:
     not label the 2.4.x release 999.0 and keep every later release off the main alias."""
     named = release_version(url)
     if version and named and version != named:
-        raise RefusedSource(f"refusing version {version[:64]!r} for release {redacted(url)[:200]!r}, whose "
+        raise RefusedSource(f"refusing version {version[:64]!r} for release {redact_url(url)[:200]!r}, whose "
                             f"asset name says {named!r}")
 
 
@@ -103,7 +104,7 @@ def check_run_source(settings: Settings, version: str | None = None) -> None:
 # ---------------------------------------------------------------- one scheme each
 
 def _check_http(url: str, parsed, policy: SourcePolicy, resolve: Resolver) -> None:
-    shown = redacted(url)[:200]
+    shown = redact_url(url)[:200]
     host = _host(parsed.hostname or "")
     if not host:
         raise RefusedSource(f"refusing release {shown!r}: no host")
@@ -133,7 +134,7 @@ def _check_s3(url: str, parsed, policy: SourcePolicy) -> None:
     allowed = ".." not in parts and any(
         bucket == b and (not prefix or key.startswith(prefix + "/")) for b, prefix in policy.buckets)
     if not allowed:
-        raise RefusedSource(f"refusing release {redacted(url)[:200]!r}: bucket {bucket!r} (or that prefix) is not "
+        raise RefusedSource(f"refusing release {redact_url(url)[:200]!r}: bucket {bucket!r} (or that prefix) is not "
                             "in DOCSRAG_RELEASE_BUCKETS")
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from pymilvus import DataType, MilvusClient
 from pymilvus.exceptions import MilvusException
 
+from tasks.redaction import redact_text, redact_url
 from tasks.settings import Settings
 
 INFO_PROPERTY = "docsrag.info"
@@ -44,10 +45,10 @@ def connect(settings: Settings) -> MilvusClient:
         return _client(uri, token)
     except MilvusException as exc:
         if lite:
-            raise StoreError(f"cannot open the Milvus Lite file {uri}: {exc.message}. Milvus Lite serves one "
+            raise StoreError(f"cannot open the Milvus Lite file {uri}: {redact_text(exc.message)}. Milvus Lite serves one "
                              "process at a time: is another docsrag command using it? Use a Milvus server "
                              "(DOCSRAG_MILVUS_URI=http://host:19530) for concurrent readers and writers") from None
-        raise StoreError(f"cannot reach Milvus at {uri}: {exc.message}") from None
+        raise StoreError(f"cannot reach Milvus at {redact_url(uri)}: {redact_text(exc.message)}") from None
 
 
 def _client(uri: str, token: str) -> MilvusClient:
@@ -63,14 +64,16 @@ def _client(uri: str, token: str) -> MilvusClient:
 
 @contextmanager
 def milvus_errors(uri: str):
-    """A server lost mid-build: say what happened to the index and what to do, in one line."""
+    """A server lost mid-build: say what happened to the index and what to do, in one line (the
+    server's URL and its message redacted: they can carry ``user:password@``)."""
+    uri = redact_url(uri)
     try:
         yield
     except MilvusException as exc:
         if not _unreachable(exc):  # Milvus answered, and refused: say what it refused
-            raise StoreError(f"Milvus at {uri} refused a write of the build: {exc.message}. The aliases still "
+            raise StoreError(f"Milvus at {uri} refused a write of the build: {redact_text(exc.message)}. The aliases still "
                              "serve the previous collections") from None
-        raise StoreError(f"Milvus at {uri} failed during the build: {exc.message}. The aliases still serve "
+        raise StoreError(f"Milvus at {uri} failed during the build: {redact_text(exc.message)}. The aliases still serve "
                          "the previous collections; run the ingest again once Milvus is reachable (finished "
                          "batches are kept and the build resumes)") from None
 

@@ -28,6 +28,7 @@ from contextlib import contextmanager, nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 
+from tasks.redaction import redact_url
 from tasks.settings import Settings
 
 
@@ -76,9 +77,7 @@ def file_lock(home: Path, corpus: str) -> Iterator[None]:
 
 def slot_name(settings: Settings) -> str:
     """One slot per corpus and Milvus server (never its credentials: the name is shown in the UI)."""
-    from tasks.release import redacted
-
-    server = hashlib.sha256(redacted(settings.milvus_uri).encode()).hexdigest()[:8]
+    server = hashlib.sha256(redact_url(settings.milvus_uri).encode()).hexdigest()[:8]
     return re.sub(r"[^a-z0-9-]", "-", f"docsrag-writer-{settings.collection.lower()}-{server}")
 
 

@@ -165,3 +165,19 @@ def test_look_alike_closing_tags_cannot_end_the_fence(closing):
     read = re.sub("[〈‹]", "<", read)
     assert len(re.findall(r"<\s*/\s*source", read, re.I)) == 1, content  # the fence docsrag closes
     assert len(re.findall(r"<\s*source", read, re.I)) == 1, content
+
+
+@pytest.mark.parametrize("address", ["tcp://10.0.0.5:8786", "scheduler.internal:8786", "tcp://[2001:db8::1]:8786"])
+def test_a_dask_scheduler_across_the_network_in_clear_text_is_refused(address):
+    """Batches carry the run's settings, secrets included, to the workers."""
+    from flows.ingest import task_runner
+
+    with pytest.raises(ValueError, match="use a tls:// address"):
+        task_runner(f"dask={address}", Settings())
+
+
+@pytest.mark.parametrize("address", ["tls://10.0.0.5:8786", "tcp://127.0.0.1:8786"])
+def test_a_dask_scheduler_over_tls_or_on_loopback_is_used(address):
+    from flows.ingest import task_runner
+
+    assert task_runner(f"dask={address}", Settings()).address == address

@@ -29,6 +29,7 @@ QuestionId = Annotated[int, PathParam(ge=1, le=2**31 - 1, description="the id PO
 SERVED_TTL_S = 2.0  # a new collection served makes repeats stale within this
 _ERRORS = {status: {"model": schema.Error, "description": HTTPStatus(status).phrase}
            for status in (401, 413, 422, 429)}
+_UNPARSED = "There was an error parsing the body"
 _NOT_FOUND = {404: {"model": schema.Error, "description": "no such question, or no docs served as asked"}}
 
 
@@ -129,6 +130,8 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc: StarletteHTTPException):
+        if exc.status_code == 400 and exc.detail == _UNPARSED:  # FastAPI's answer to a body not even UTF-8
+            return _error(422, "the body is not valid JSON (UTF-8)")
         return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
 
 

@@ -164,6 +164,8 @@ def test_every_refusal_is_json_with_a_reason(api, client):
     refused(client.post("/v1/questions/999999/feedback", json={"helpful": True}), 404, "no question")
     refused(client.post("/v1/questions", content=b'{"question": ', headers={"content-type": "application/json"}),
             422, "not valid JSON")
+    refused(client.post("/v1/questions", content=b"\x14\xff\xfe", headers={"content-type": "application/json"}),
+            422, "not valid JSON")
     refused(client.post("/v1/questions", json={"question": "x" * 2001}), 422, "at most 2000 characters")
     refused(client.post("/v1/questions", json={"question": "   "}), 422, "question")
     refused(client.post("/v1/questions", json={"question": QUESTION, "priority": 11}), 422, "priority")

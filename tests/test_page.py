@@ -1,0 +1,100 @@
+"""The page at / in a real browser: Debian's chromium, headless, driven by playwright. A reader
+types a question, sees it wait, then the answer with its numbered citations; clicks a citation
+and the feedback control. The model's text is shown as text, never as HTML."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from tasks.settings import load_settings
+
+from .api_server import start_api
+from .conftest import ROOT
+from .llm_emulator import Emulator
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--headless=new", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run"]
+# The README's picture is refreshed with UPDATE_SCREENSHOTS=1; otherwise the test's own folder gets it.
+SCREENSHOT = ROOT / "docs" / "api-page.png"
+ANSWER = "Milvus keeps data in object storage <b>MinIO or S3</b> [1], with the log in a message queue [2]."
+
+
+@pytest.fixture(scope="module")
+def api(faq_index, tmp_path_factory):
+    emulator = Emulator().start()
+    emulator.answer_text = ANSWER
+    env = {"HOME": str(faq_index.home), "LLM_BASE_URL": emulator.url,
+           "QUEUE_URL": f"sqlite:///{tmp_path_factory.mktemp('page') / 'questions.db'}"}
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(f"DOCSRAG_{name}", value)
+        running = start_api(load_settings())
+        stop = threading.Event()
+
+        def worker():  # answers what the page queues, as the answer flow's worker would
+            while not stop.wait(0.5):
+                running.drain(max_seconds=10)
+
+        thread = threading.Thread(target=worker, daemon=True)
+        thread.start()
+        yield running
+        stop.set()
+        thread.join(timeout=30)
+        running.stop()
+    emulator.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    assert CHROMIUM.exists(), "Debian's chromium is needed: apt-get install -y chromium (make test does it)"
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        yield launched
+        launched.close()
+
+
+def test_a_reader_asks_sees_the_cited_answer_and_gives_feedback(api, browser, tmp_path):
+    page = browser.new_page(viewport={"width": 900, "height": 760})
+    page.goto(api.url + "/")
+    page.fill("#question", "Where does Milvus store data?")
+    page.click("#submit")
+    page.wait_for_selector("#sources li", timeout=30_000)
+
+    answer = page.locator("#answer")
+    assert answer.inner_text() == ANSWER, "the model's text, as text"
+    assert answer.locator("b").count() == 0, "no HTML from the model reaches the page"
+    sources = page.locator("#sources li")
+    assert sources.count() >= 2
+    first = sources.nth(0).inner_text()
+    assert first.startswith("en/faq/") and " — " in first and "(docs newest, milvus_docs" in first
+    citations = page.locator("#answer a.cite")
+    assert [citations.nth(i).inner_text() for i in range(citations.count())] == ["[1]", "[2]"]
+
+    citations.nth(1).click()
+    assert sources.nth(1).get_attribute("class") == "chosen" and not sources.nth(0).get_attribute("class")
+    picture = SCREENSHOT if os.environ.get("UPDATE_SCREENSHOTS") else tmp_path / SCREENSHOT.name
+    page.screenshot(path=str(picture), full_page=True)
+    assert picture.stat().st_size > 10_000
+
+    page.click("#not-helpful")
+    page.wait_for_selector("#thanks", state="visible")
+    assert api.service.stats().feedback.not_helpful == 1
+    page.close()
+
+
+def test_a_refused_question_says_why(api, browser):
+    page = browser.new_page()
+    page.goto(api.url + "/")
+    page.evaluate("document.getElementById('question').removeAttribute('maxlength')")
+    page.fill("#question", "x" * 2500)
+    page.click("#submit")
+    page.wait_for_function("document.getElementById('status').textContent.startsWith('Error')")
+    assert "at most 2000 characters" in page.inner_text("#status")
+    page.close()

@@ -23,7 +23,15 @@ $(BIN)/.installed: pyproject.toml
 run: $(BIN)/.installed
 	$(BIN)/docsrag ingest $(if $(RELEASE),--release "$(RELEASE)")
 
-test: $(BIN)/.installed
+# The page test drives Debian's chromium through playwright (playwright's own browser download
+# fails on these machines): installed here when missing, as root or through sudo.
+CHROMIUM ?= /usr/bin/chromium
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+
+$(CHROMIUM):
+	$(SUDO) apt-get install -y chromium || ($(SUDO) apt-get update && $(SUDO) apt-get install -y chromium)
+
+test: $(BIN)/.installed $(CHROMIUM)
 	$(BIN)/python -m pytest
 
 bench: $(BIN)/.installed

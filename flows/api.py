@@ -86,6 +86,11 @@ def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
 
     app.include_router(v1)
 
+    @app.get("/healthz", include_in_schema=False)
+    def healthz() -> dict:
+        """For the kubelet and compose: the process serves (it says nothing else, so it needs no token)."""
+        return {"status": "ok"}
+
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> HTMLResponse:
         """The page is static (no data in it, outside the guard); its script sends the reader's token."""

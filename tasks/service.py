@@ -117,10 +117,12 @@ RESULT_FIELDS = ("doc_path", "heading", "score", "relevance", "text", "version")
 
 class Service:
     def __init__(self, settings: Settings, *, announce: Announce | None = None, queue: Queue | None = None,
-                 served_ttl_s: float = 0.0):
+                 served_ttl_s: float = 0.0, check_repeats: bool = True):
         """``served_ttl_s``: how long a look-up of the collection an alias serves is reused (a
-        long-lived API saves a Milvus call per question; a repeat goes stale that much later)."""
+        long-lived API saves a Milvus call per question; a repeat goes stale that much later).
+        ``check_repeats``: look for an answer to reuse at submit (it opens the index)."""
         self.settings = settings
+        self.check_repeats = check_repeats
         self._queue = queue
         self.announce = announce
         self.served_ttl_s = served_ttl_s
@@ -156,7 +158,7 @@ class Service:
         if not created:
             return Submitted(question_id, self.queue.get(question_id)["status"], False,
                              self.repeats.repeat_of(question_id))
-        original = self._answer_if_repeated(question_id, version, docs_lang)
+        original = self._answer_if_repeated(question_id, version, docs_lang) if self.check_repeats else None
         if original is None and self.announce:
             self.announce(question_id, version)
         return Submitted(question_id, "answered" if original else "pending", True, original)

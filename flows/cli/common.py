@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import re
 import time
 
 from tasks.escaping import for_terminal
@@ -96,4 +97,8 @@ def service(settings: Settings, announce: bool = False):
     announcer = None
     if announce and prefect_server():
         from flows.answer import announce_question as announcer
-    return Service(settings, announce=announcer)
+    # Milvus Lite serves one process per file: a command that opened it would keep a worker started
+    # beside it (or after it, in the same process tree) from opening the index. Against a Milvus
+    # server the repeat check costs one call; on Milvus Lite the API (one long-lived process) does it.
+    server = re.match(r"^[a-z]+://", settings.milvus_uri) is not None
+    return Service(settings, announce=announcer, check_repeats=server)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 
 import httpx
 import pytest
@@ -236,3 +237,45 @@ def test_the_openapi_schema_is_served_at_docs(api, client):
     paths = client.get("/openapi.json").json()["paths"]
     assert set(paths) == {"/v1/questions", "/v1/questions/{question_id}", "/v1/questions/{question_id}/feedback",
                           "/v1/search", "/v1/stats"}
+
+
+def test_a_submitted_question_is_announced_as_docsrag_ask_announces_it(api, client):
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.answer import QUESTION_SUBMITTED
+
+    version = f"9.{uuid.uuid4().hex[:8]}"  # ids repeat across the queue variants; this run's event is unique
+    question_id = client.post("/v1/questions", json={"question": QUESTION, "version": version}).json()["id"]
+    wanted = {"event": {"name": [QUESTION_SUBMITTED]}, "resource": {"id": [f"docsrag.question.{question_id}"]}}
+    deadline = time.monotonic() + 30
+    events = []
+    while not events and time.monotonic() < deadline:  # the server stores events a moment after it gets them
+        found = httpx.post(f"{PREFECT_API_URL.value()}/events/filter", json={"filter": wanted, "limit": 5}, timeout=10)
+        events = [e for e in found.json()["events"] if e["payload"].get("version") == version]
+        time.sleep(0.5)
+    assert [e["payload"] for e in events] == [{"id": question_id, "version": version}]
+
+
+def test_a_new_collection_served_makes_earlier_answers_stale(monkeypatch, tmp_path, releases, prefect_server, llm):
+    from .conftest import FAQ, ingest_into
+
+    home = tmp_path / "home"
+    ingest_into(home, releases / FAQ)
+    monkeypatch.setenv("DOCSRAG_HOME", str(home))
+    running = api_for(monkeypatch, home, f"sqlite:///{tmp_path / 'questions.db'}", llm)
+    try:
+        with httpx.Client(base_url=running.url, timeout=60) as client:
+            first = client.post("/v1/questions", json={"question": QUESTION}).json()["id"]
+            running.drain()
+            assert client.post("/v1/questions", json={"question": QUESTION}).json()["repeat_of"] == first
+            served = client.get(f"/v1/questions/{first}").json()["collection"]
+            rebuilt = ingest_into(home, releases / FAQ, CHUNK_MAX_CHARS="1400")  # other chunks: a new build
+            assert rebuilt["collection"] != served
+            after = client.post("/v1/questions", json={"question": QUESTION}).json()
+            assert (after["status"], after["repeat_of"]) == ("pending", None)
+            running.drain()
+            assert client.get(f"/v1/questions/{after['id']}").json()["collection"] == rebuilt["collection"]
+            again = client.post("/v1/questions", json={"question": QUESTION}).json()
+            assert again["repeat_of"] == after["id"], "the new answer is the one repeated from now on"
+    finally:
+        running.stop()

@@ -1,21 +1,19 @@
 """Embedders: the packaged all-MiniLM-L6-v2 on CPU, or any OpenAI-compatible /v1/embeddings.
 
-On CPU the model runs in onnxruntime by default (``DOCSRAG_EMBEDDING_PRECISION=int8``, chosen
-where the CPU has VNNI): exported once, offline, from the packaged weights and cached; it loads
-in a tenth of a second (no torch or transformers at run time) and embeds faster. ``torch`` keeps
-sentence-transformers in fp32, the reference the int8 vectors are measured against.
+On CPU the model runs in onnxruntime (no torch or transformers at run time; it loads in a tenth of
+a second), exported once per machine from the packaged weights in a child process
+(tasks/model_export.py). ``DOCSRAG_EMBEDDING_PRECISION=auto`` runs the variant measured fastest on
+this CPU within a cosine guard to fp32 (tasks/precision.py); ``torch`` keeps sentence-transformers
+in fp32, the reference.
 """
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import json
-import logging
 import os
 import sys
 import threading
-import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
@@ -24,6 +22,7 @@ from tasks.settings import Settings
 
 PACKAGED_MODEL = "all-MiniLM-L6-v2"
 _LOADING = threading.Lock()
+_CHOOSING = threading.Lock()  # apart from _LOADING: loading the model resolves the variant first
 
 
 class Embedder(Protocol):
@@ -53,25 +52,23 @@ class LocalEmbedder:
 
 class OnnxEmbedder:
     """A BERT sentence-transformers model in onnxruntime: mean pooling and normalization as
-    sentence-transformers does them, texts sorted by length so each batch pads little."""
+    sentence-transformers does them, texts sorted by length so each batch pads little. Inputs are
+    cut at ``tokens``."""
 
     BATCH = 32
 
-    def __init__(self, model: str, precision: str, cache: Path, threads: int):
+    def __init__(self, folder: Path, model_file: Path, tokens: int, threads: int, id: str):
         import onnxruntime
-
         from tokenizers import Tokenizer
 
-        folder = Path(_local_model_path(model))
-        self.id = f"local:{model}:{precision}"
+        self.id = id
         self.dim = json.loads((folder / "config.json").read_text())["hidden_size"]
         self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        self.tokenizer.enable_truncation(_max_seq_length(folder))
+        self.tokenizer.enable_truncation(tokens)
         self.tokenizer.enable_padding()
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
-        self.session = onnxruntime.InferenceSession(str(exported_model(folder, precision, cache)), options,
-                                                    providers=["CPUExecutionProvider"])
+        self.session = onnxruntime.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
 
     def embed(self, texts: list[str]) -> list[list[float]]:
         import numpy as np
@@ -92,77 +89,28 @@ class OnnxEmbedder:
         return vectors
 
 
-def exported_model(folder: Path, precision: str, cache: Path) -> Path:
-    """The model as ONNX, exported once per model and precision (a few seconds; torch and
-    transformers are needed only here). Another process exporting the same model is waited for."""
-    weights = folder / "model.safetensors"
-    stamp = f"{weights.stat().st_size}-{int(weights.stat().st_mtime)}" if weights.exists() else "0"
-    target = cache / f"{folder.name}-{stamp}-{precision}.onnx"
-    if target.exists():
-        return target
-    cache.mkdir(parents=True, exist_ok=True)
-    with open(cache / ".export.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not target.exists():
-            _export(folder, precision, target)
-    return target
+def local_variant(settings: Settings) -> str:
+    """The ONNX variant the local model runs at: the setting, or for ``auto`` the one measured
+    fastest on this CPU within the cosine guard (tasks/precision.py; measured at first use)."""
+    if settings.embedding_precision != "auto":
+        return settings.embedding_precision
+    with _CHOOSING:
+        return _measured_variant(settings.embedding_model, settings.model_cache, max_tokens(settings),
+                                 _threads(settings))
 
 
-def _export(folder: Path, precision: str, target: Path) -> None:
-    # The exporter and the quantizer warn about tracing details that do not apply to this model.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        logging.disable(logging.WARNING)
-        try:
-            _export_quietly(folder, precision, target)
-        finally:
-            logging.disable(logging.NOTSET)
+@functools.cache
+def _measured_variant(model: str, cache: Path, tokens: int, threads: int) -> str:
+    from tasks import precision
+
+    return precision.chosen(Path(_local_model_path(model)), cache, tokens, threads).variant
 
 
-def _export_quietly(folder: Path, precision: str, target: Path) -> None:
-    import tempfile
-
-    import onnx
-    import torch
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-    from onnxruntime.transformers.optimizer import optimize_model
-    from transformers import AutoModel
-
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.disable_progress_bar()
-    config = json.loads((folder / "config.json").read_text())
-    # Eager attention exports as plain MatMul/Softmax, which onnxruntime fuses into its Attention kernel.
-    model = AutoModel.from_pretrained(str(folder), attn_implementation="eager").eval()
-
-    class Encoder(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids, attention_mask, token_type_ids):
-            return self.model(input_ids=input_ids, attention_mask=attention_mask,
-                              token_type_ids=token_type_ids).last_hidden_state
-
-    names = ["input_ids", "attention_mask", "token_type_ids"]
-    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-        raw, fused = Path(scratch) / "raw.onnx", Path(scratch) / "fused.onnx"
-        ids = torch.ones(2, 16, dtype=torch.long)
-        torch.onnx.export(Encoder(), (ids, torch.ones_like(ids), torch.zeros_like(ids)), str(raw),
-                          input_names=names, output_names=["hidden"], opset_version=17, dynamo=False,
-                          dynamic_axes={name: {0: "batch", 1: "tokens"} for name in [*names, "hidden"]})
-        optimize_model(str(raw), model_type="bert", num_heads=config["num_attention_heads"],
-                       hidden_size=config["hidden_size"]).save_model_to_file(str(fused))
-        if precision == "int8":
-            # Per-channel weights: per-tensor scales cost up to 0.3 of cosine on some texts (measured).
-            quantize_dynamic(str(fused), str(raw), per_channel=True, weight_type=QuantType.QInt8,
-                             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
-            fused = raw
-        os.replace(fused, target)
-
-
-def _max_seq_length(folder: Path) -> int:
-    config = folder / "sentence_bert_config.json"
+def max_tokens(settings: Settings) -> int:
+    """Where the local model's input is cut: the setting, else the model's own configuration."""
+    if settings.embedding_max_tokens:
+        return settings.embedding_max_tokens
+    config = Path(_local_model_path(settings.embedding_model)) / "sentence_bert_config.json"
     return json.loads(config.read_text()).get("max_seq_length", 256) if config.exists() else 256
 
 
@@ -220,10 +168,12 @@ def _threads(settings: Settings) -> int:
 def embedder_for(settings: Settings) -> Embedder:
     key = settings.embedding_api_key.get_secret_value() if settings.embedding_api_key else None
     threads = _threads(settings)
+    local = settings.embedding == "local" and settings.embedding_precision != "torch"
+    variant, tokens = (local_variant(settings), max_tokens(settings)) if local else (settings.embedding_precision, 0)
     with _LOADING:  # a second caller waits for the model being loaded instead of loading it again
         return _cached_embedder(settings.embedding, settings.embedding_model, settings.embedding_base_url, key,
-                                settings.embedding_precision, settings.model_cache, threads,
-                                settings.embedding_timeout_s, settings.embedding_max_retries)
+                                variant, tokens, settings.model_cache, threads, settings.embedding_timeout_s,
+                                settings.embedding_max_retries, settings.embedder_id)
 
 
 def preload(settings: Settings) -> None:
@@ -241,13 +191,18 @@ def preload(settings: Settings) -> None:
 
 @functools.cache
 def _cached_embedder(kind: str, model: str, base_url: str | None, api_key: str | None, precision: str,
-                     cache: Path, threads: int, timeout_s: float, max_retries: int) -> Embedder:
+                     tokens: int, cache: Path, threads: int, timeout_s: float, max_retries: int,
+                     embedder_id: str) -> Embedder:
     # One model per process: the flow's tasks share it.
     if kind == "openai":
         return OpenAIEmbedder(model, base_url, api_key, timeout_s, max_retries)
     if precision == "torch":
         return LocalEmbedder(model)
-    return OnnxEmbedder(model, precision, cache, threads)
+    from tasks import precision as variants
+
+    folder = Path(_local_model_path(model))
+    return OnnxEmbedder(folder, variants.exported(folder, precision, cache), tokens, threads,
+                        embedder_id.split("+")[0])  # the English model's part of the id
 
 
 @contextmanager

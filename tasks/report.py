@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -53,7 +54,11 @@ class IngestSummary:
 
 
 def progress_bar(total: int, desc: str) -> tqdm:
-    return tqdm(total=total, unit="chunk", desc=desc, disable=current() is None or not total)
+    """A bar on a terminal only: in a log (stderr to a file or a pipe) each redraw is a line of its
+    own and the final one was written twice (the last update, then close). On a terminal the bar is
+    cleared when done (``leave=False``): the flow's "Embedded N chunks" line states the result once."""
+    shown = current() is not None and total and sys.stderr.isatty()
+    return tqdm(total=total, unit="chunk", desc=desc, disable=not shown, leave=False)
 
 
 class StageClock:

@@ -58,9 +58,12 @@ class Settings(BaseSettings):
     embedding_model: str = Field(
         "all-MiniLM-L6-v2", description="Local: packaged model name or a sentence-transformers path; openai: model id."
     )
-    embedding_precision: Literal["auto", "int8", "fp32", "torch"] = Field(
-        "auto", description="Local model: onnxruntime int8 or fp32, or sentence-transformers (torch, fp32); "
-                            "auto: int8 where the CPU has VNNI, else onnxruntime fp32.")
+    embedding_precision: Literal["auto", "int8", "int8r", "fp32", "torch"] = Field(
+        "auto", description="Local model: onnxruntime int8 (per-channel weights), int8r (the same, 7-bit "
+                            "reduce_range) or fp32, or sentence-transformers (torch, fp32); auto: the variant "
+                            "measured fastest on this CPU within a cosine guard to fp32, once (tasks/precision.py).")
+    embedding_max_tokens: int = Field(0, ge=0, le=512, description="Local model: where each text is cut, in "
+                                      "tokens; 0: the model's own setting (256 for all-MiniLM-L6-v2).")
     model_cache: Path = Field(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "docsrag",
                               description="Where exported ONNX models are kept (shared by every home).")
     multilingual: Literal["use", "off"] = Field(
@@ -186,8 +189,6 @@ class Settings(BaseSettings):
             object.__setattr__(self, "releases_api", f"https://api.github.com/repos/{self.release_repo}/releases")
         if not self.queue_url:
             object.__setattr__(self, "queue_url", f"sqlite:///{self.home / 'questions.db'}")
-        if self.embedding_precision == "auto":
-            object.__setattr__(self, "embedding_precision", "int8" if _cpu_has_vnni() else "fp32")
         if self.chunk_new_after_chars > self.chunk_max_chars:
             raise ValueError("DOCSRAG_CHUNK_NEW_AFTER_CHARS must not exceed DOCSRAG_CHUNK_MAX_CHARS")
         return self
@@ -219,21 +220,16 @@ class Settings(BaseSettings):
 
     @property
     def embedder_id(self) -> str:
-        """Part of every chunk id: another model or precision re-embeds everything, as it must."""
-        local_variant = self.embedding == "local" and self.embedding_precision != "torch"
-        return (f"{self.embedding}:{self.embedding_model}" + (f":{self.embedding_precision}" if local_variant else "")
+        """Part of every chunk id: another model, precision or token limit re-embeds everything, as it
+        must. ``auto`` names the variant measured on this CPU (measured here at first use)."""
+        onnx = self.embedding == "local" and self.embedding_precision != "torch"
+        variant = ""
+        if onnx:
+            from tasks.embedding import local_variant
+
+            variant = f":{local_variant(self)}" + (f":{self.embedding_max_tokens}t" if self.embedding_max_tokens else "")
+        return (f"{self.embedding}:{self.embedding_model}{variant}"
                 + ("" if self.multilingual == "off" else f"+{self.multilingual}"))
-
-
-def _cpu_has_vnni() -> bool:
-    """int8 matrix products run on VNNI (AVX-512 or AVX). Without it (an AVX2-only EPYC, measured)
-    int8 was no faster than onnxruntime fp32 and moved the vectors (cosine 0.982 at worst), while
-    fp32 in onnxruntime gives torch's vectors 1.08x faster and loads without torch."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_vnni" in flags or "avx_vnni" in flags
 
 
 def load_settings(**overrides) -> Settings:

@@ -18,7 +18,7 @@ import signal
 import sys
 import time
 
-from flows.cli import index, questions, serve
+from flows.cli import defaults, index, questions, serve
 from flows.cli.common import printable  # noqa: F401 - part of the CLI's interface
 from tasks import release
 from tasks.settings import SettingsError, given, load_settings
@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
     (a test) starts the clock here."""
     from tasks.terminal import Terminal, from_terminal
 
+    defaults.apply()  # before anything imports Prefect (flows/cli/defaults.py)
     terminal = Terminal(process_started=started or time.perf_counter())
     args = parser().parse_args(argv)
     try:

@@ -1,0 +1,65 @@
+"""The local model's precision, chosen by measurement on the running CPU (tasks/precision.py): the
+real exports, timed and compared with fp32 on this machine."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from tasks import embedding, precision
+from tasks.precision import Measured
+from tasks.settings import load_settings
+
+FOLDER = Path(embedding._local_model_path("all-MiniLM-L6-v2"))
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("model-cache")
+
+
+def test_the_choice_is_measured_once_then_read_from_the_cache(cache):
+    first = precision.chosen(FOLDER, cache, 256, 1)
+    path = precision.choice_file(FOLDER, cache, 256)
+    written = path.stat().st_mtime_ns
+    started = time.perf_counter()
+    again = precision.chosen(FOLDER, cache, 256, 1)
+    assert time.perf_counter() - started < 0.5
+    assert again == first and path.stat().st_mtime_ns == written
+    assert set(first.measured) == set(precision.CANDIDATES)
+    assert first.variant in precision.CANDIDATES and first.cpu == precision.cpu()
+
+
+def test_the_choice_meets_the_cosine_guard(cache):
+    choice = precision.chosen(FOLDER, cache, 256, 1)
+    assert choice.measured[choice.variant].min_cosine >= precision.MIN_COSINE
+
+
+def test_the_guard_rejects_per_tensor_int8(cache):
+    """Per-tensor int8 scales move some texts' vectors far from fp32's (measured: cosine 0.71 on the
+    2.4.x chunks); however fast it is, it is not kept."""
+    for variant in ("fp32", "int8-per-tensor"):
+        precision.exported(FOLDER, variant, cache)
+    choice = precision.measure(FOLDER, cache, ["fp32", "int8-per-tensor"], 128, 1)
+    assert choice.measured["int8-per-tensor"].min_cosine < precision.MIN_COSINE
+    assert choice.variant == "fp32"
+    assert "min cosine" in choice.rejected["int8-per-tensor"]
+
+
+def test_a_lossy_variant_no_faster_than_fp32_is_not_kept():
+    """An AVX2-only EPYC ran int8 no faster than fp32 (measured): fp32's vectors are kept there."""
+    kept, rejected = precision.choose({"fp32": Measured(20.0, 1.0), "int8": Measured(21.0, 0.99)})
+    assert kept == "fp32" and "fp32's speed" in rejected["int8"]
+    kept, _ = precision.choose({"fp32": Measured(20.0, 1.0), "int8": Measured(40.0, 0.99)})
+    assert kept == "int8"
+
+
+def test_the_embedder_id_names_the_measured_variant_and_token_limit(cache, tmp_path):
+    choice = precision.chosen(FOLDER, cache, 256, 1)
+    settings = load_settings(home=tmp_path, model_cache=cache)
+    assert settings.embedder_id == f"local:all-MiniLM-L6-v2:{choice.variant}+use"
+    assert embedding.embedder_for(settings).id == f"local:all-MiniLM-L6-v2:{choice.variant}"
+    pinned = load_settings(home=tmp_path, model_cache=cache, embedding_precision="fp32", embedding_max_tokens=128)
+    assert pinned.embedder_id == "local:all-MiniLM-L6-v2:fp32:128t+use"

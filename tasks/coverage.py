@@ -14,6 +14,7 @@ from typing import Callable
 
 from sqlalchemy import insert, select
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 
 from tasks.api_tables import nearest
 from tasks.generate import NOT_COVERED_IN
@@ -104,9 +105,16 @@ def _closest(engine: Engine, uncovered: list[tuple[int, str]], search: Searcher 
         found = search([question for _, question in missing])
         if found is None:
             return known
-        with engine.begin() as db:
-            for (question_id, _), place in zip(missing, found):
-                known[question_id] = place
-                db.execute(insert(nearest).values(question_id=question_id, doc_path=place and place.doc_path,
-                                                  heading=place and place.heading, score=place and place.score))
+        for (question_id, _), place in zip(missing, found):
+            known[question_id] = place
+            _keep(engine, question_id, place)
     return known
+
+
+def _keep(engine: Engine, question_id: int, place: Closest | None) -> None:
+    try:
+        with engine.begin() as db:
+            db.execute(insert(nearest).values(question_id=question_id, doc_path=place and place.doc_path,
+                                              heading=place and place.heading, score=place and place.score))
+    except IntegrityError:  # another API process kept it first: the same search, the same document
+        pass

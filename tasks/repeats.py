@@ -38,6 +38,14 @@ class RepeatKey:
         return cls(hashlib.sha256("\x1f".join(parts).encode()).hexdigest())
 
 
+@dataclass(frozen=True)
+class Asked:
+    """A question's submit record: the answer it was given at submit, the collection served then."""
+
+    repeat_of: int | None = None
+    collection: str | None = None
+
+
 def normalized(question: str) -> str:
     """Case, width (NFKC: full-width letters), spacing and the closing punctuation do not matter."""
     text = unicodedata.normalize("NFKC", question).casefold()
@@ -82,13 +90,12 @@ class Repeats:
                                               repeat_of=original if answered else None))
         return answered
 
-    def repeat_of(self, question_id: int) -> int | None:
+    def about(self, question_id: int) -> Asked:
+        """What was recorded when the question was submitted (nothing: submitted another way)."""
         with self.engine.begin() as db:
-            return db.scalar(select(repeats.c.repeat_of).where(repeats.c.question_id == question_id))
-
-    def collection_of(self, question_id: int) -> str | None:
-        with self.engine.begin() as db:
-            return db.scalar(select(repeats.c.collection).where(repeats.c.question_id == question_id))
+            row = db.execute(select(repeats.c.repeat_of, repeats.c.collection)
+                             .where(repeats.c.question_id == question_id)).first()
+        return Asked(row.repeat_of, row.collection) if row else Asked()
 
     def answered_from_repeats(self) -> int:
         with self.engine.begin() as db:

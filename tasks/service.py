@@ -24,7 +24,7 @@ from tasks.index import aliases_for
 from tasks.language import DEFAULT as DEFAULT_LANGUAGE
 from tasks.questions import Queue
 from tasks.records import QueueStats
-from tasks.repeats import Repeats, RepeatKey
+from tasks.repeats import Asked, Repeats, RepeatKey
 from tasks.settings import Settings
 from tasks.waiting import FINAL, AnswerWatch
 
@@ -157,7 +157,7 @@ class Service:
                                                  lang=answer_in, docs_lang=docs_lang)
         if not created:
             return Submitted(question_id, self.queue.get(question_id)["status"], False,
-                             self.repeats.repeat_of(question_id))
+                             self.repeats.about(question_id).repeat_of)
         original = self._answer_if_repeated(question_id, version, docs_lang) if self.check_repeats else None
         if original is None and self.announce:
             self.announce(question_id, version)
@@ -180,7 +180,7 @@ class Service:
         record = self.queue.get(question_id)
         if record is None:
             raise UnknownQuestion(f"no question {question_id}")
-        return _view(record, self.repeats.repeat_of(question_id), self.repeats.collection_of(question_id))
+        return _view(record, self.repeats.about(question_id))
 
     def wait(self, question_id: int, wait_s: float, *, answer_here: bool = False,
              worker_expected: bool = True) -> QuestionView:
@@ -292,11 +292,11 @@ class Service:
                 for hits in found]
 
 
-def _view(record: dict, repeat_of: int | None, collection: str | None) -> QuestionView:
+def _view(record: dict, asked: Asked) -> QuestionView:
     return QuestionView(
         id=record["id"], question=record["question"], status=record["status"], lang=record["lang"],
         version=record["version"], docs_lang=record["docs_lang"], answer=record["answer"],
         sources=record["sources"] or [], model=record["model"], reasoning_effort=record["reasoning_effort"],
         usage=record["usage"], latency_ms=record["latency_ms"], attempts=record["attempts"],
         last_error=record["last_error"], created_at=record["created_at"], answered_at=record["answered_at"],
-        repeat_of=repeat_of, collection=collection, reasoning=record["reasoning"])
+        repeat_of=asked.repeat_of, collection=asked.collection, reasoning=record["reasoning"])

@@ -279,3 +279,27 @@ def test_a_new_collection_served_makes_earlier_answers_stale(monkeypatch, tmp_pa
             assert again["repeat_of"] == after["id"], "the new answer is the one repeated from now on"
     finally:
         running.stop()
+
+
+def test_many_long_polls_share_one_watcher_not_a_query_each(api, client):
+    from sqlalchemy import event
+
+    ids = [client.post("/v1/questions", json={"question": f"{QUESTION} ({n})"}).json()["id"] for n in range(20)]
+    statements = []
+    listener = lambda *args: statements.append(args[2])  # noqa: E731 - (conn, cursor, statement, ...)
+    event.listen(api.service.queue.engine, "before_cursor_execute", listener)
+    try:
+        with httpx.Client(base_url=api.url, timeout=30, limits=httpx.Limits(max_connections=20)) as polls:
+            threads = [threading.Thread(target=polls.get, args=(f"/v1/questions/{n}",), kwargs={"params": {"wait": 2}})
+                       for n in ids]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+    finally:
+        event.remove(api.service.queue.engine, "before_cursor_execute", listener)
+    watched = [s for s in statements if " ".join(s.split()).startswith("SELECT docsrag_questions.id FROM")]
+    # 20 clients waiting 2 s: the watcher asks every 0.25 s for all of them (about 8 queries), plus
+    # each request's own reads at its start and end; a poll per client would be hundreds.
+    assert 4 <= len(watched) <= 16, watched[:3]
+    assert len(statements) <= 20 * 6 + 16

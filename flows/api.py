@@ -8,6 +8,7 @@ service's (``tasks.service``), the same the CLI calls; this module only speaks H
 
 
 import json
+import logging
 from http import HTTPStatus
 from pathlib import Path
 from typing import Annotated
@@ -21,14 +22,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from flows import api_schema as schema
 from tasks.api_guard import Caller, Guard, Refused
 from tasks.questions import QuestionError
+from tasks.store import StoreError
 from tasks.service import NotServed, QuestionView, Service, UnknownQuestion
 from tasks.settings import Settings
 
+log = logging.getLogger(__name__)
 PAGE = Path(__file__).with_name("page.html")
 QuestionId = Annotated[int, PathParam(ge=1, le=2**31 - 1, description="the id POST /v1/questions returned")]
 SERVED_TTL_S = 2.0  # a new collection served makes repeats stale within this
 _ERRORS = {status: {"model": schema.Error, "description": HTTPStatus(status).phrase}
-           for status in (401, 413, 422, 429)}
+           for status in (401, 413, 422, 429, 503)}
 _UNPARSED = "There was an error parsing the body"
 _NOT_FOUND = {404: {"model": schema.Error, "description": "no such question, or no docs served as asked"}}
 
@@ -132,6 +135,12 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(NotServed)
     async def not_served(request, exc: NotServed):
         return _error(404, str(exc))
+
+    @app.exception_handler(StoreError)
+    async def index_unavailable(request, exc: StoreError):
+        # The detail names hosts and files: it goes to the operator's log, not to the caller.
+        log.error("the index is unavailable: %s", exc)
+        return _error(503, "the docs index is unavailable; try again later", {"Retry-After": "30"})
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc: StarletteHTTPException):

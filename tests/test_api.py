@@ -303,3 +303,17 @@ def test_many_long_polls_share_one_watcher_not_a_query_each(api, client):
     # each request's own reads at its start and end; a poll per client would be hundreds.
     assert 4 <= len(watched) <= 16, watched[:3]
     assert len(statements) <= 20 * 6 + 16
+
+
+def test_an_index_that_cannot_be_opened_is_a_503_that_names_no_host(monkeypatch, tmp_path, llm, queue_url):
+    monkeypatch.setenv("DOCSRAG_MILVUS_URI", "http://127.0.0.1:9")  # nothing listens there
+    running = api_for(monkeypatch, tmp_path / "home", queue_url, llm)
+    try:
+        with httpx.Client(base_url=running.url, timeout=60) as client:
+            refused = client.get("/v1/search", params={"q": QUESTION})
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "30"
+            assert refused.json()["reason"] == "the docs index is unavailable; try again later"
+            assert client.post("/v1/questions", json={"question": QUESTION}).status_code == 202, \
+                "questions are still queued: the workers read the index, not the API"
+    finally:
+        running.stop()

@@ -7,6 +7,8 @@ service's (``tasks.service``), the same the CLI calls; this module only speaks H
 
 
 
+import asyncio
+import contextlib
 import json
 import logging
 from http import HTTPStatus
@@ -20,6 +22,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from flows import api_schema as schema
+from flows.api_worker import AnswerHere
 from tasks.api_guard import Caller, Guard, Refused
 from tasks.questions import QuestionError
 from tasks.store import StoreError
@@ -36,8 +39,10 @@ _UNPARSED = "There was an error parsing the body"
 _NOT_FOUND = {404: {"model": schema.Error, "description": "no such question, or no docs served as asked"}}
 
 
-def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
+def create_app(settings: Settings, service: Service | None = None, answer_here: bool = False) -> FastAPI:
+    """``answer_here``: this process also answers the queue (flows/api_worker.py; Milvus Lite)."""
     service = service or Service(settings, announce=_announcer(), served_ttl_s=SERVED_TTL_S)
+    worker = AnswerHere(service) if answer_here else None
     guard = Guard(settings)
     bearer = HTTPBearer(auto_error=False, description="a token of DOCSRAG_API_TOKENS (none set: loopback only)")
 
@@ -45,7 +50,15 @@ def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
                  credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Caller:
         return guard.admit(request.headers.get("authorization"), request.client.host if request.client else None)
 
-    app = FastAPI(title="docsrag questions API", version="1",
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if worker:
+            worker.start()
+        yield
+        if worker:
+            await asyncio.to_thread(worker.stop)
+
+    app = FastAPI(title="docsrag questions API", version="1", lifespan=lifespan,
                   description="Ask questions about the served docs; answers cite numbered doc paths.")
     app.add_middleware(BodyCap, limit=settings.api_max_body_bytes)
     _add_error_handlers(app)
@@ -57,6 +70,8 @@ def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
         """Queue a question. A repeat of one already answered from the served docs is answered at once."""
         done = service.submit(body.question, version=body.version, docs_lang=body.lang, answer_in=body.answer_in,
                               priority=body.priority, client_key=body.client_key)
+        if worker and done.status == "pending":
+            worker.wake()
         return schema.Submitted(id=done.id, status=done.status, repeat_of=done.repeat_of)
 
     @v1.get("/questions/{question_id}", response_model=schema.Question, responses=_NOT_FOUND, tags=["questions"])
@@ -196,8 +211,8 @@ def _announcer():
     return announce_question
 
 
-def serve(settings: Settings, host: str, port: int) -> None:
+def serve(settings: Settings, host: str, port: int, answer_here: bool = False) -> None:
     import uvicorn
 
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info", access_log=False,
+    uvicorn.run(create_app(settings, answer_here=answer_here), host=host, port=port, log_level="info", access_log=False,
                 proxy_headers=False)  # the client address decides loopback access: never taken from a header

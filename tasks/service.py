@@ -193,7 +193,7 @@ class Service:
         while not view.final and (waited := time.monotonic() - started) < wait_s:
             grace = min(WORKER_GRACE_S, wait_s / 2)
             if answer_here and view.status == "pending" and (not worker_expected or waited > grace):
-                self._drain_here(max_seconds=max(1.0, wait_s - waited))
+                self.drain(max_seconds=max(1.0, wait_s - waited))
             else:
                 time.sleep(min(pause, max(0.0, wait_s - waited)))
                 pause = min(pause * 2, POLL_MAX_S)
@@ -210,15 +210,17 @@ class Service:
                 view = await asyncio.to_thread(self.show, question_id)
         return view
 
-    def _drain_here(self, max_seconds: float) -> None:
+    def drain(self, max_seconds: float, owner: str = "cli"):
+        """Answer what is queued, in this process: the drain the answer flow's worker runs (for the
+        CLI's ``ask --wait`` and ``api --answer``, where Milvus Lite serves this process only)."""
         import uuid
 
         from tasks.drain import Drain
 
         retriever = self.retriever()
         retriever.collection()
-        asyncio.run(Drain(self.settings, self.queue, retriever, owner=f"cli-{uuid.uuid4().hex[:12]}",
-                          max_seconds=max_seconds).run())
+        return asyncio.run(Drain(self.settings, self.queue, retriever, owner=f"{owner}-{uuid.uuid4().hex[:12]}",
+                                 max_seconds=max_seconds).run())
 
     def list(self, status: str | None, limit: int) -> list[dict]:
         return self.queue.list(status, limit)

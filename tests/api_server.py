@@ -3,17 +3,14 @@ and a worker draining the queue beside it (the drain the answer flow runs)."""
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 
 import uvicorn
 
 from flows.api import _announcer, create_app
-from tasks.drain import Drain
 from tasks.service import Service
 from tasks.settings import Settings
 
@@ -37,21 +34,13 @@ class RunningApi:
 
     def drain(self, max_seconds: float = 30.0):
         """Answer what is queued, as a worker would (sharing the API's index handle)."""
-        retriever = self.service.retriever()
-        retriever.collection()
-        return asyncio.run(Drain(self.service.settings, self.service.queue, retriever,
-                                 owner=f"test-{uuid.uuid4().hex[:8]}", max_seconds=max_seconds).run())
-
-    def drain_later(self, delay_s: float) -> threading.Thread:
-        worker = threading.Thread(target=lambda: (time.sleep(delay_s), self.drain()), daemon=True)
-        worker.start()
-        return worker
+        return self.service.drain(max_seconds, owner="test")
 
 
-def start_api(settings: Settings, host: str = "127.0.0.1") -> RunningApi:
+def start_api(settings: Settings, host: str = "127.0.0.1", answer_here: bool = False) -> RunningApi:
     service = Service(settings, announce=_announcer(), served_ttl_s=0.0)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings, service), host=host, port=port, log_level="warning",
+    server = uvicorn.Server(uvicorn.Config(create_app(settings, service, answer_here=answer_here), host=host, port=port, log_level="warning",
                                            access_log=False))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

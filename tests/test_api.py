@@ -317,3 +317,18 @@ def test_an_index_that_cannot_be_opened_is_a_503_that_names_no_host(monkeypatch,
                 "questions are still queued: the workers read the index, not the API"
     finally:
         running.stop()
+
+
+def test_an_api_that_answers_here_answers_a_long_poll_without_a_worker(monkeypatch, faq_home, queue_url, llm):
+    for name, value in {"QUEUE_URL": queue_url, "LLM_BASE_URL": llm.url}.items():
+        monkeypatch.setenv(f"DOCSRAG_{name}", value)
+    running = start_api(load_settings(), answer_here=True)
+    try:
+        with httpx.Client(base_url=running.url, timeout=60) as client:
+            started = time.monotonic()
+            question_id = client.post("/v1/questions", json={"question": QUESTION}).json()["id"]
+            shown = client.get(f"/v1/questions/{question_id}", params={"wait": 20}).json()
+            assert shown["status"] == "answered" and shown["sources"]
+            assert time.monotonic() - started < 10, "woken by the submit, not by its idle timer alone"
+    finally:
+        running.stop()

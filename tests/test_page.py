@@ -5,7 +5,6 @@ and the feedback control. The model's text is shown as text, never as HTML."""
 from __future__ import annotations
 
 import os
-import threading
 from pathlib import Path
 
 import pytest
@@ -33,18 +32,8 @@ def api(faq_index, tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         for name, value in env.items():
             patch.setenv(f"DOCSRAG_{name}", value)
-        running = start_api(load_settings())
-        stop = threading.Event()
-
-        def worker():  # answers what the page queues, as the answer flow's worker would
-            while not stop.wait(0.5):
-                running.drain(max_seconds=10)
-
-        thread = threading.Thread(target=worker, daemon=True)
-        thread.start()
+        running = start_api(load_settings(), answer_here=True)  # `docsrag api --answer`: it answers its queue
         yield running
-        stop.set()
-        thread.join(timeout=30)
         running.stop()
     emulator.stop()
 

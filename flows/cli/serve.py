@@ -14,6 +14,8 @@ def add_commands(commands) -> None:
     api.add_argument("--host", default="127.0.0.1",
                      help="address to listen on (default loopback; any other needs DOCSRAG_API_TOKENS)")
     api.add_argument("--port", type=bounded_int(1, 65535), default=8080)
+    api.add_argument("--answer", action="store_true",
+                     help="answer the queue in this process too (the embedded tier: Milvus Lite serves one process)")
     api.set_defaults(run=_api)
 
     automations = commands.add_parser(
@@ -31,7 +33,7 @@ def _api(args, settings: Settings) -> int:
         print(f"docsrag api: set DOCSRAG_API_TOKENS to listen on {args.host}: without tokens the API answers "
               "loopback clients only", file=sys.stderr)
         return 2
-    serve(settings, args.host, args.port)
+    serve(settings, args.host, args.port, answer_here=args.answer)
     return 0
 
 

@@ -20,7 +20,7 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks import build, chunking, embedding, index, markdown, release, store  # noqa: E402
+from tasks import build, chunking, embedding, index, markdown, precision, release, store  # noqa: E402
 from tasks.evaluate import aggregate, load_gold, score  # noqa: E402
 from tasks.objectstore import LocalStore  # noqa: E402
 from tasks.retrieve import covered, search  # noqa: E402
@@ -122,6 +122,66 @@ def crosslingual(client, root: Path, minilm, use, gold: list[dict], ko_id: list[
     return {"options": results, "chunks_per_s": speed}, default_hits
 
 
+class WindowedEmbedder:
+    """A long text as the mean of its ``tokens``-token windows (each embedded whole, then averaged
+    and normalized): every part of a chunk counts, at the cost of embedding each window."""
+
+    def __init__(self, embedder, tokenizer_file: Path, tokens: int):
+        from tokenizers import Tokenizer
+
+        self.embedder, self.tokens = embedder, tokens - 2  # [CLS] and [SEP]
+        self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        self.tokenizer.no_truncation()
+        self.tokenizer.no_padding()
+
+    def windows(self, text: str) -> list[str]:
+        offsets = [o for o in self.tokenizer.encode(text).offsets if o != (0, 0)]
+        starts = [offsets[i][0] for i in range(0, len(offsets), self.tokens)] or [0]
+        return [text[a:b] for a, b in zip(starts, [*starts[1:], len(text)])]
+
+    def embed(self, texts: list[str]) -> list[list[float]]:
+        import numpy as np
+
+        parts = [self.windows(t) for t in texts]
+        flat = self.embedder.embed([w for p in parts for w in p])
+        vectors, at = [], 0
+        for p in parts:
+            mean = np.mean(flat[at:at + len(p)], axis=0)
+            vectors.append((mean / np.linalg.norm(mean)).tolist())
+            at += len(p)
+        return vectors
+
+
+def token_limits(client, root: Path, gold: list[dict], ko_id: list[dict], settings) -> dict:
+    """MiniLM cut at 256 tokens (the model's setting) against 128 (its training length), and 128
+    windows averaged, each alone (dense) and in the default index (USE + MiniLM + BM25), with the
+    seconds MiniLM took to embed the release at each."""
+    folder = Path(embedding._local_model_path(settings.embedding_model))
+    variant = embedding.local_variant(settings)
+    model = precision.exported(folder, variant, settings.model_cache)
+    threads = os.cpu_count() or 1
+    items = markdown_items(root, DEFAULT_CHUNKING, True)
+    use = CachedEmbedder(embedding.MultilingualEmbedder(threads=threads))
+    sets = {"en dev": gold, "ko/id": ko_id}
+    cut = {n: embedding.OnnxEmbedder(folder, model, n, threads, f"{variant}:{n}t") for n in (256, 128)}
+    options = {"256 tokens": cut[256], "128 tokens": cut[128],
+               "128-token windows, mean": WindowedEmbedder(cut[128], folder / "tokenizer.json", 128)}
+    results = {}
+    print(f"\n| MiniLM ({variant}) input | index | question set | recall@5 | MRR@10 | MiniLM s for {len(items)} chunks |")
+    print("|---|---|---|---|---|---|")
+    for n, (label, raw) in enumerate(options.items()):
+        minilm = CachedEmbedder(raw)
+        for kind, embedders, hybrid in (("dense alone", {"dense": minilm}, False),
+                                        ("default", {"dense": minilm, index.MULTILINGUAL: use}, True)):
+            figures, _ = evaluate_variant(client, f"bench_tokens_{n}_{hybrid:d}", items, embedders, sets, hybrid,
+                                          settings, settings.rrf_k)
+            results[f"{label}, {kind}"] = {**figures, "minilm_s": round(minilm.seconds, 1)}
+            for set_label, f in figures.items():
+                print(f"| {label} | {kind} | {set_label} | {f['recall@5']} | {f['mrr@10']} | {minilm.seconds:.1f} |",
+                      flush=True)
+    return results
+
+
 def translated_as_searched(ko_id: list[dict], settings) -> list[dict]:
     """The ko/id questions as the answer flow, `docsrag search` and `eval` search them with an LLM
     (``searched_as``), the emulated LLM translating each into its English original: the bound a
@@ -146,6 +206,8 @@ def main() -> None:
     parser.add_argument("--ko-id", default="../shared/eval/dev_ko_id.jsonl")
     parser.add_argument("--only-crosslingual", action="store_true",
                         help="skip the English variants (each embeds the release again: minutes on a slow CPU)")
+    parser.add_argument("--tokens", action="store_true",
+                        help="only MiniLM's token limit: 256 vs 128 vs 128-token windows averaged")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="docsrag-retrieval-"))
     os.environ["DOCSRAG_HOME"] = str(work)
@@ -156,6 +218,9 @@ def main() -> None:
     gold = load_gold(Path(args.gold))
     lines = filter(str.strip, Path(args.ko_id).read_text(encoding="utf-8").splitlines())
     ko_id = [{**item, "english": json.loads(line)["english"]} for item, line in zip(load_gold(Path(args.ko_id)), lines)]
+    if args.tokens:
+        print(json.dumps({"token_limits": token_limits(store.connect(settings), root, gold, ko_id, settings)}))
+        return
     embedder = CachedEmbedder(embedding.embedder_for(settings))
     use = CachedEmbedder(embedding.MultilingualEmbedder(threads=os.cpu_count() or 1))
     client = store.connect(settings)

@@ -8,9 +8,12 @@ service's (``tasks.service``), the same the CLI calls; this module only speaks H
 
 
 import asyncio
+import base64
 import contextlib
+import hashlib
 import json
 import logging
+import re
 from http import HTTPStatus
 from pathlib import Path
 from typing import Annotated
@@ -109,12 +112,25 @@ def create_app(settings: Settings, service: Service | None = None, answer_here: 
         """For the kubelet and compose: the process serves (it says nothing else, so it needs no token)."""
         return {"status": "ok"}
 
+    page_html = PAGE.read_text(encoding="utf-8")
+    page_headers = _page_headers(page_html)
+
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> HTMLResponse:
         """The page is static (no data in it, outside the guard); its script sends the reader's token."""
-        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+        return HTMLResponse(page_html, headers=page_headers)
 
     return app
+
+
+def _page_headers(html: str) -> dict[str, str]:
+    """A second line of defence behind escaping: only the page's own script runs (its hash), it
+    talks to this origin only, and no other site may frame it."""
+    script = re.search(r"<script>(.*?)</script>", html, re.S).group(1)
+    digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+    policy = (f"default-src 'none'; script-src 'sha256-{digest}'; style-src 'unsafe-inline'; connect-src 'self'; "
+              "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+    return {"Content-Security-Policy": policy, "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
 
 
 def _question(view: QuestionView) -> schema.Question:

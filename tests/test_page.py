@@ -51,7 +51,11 @@ def browser():
 
 def test_a_reader_asks_sees_the_cited_answer_and_gives_feedback(api, browser, tmp_path):
     page = browser.new_page(viewport={"width": 900, "height": 760})
-    page.goto(api.url + "/")
+    violations = []
+    page.on("console", lambda message: violations.append(message.text) if "Content Security Policy" in message.text
+            else None)
+    response = page.goto(api.url + "/")
+    assert "script-src 'sha256-" in response.headers["content-security-policy"]
     page.fill("#question", "Where does Milvus store data?")
     page.click("#submit")
     page.wait_for_selector("#sources li", timeout=30_000)
@@ -75,6 +79,18 @@ def test_a_reader_asks_sees_the_cited_answer_and_gives_feedback(api, browser, tm
     page.click("#not-helpful")
     page.wait_for_selector("#thanks", state="visible")
     assert api.service.stats().feedback.not_helpful == 1
+    assert violations == [], "the page's own script runs under its policy"
+    page.close()
+
+
+def test_a_script_injected_into_the_page_does_not_run(api, browser):
+    page = browser.new_page()
+    page.goto(api.url + "/")
+    # What escaping would let through if it failed: markup with a handler, inserted as HTML.
+    page.evaluate("document.getElementById('answer').innerHTML = "
+                  "'<img src=x onerror=\"document.title=\\'owned\\'\">'")
+    page.wait_for_timeout(300)
+    assert page.title() == "Ask the docs", "the policy blocks inline handlers"
     page.close()
 
 

@@ -18,7 +18,8 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Depends, FastAPI, HTTPException, Path as PathParam, Query, Request
+from fastapi import APIRouter, Body, Depends, FastAPI, HTTPException, Query, Request
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -28,9 +29,9 @@ from flows import api_schema as schema
 from flows.api_worker import AnswerHere
 from tasks.api_guard import Caller, Guard, Refused
 from tasks.questions import QuestionError
-from tasks.store import StoreError
 from tasks.service import NotServed, QuestionView, Service, UnknownQuestion
 from tasks.settings import Settings
+from tasks.store import StoreError
 
 log = logging.getLogger(__name__)
 PAGE = Path(__file__).with_name("page.html")
@@ -200,8 +201,8 @@ class BodyCap:
         if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
             body = json.dumps({"error": "Content Too Large",
                                "reason": f"the body is over {self.limit} bytes (DOCSRAG_API_MAX_BODY_BYTES)"}).encode()
-            await send({"type": "http.response.start", "status": 413,
-                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            await send({"type": "http.response.start", "status": 413, "headers": headers})
             return await send({"type": "http.response.body", "body": body})
         received = 0
 

@@ -8,9 +8,8 @@ closest document kept (``docsrag_nearest``), so the stats never search the same 
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 from sqlalchemy import insert, select
 from sqlalchemy.engine import Engine

@@ -19,8 +19,8 @@ from sqlalchemy import func, insert, select, update
 from sqlalchemy.engine import Engine
 
 from tasks.api_tables import repeats
-from tasks.queue_schema import questions
 from tasks.questions import now
+from tasks.queue_schema import questions
 
 _SPACES = re.compile(r"\s+")
 _TRAILING = re.compile(r"[\s?!.。？！،؟]+$")  # "Where is data stored?" == "where is data stored"

@@ -13,8 +13,8 @@ import functools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 from tasks import store
 from tasks.api_tables import open_tables
@@ -24,7 +24,7 @@ from tasks.index import aliases_for
 from tasks.language import DEFAULT as DEFAULT_LANGUAGE
 from tasks.questions import Queue
 from tasks.records import QueueStats
-from tasks.repeats import Asked, Repeats, RepeatKey
+from tasks.repeats import Asked, RepeatKey, Repeats
 from tasks.settings import Settings
 from tasks.waiting import FINAL, AnswerWatch
 

@@ -40,8 +40,8 @@ class RunningApi:
 def start_api(settings: Settings, host: str = "127.0.0.1", answer_here: bool = False) -> RunningApi:
     service = Service(settings, announce=_announcer(), served_ttl_s=0.0)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings, service, answer_here=answer_here), host=host, port=port, log_level="warning",
-                                           access_log=False))
+    app = create_app(settings, service, answer_here=answer_here)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

@@ -1,7 +1,8 @@
 """A tester nobody here wrote: schemathesis generates requests from the API's own OpenAPI schema
 and sends them to the running API (real uvicorn, SQLite queue, FAQ index, the emulator).
-Bounded: a few dozen valid and a few dozen invalid cases per operation. Every response must be no 5xx, a documented status,
-the documented content type and body schema, and refused without a valid token."""
+Bounded: a few dozen valid and a few dozen invalid cases per operation. Every response must be no
+5xx, a documented status, the documented content type and body schema, and refused without a
+valid token."""
 
 from __future__ import annotations
 

@@ -10,6 +10,7 @@ import uuid
 import httpx
 import pytest
 
+from flows.cli import main
 from tasks.api_guard import Refused, Tokens
 from tasks.generate import NOT_COVERED
 from tasks.settings import load_settings
@@ -107,7 +108,7 @@ def test_a_long_poll_is_bounded_by_its_wait_and_by_the_setting(api, client):
     assert refused.status_code == 422 and "wait" in refused.json()["reason"]
 
 
-def test_a_repeated_question_is_answered_at_submit_from_the_first_answer(api, client, llm):
+def test_a_repeated_question_is_answered_at_submit_from_the_first_answer(api, client, llm, capsys):
     first = client.post("/v1/questions", json={"question": QUESTION}).json()["id"]
     api.drain()
     asked_model = len(llm.requests)
@@ -119,6 +120,8 @@ def test_a_repeated_question_is_answered_at_submit_from_the_first_answer(api, cl
     assert repeat["repeat_of"] == first and repeat["timings"]["latency_ms"] == 0
     assert len(llm.requests) == asked_model, "no model call for a repeat"
     assert client.get("/v1/stats").json()["answered_from_repeats"] == 1
+    assert main(["show", str(again.json()["id"])]) == 0
+    assert f"answered at submit from question {first}" in capsys.readouterr().out, "docsrag show says so"
     other = client.post("/v1/questions", json={"question": QUESTION, "answer_in": "de"}).json()
     assert other["status"] == "pending", "another answer language is another question"
 

@@ -8,7 +8,8 @@ threads an embedding batch gets; the fastest that meets the guard is kept:
 - the guard: every text's cosine to the fp32 vector is at least ``MIN_COSINE`` (the per-text
   minimum, not the mean: one broken text is one wrong search);
 - a lossy variant must also be ``MIN_GAIN`` faster than fp32, or fp32 is kept (vectors that
-  move for nothing are not worth it).
+  move for nothing are not worth it); variants within ``TIE`` of the fastest are a tie, won by
+  the one nearer fp32.
 
 The choice is a JSON file keyed by model, token limit and CPU (model name and the flags that
 decide int8 and bf16 speed), so a cache shared by two machines does not hand one the other's
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import ast
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -34,6 +36,9 @@ from pathlib import Path
 
 MIN_COSINE = 0.98
 MIN_GAIN = 1.10
+# Variants this close in speed are a tie (a shared machine's noise, measured: int8 and int8r swapped
+# places between two runs): the one nearer fp32 is kept, so two like machines keep the same one.
+TIE = 0.95
 CANDIDATES = ("fp32", "int8", "int8r")
 CALIBRATION_TEXTS = 48
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
@@ -80,7 +85,9 @@ def choose(measured: dict[str, Measured]) -> tuple[str, dict[str, str]]:
         elif name != "fp32" and m.texts_per_s < MIN_GAIN * reference:
             rejected[name] = f"{m.texts_per_s / reference:.2f}x fp32's speed < {MIN_GAIN}x"
     eligible = {name: m for name, m in measured.items() if name not in rejected}
-    return max(eligible, key=lambda name: eligible[name].texts_per_s), rejected
+    fastest = max(m.texts_per_s for m in eligible.values())
+    tied = {name: m for name, m in eligible.items() if m.texts_per_s >= TIE * fastest}
+    return max(tied, key=lambda name: tied[name].min_cosine), rejected
 
 
 def model_file(folder: Path, variant: str, cache: Path) -> Path:
@@ -170,10 +177,19 @@ def cpu() -> str:
     return " ".join([name or "unknown CPU", *(f for f in CPU_FLAGS if f in flags)])
 
 
+@functools.cache
 def _model_key(folder: Path) -> str:
+    """The weights by content, not by file time: two installs of the same package (two clones'
+    venvs) share one export and one choice. Size plus the first and last MiB: ms, not a full hash."""
     weights = folder / "model.safetensors"
-    stamp = f"{weights.stat().st_size}-{int(weights.stat().st_mtime)}" if weights.exists() else "0"
-    return f"{folder.name}-{stamp}"
+    if not weights.exists():
+        return f"{folder.name}-0"
+    digest = hashlib.sha256(str(weights.stat().st_size).encode())
+    with open(weights, "rb") as data:
+        digest.update(data.read(1 << 20))
+        data.seek(max(0, weights.stat().st_size - (1 << 20)))
+        digest.update(data.read(1 << 20))
+    return f"{folder.name}-{digest.hexdigest()[:12]}"
 
 
 class _export_lock:

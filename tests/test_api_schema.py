@@ -58,7 +58,9 @@ def test_the_api_keeps_its_schema(running, api_schema):
         operation = result.ok()
 
         @given(case=operation.as_strategy(generation_mode=mode))
-        @settings(max_examples=MAX_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        # derandomized: the same cases on every run, so a failure in CI reproduces here
+        @settings(max_examples=MAX_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None,
+                  derandomize=True)
         def keeps_its_schema(case):
             case.call_and_validate(headers={"Authorization": f"Bearer {TOKEN}"}, checks=CHECKS)
 

@@ -68,7 +68,7 @@ class BuildPlan:
     main: publish.MainPolicy  # whether the main alias moves to this build
     moves_main: bool  # what that policy decides against what is served now
     base: str | None  # the collection whose vectors are reused (the version's own alias first)
-    target: str | None  # a kept collection of the same build key: resumed, or served again
+    target: str | None  # a kept collection of the same build key: resumed, or published again
     diff: ReleaseDiff
     base_version: str | None  # the version the base was built from
     main_served: dict[str, str]  # id -> doc path the main alias serves now, where it moves
@@ -95,10 +95,14 @@ def plan_build(client: MilvusClient, corpus: Corpus, rel: Release, chunks: list[
     base = served.get(versioned) or served.get(alias)
     base = base and store.loaded(client, base)
     key = build_key(rel.sha256, rel.version, inputs)
-    target = kept_build(client, alias, key, set(served.values()))
+    target = kept_build(client, alias, key)
+    if target == served.get(versioned):
+        target = None  # its version alias serves it: unchanged, nothing to build
     target = target and store.loaded(client, target)
-    diff = ReleaseDiff(chunks, store.doc_of_ids(client, base) if base else {},
-                       frozenset(store.doc_of_ids(client, target)) if target else frozenset())
+    built = frozenset(store.doc_of_ids(client, target)) if target else frozenset()
+    if target and index.info_of(client, target).state == "ready" and built != {c.id for c in chunks}:
+        target, built = None, frozenset()  # a finished build is served again only as it is
+    diff = ReleaseDiff(chunks, store.doc_of_ids(client, base) if base else {}, built)
     base_version = index.info_of(client, base).version if base else None
     moves_main = publish.moves_main(corpus, publish.builds(client, corpus), rel.version, main)
     main_now = served.get(alias)
@@ -108,12 +112,12 @@ def plan_build(client: MilvusClient, corpus: Corpus, rel: Release, chunks: list[
                      main_served)
 
 
-def kept_build(client: MilvusClient, alias: str, key: str, served: set[str]) -> str | None:
-    """The newest collection with this build key that no alias serves: an unfinished staging
-    collection (resumed) or a finished one (served again)."""
+def kept_build(client: MilvusClient, alias: str, key: str) -> str | None:
+    """The newest collection with this build key: an unfinished staging collection (resumed) or a
+    finished one (published again: a release has one build, whichever aliases serve it now)."""
     for name in reversed(index.builds_of(client, alias)):
         info = index.info_of(client, name)
-        if info and info.build_key == key and name not in served:
+        if info and info.build_key == key:
             return name
     return None
 

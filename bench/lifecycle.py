@@ -16,6 +16,7 @@ import json
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,8 +58,9 @@ def main() -> int:
         started = time.perf_counter()
         try:
             counts = run_machine(client, home, config)
-        except AssertionError as exc:
-            print(f"seed {seed}: INVARIANT VIOLATED\n{exc}", flush=True)
+        except AssertionError as exc:  # the shrunk sequence travels in the exception's notes
+            print(f"seed {seed}: INVARIANT VIOLATED", flush=True)
+            traceback.print_exception(exc, file=sys.stdout)
             print(json.dumps({"seed": seed, "violations": 1}))
             return 1
         seconds = round(time.perf_counter() - started, 1)

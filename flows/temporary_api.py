@@ -8,6 +8,9 @@ same environment as Prefect's) comes up beside the command's imports and the mod
 
 Starting it is speculative: whether a server is configured is known only once Prefect's settings
 are read (the environment, or a profile); the temporary one is stopped at once when it is not needed.
+
+Where Prefect's own background server runs for this PREFECT_HOME (``prefect server start
+--background``; ``prefect server stop`` stops it), commands use it instead: the start is paid once.
 """
 
 from __future__ import annotations
@@ -87,7 +90,8 @@ def prefect_api(on_wait=None):
     # Reading Prefect's settings imports Prefect (seconds): unless it is imported already, the
     # server starts first and is stopped if the settings name another.
     known = os.environ.get("PREFECT_API_URL") or ("prefect" in sys.modules and _server_configured())
-    temporary = None if known else TemporaryApi()
+    kept = None if known else background_server()
+    temporary = None if known or kept else TemporaryApi()
     with ExitStack() as stack:
         if temporary:
             stack.callback(temporary.stop)
@@ -98,6 +102,10 @@ def prefect_api(on_wait=None):
         def wait() -> None:
             if on_wait:
                 on_wait()
+            if kept and not _server_configured():  # a server named in a profile still wins
+                from prefect.settings import PREFECT_API_URL, temporary_settings
+
+                stack.enter_context(temporary_settings(updates={PREFECT_API_URL: kept}))
             if temporary:
                 from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -105,6 +113,26 @@ def prefect_api(on_wait=None):
                 stack.callback(_send_what_prefect_holds)  # before the server stops (the stack unwinds in reverse)
 
         yield wait
+
+
+def background_server() -> str | None:
+    """The API of Prefect's own background server (``prefect server start --background``) for this
+    PREFECT_HOME, if it runs and answers: commands then pay no server start (seconds) and their runs
+    stay in its UI. Found by the pid file Prefect writes and that process's ``--host``/``--port``."""
+    home = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
+    try:
+        pid = int((home / "server.pid").read_text())
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        host, port = argv[argv.index("--host") + 1], argv[argv.index("--port") + 1]
+    except (OSError, ValueError, IndexError):
+        return None
+    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/api"
+    import httpx
+
+    try:
+        return url if httpx.get(f"{url}/health", timeout=2).status_code == 200 else None
+    except httpx.HTTPError:
+        return None
 
 
 def _send_what_prefect_holds() -> None:

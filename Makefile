@@ -11,7 +11,7 @@ TORCH_INDEX ?=
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= true
 
-.PHONY: run test bench stack-up stack-down stack-status clean
+.PHONY: run test bench server-up server-down stack-up stack-down stack-status clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,14 @@ test: $(BIN)/.installed $(CHROMIUM)
 
 bench: $(BIN)/.installed
 	$(BIN)/python bench/ingest.py --release "$(or $(RELEASE),../shared/data/releases/milvus_docs_2.4.x_en.zip)"
+
+# Prefect's own server kept in the background (UI at the address it prints): `docsrag` commands with
+# no PREFECT_API_URL find it through $(PREFECT_HOME)/server.pid and skip starting a temporary one.
+server-up: $(BIN)/.installed
+	$(BIN)/prefect server start --background
+
+server-down:
+	$(BIN)/prefect server stop
 
 # The local real stack (infra/local/stack.py): S3, Milvus server, Prefect server on PostgreSQL, worker.
 # `source $(DOCSRAG_HOME)/stack.env` afterwards (default .docsrag/stack.env). STACK_ARGS=--free-ports etc.

@@ -116,6 +116,8 @@ def _local_copy(url: str, downloads: Path, timeout_s: float, s3_endpoint_url: st
         return _download(url, _scratch(downloads), timeout_s, max_bytes, deadline_s), True
     if parsed.scheme == "s3":
         return _s3_copy(url, _scratch(downloads), s3_endpoint_url, max_bytes), True
+    if len(parsed.scheme) > 1 and parsed.scheme != "file":  # one letter: a Windows drive, a path
+        raise ReleaseError(f"unsupported release URL {redact_url(url)}: use https, http, s3, file or a path")
     path = Path(unquote(parsed.path) if parsed.scheme == "file" else url).expanduser()
     if not path.is_file():
         raise ReleaseError(f"release file not found: {path}")

@@ -127,7 +127,8 @@ class Settings(BaseSettings):
     llm_max_response_bytes: int = Field(
         1024**2, ge=1024, description="A response (or error body) of the LLM server larger than this is refused.")
     milvus_timeout_s: float = Field(
-        10.0, gt=0, allow_inf_nan=False, description="Deadline of each Milvus search, query or get when serving.")
+        # 10 s was too short for the first search after a Milvus 2.3 restart on a busy 2-core machine.
+        30.0, gt=0, allow_inf_nan=False, description="Deadline of each Milvus search, query or get when serving.")
     translate_questions: bool = Field(
         True, description="Translate questions not in English into English (the LLM, low reasoning effort) before "
                           "retrieval; the answer is still asked in the question's language.")

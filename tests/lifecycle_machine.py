@@ -193,9 +193,8 @@ class Lifecycle(RuleBasedStateMachine):
 
     def _empty(self) -> None:
         """Only the corpus's own aliases and builds: the Milvus server may serve others."""
-        for alias, name in store.aliases(self.client).items():
-            if name.startswith(f"{CORPUS.alias}{index.BUILD_SEPARATOR}"):
-                self.client.drop_alias(alias)
+        for alias in self._aliases():
+            self.client.drop_alias(alias)
         for name in index.builds_of(self.client, CORPUS.alias):
             self.client.drop_collection(name)
 
@@ -320,8 +319,13 @@ class Lifecycle(RuleBasedStateMachine):
         sha = index.info_of(self.client, collection).release_sha256
         return next(r for r, rel in RELEASES.items() if rel.release().sha256 == sha)
 
+    def _aliases(self) -> dict[str, str]:
+        """The corpus's aliases (a Milvus server may serve other corpora beside it)."""
+        return {alias: name for alias, name in store.aliases(self.client).items()
+                if name.startswith(f"{CORPUS.alias}{index.BUILD_SEPARATOR}")}
+
     def _served(self) -> dict[str, str]:
-        return {alias: self._rid(name) for alias, name in store.aliases(self.client).items()}
+        return {alias: self._rid(name) for alias, name in self._aliases().items()}
 
     def _observed(self) -> tuple[dict[str, str], set[str]]:
         """What each alias serves, and the releases kept as candidates (ready, not rolled back)."""
@@ -329,7 +333,7 @@ class Lifecycle(RuleBasedStateMachine):
 
     @invariant()
     def every_alias_serves_a_ready_build_holding_exactly_its_release(self) -> None:
-        for alias, name in store.aliases(self.client).items():
+        for alias, name in self._aliases().items():
             info = index.info_of(self.client, name)
             assert info is not None and info.state == "ready", f"{alias} serves {name}, not ready: {info}"
             store.loaded(self.client, name)

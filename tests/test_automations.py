@@ -86,8 +86,8 @@ def test_the_failure_notification_names_the_run_not_its_parameters_or_error(webh
     from flows.ingest import ingest_release
 
     assert main(["automations"]) == 0
-    planted = "Pl4ntedS3cret"
-    with pytest.raises(Exception, match=planted):  # today's error text quotes the URL as given
+    planted = "Pl4ntedN0tification"  # its own: the run's parameters keep it (test_trust scans every run)
+    with pytest.raises(Exception, match="unsupported release URL ftp://mirror.example/"):
         ingest_release(release=f"ftp://docs:{planted}@mirror.example/milvus_docs_2.4.x_en.zip")
     text = webhook.wait_for("ingest-docs run")
     assert "Failed" in text and re.search(r"\(id [0-9a-f-]{36}\)", text) and planted not in text

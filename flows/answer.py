@@ -27,9 +27,11 @@ from pydantic import Field
 from tasks import embedding
 from tasks.drain import Drain, DrainSummary, ServingOutage
 from tasks.questions import Queue
+from tasks.coverage import CoverageGap
 from tasks.records import QueueStats
 from tasks.report import name_run
 from tasks.retrieve import Retriever
+from tasks.service import Service
 from tasks.settings import Settings, settings_for_run
 
 
@@ -84,6 +86,7 @@ def answer_questions(max_seconds: Annotated[float, Field(gt=0)] = 3600,
     name_run(f"answer {summary.claimed:,} questions ({summary.answered:,} answered"
               + (f", {summary.dead} dead)" if summary.dead else ")"))
     _report(summary, queue.stats())
+    _report_gaps(Service(settings, queue=queue, check_repeats=False, retriever=retriever).coverage_gaps())
     _announce_dead(summary, owner)
     logger.info("Answered %d of %d claimed questions in %.1f s (%.2f/s; %d not covered, %d failed, %d dead, "
                 "%d put back, %d lost); stopped: %s", summary.answered, summary.claimed, summary.seconds,
@@ -93,6 +96,15 @@ def answer_questions(max_seconds: Annotated[float, Field(gt=0)] = 3600,
         raise ServingOutage(f"{summary.outage}. {summary.released} claimed questions went back to the queue "
                             "without spending an attempt; they are answered once the server is back")
     return summary
+
+
+def _report_gaps(gaps: list[CoverageGap]) -> None:
+    """What the docs team reads to know what is missing: the questions answered "not covered" or
+    marked not helpful, by the document their search came closest to."""
+    if gaps:
+        create_table_artifact(table=[{**g.as_dict(), "examples": " | ".join(g.examples)} for g in gaps],
+                              key="answer-questions-coverage-gaps",
+                              description="Documents closest to the questions the docs did not answer")
 
 
 def _announce_dead(summary: DrainSummary, owner: str) -> None:

@@ -117,16 +117,17 @@ RESULT_FIELDS = ("doc_path", "heading", "score", "relevance", "text", "version")
 
 class Service:
     def __init__(self, settings: Settings, *, announce: Announce | None = None, queue: Queue | None = None,
-                 served_ttl_s: float = 0.0, check_repeats: bool = True):
+                 served_ttl_s: float = 0.0, check_repeats: bool = True, retriever=None):
         """``served_ttl_s``: how long a look-up of the collection an alias serves is reused (a
         long-lived API saves a Milvus call per question; a repeat goes stale that much later).
-        ``check_repeats``: look for an answer to reuse at submit (it opens the index)."""
+        ``check_repeats``: look for an answer to reuse at submit (it opens the index).
+        ``retriever``: one the caller has open already (the answer flow's)."""
         self.settings = settings
         self.check_repeats = check_repeats
         self._queue = queue
         self.announce = announce
         self.served_ttl_s = served_ttl_s
-        self._retriever = None
+        self._retriever = retriever
         self._client = None
         self._served: dict[str, tuple[float, str | None]] = {}
         self._lock = threading.Lock()

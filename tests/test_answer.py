@@ -88,6 +88,22 @@ def test_no_relevant_context_means_no_model_call(llm, capsys):
     record = cli(capsys, "show", str(qid))
     assert (record["status"], record["answer"], record["sources"]) == ("answered", NOT_COVERED, [])
     assert llm.requests == []
+    gaps = json.loads(latest_artifact("answer-questions-coverage-gaps").data)
+    assert any(g["not_covered"] >= 1 and "sourdough" in g["examples"] for g in gaps), gaps
+
+
+def latest_artifact(key: str):
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    async def read():
+        async with get_client() as client:
+            return (await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+                                                sort=ArtifactSort.CREATED_DESC, limit=1))[0]
+    return asyncio.run(read())
 
 
 def test_transient_errors_are_retried(llm, capsys):

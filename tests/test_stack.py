@@ -17,12 +17,10 @@ import shlex
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import boto3
@@ -32,6 +30,7 @@ from pymilvus.exceptions import MilvusException
 
 from tasks import store
 from tests.conftest import DOCSRAG, ROOT
+from tests.test_source_policy import Watched
 
 _spec = importlib.util.spec_from_file_location("stack", ROOT / "infra" / "local" / "stack.py")
 stack_script = importlib.util.module_from_spec(_spec)
@@ -211,27 +210,6 @@ def test_the_prefect_api_refuses_requests_without_the_stacks_credentials(stack):
     assert prefect_status(stack, "/deployments/filter", None) == 401
     assert prefect_status(stack, "/deployments/filter", "docsrag:wrong") == 401
     assert prefect_status(stack, "/deployments/filter", stack["PREFECT_API_AUTH_STRING"]) == 200
-
-
-class Watched:
-    """An HTTP server on loopback that a refused release must never reach."""
-
-    def __init__(self):
-        self.requests: list[str] = []
-        requests = self.requests
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                requests.append(self.path)
-                self.send_response(404)
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
 
 def ingest_runs(stack: dict) -> list:

@@ -207,7 +207,7 @@ class Drain:
             for _ in range(want):
                 await self.permits.acquire()
             batch = await self._db(self._claim, want)
-            for _ in range(want - len(batch)):
+            for _ in range(want - len(batch)):  # what was not claimed, or already held (not claimed twice)
                 self.permits.release()
             if not batch:
                 if not self.held:  # everything claimed is settled: a failure may be due again at once
@@ -228,8 +228,10 @@ class Drain:
 
     def _claim(self, want: int) -> list[Claimed]:
         """In the queue's thread: a claim is held the moment it is made, so a run stopping while it
-        waits for the claim still puts those questions back."""
-        batch = self.queue.claim(want, self.owner)
+        waits for the claim still puts those questions back. A question this run already holds is
+        never taken up a second time (two requests, two answers written for one question): the
+        queue does not hand a worker its own questions, and this run would not take one again."""
+        batch = [item for item in self.queue.claim(want, self.owner) if item.id not in self.held]
         self.held.update(item.id for item in batch)
         return batch
 
@@ -339,12 +341,18 @@ class Drain:
         ids = [i.id for i in items if i.id in self.held]
         # Shielded, and forgotten only once done: a run stopping meanwhile releases them again, harmlessly.
         self.summary.released += await asyncio.shield(
-            self._db(self.queue.release, ids, self.owner, reason, retry_after_s, busy))
-        self.held.difference_update(ids)
+            self._db(self._put_back, ids, reason, retry_after_s, busy))
         for _ in ids:
             self.permits.release()
         self.summary.problems += [{"id": i.id, "question": i.question[:120], "status": "released", "reason": reason}
                                   for i in items]
+
+    def _put_back(self, ids: list[int], reason: str, retry_after_s: float, busy: bool) -> int:
+        """In the queue's thread, so the questions are forgotten before the next claim runs there: a
+        claim that takes one of them again (due at once) holds it anew, and is not forgotten with it."""
+        released = self.queue.release(ids, self.owner, reason, retry_after_s, busy)
+        self.held.difference_update(ids)
+        return released
 
     def _stop_if_failed(self, task: asyncio.Task) -> None:
         if not task.cancelled() and task.exception() is not None:
@@ -366,11 +374,22 @@ class Drain:
                 landed.append(self.settled.get_nowait())
             last = None in landed
             landed = [entry for entry in landed if entry is not None]
-            answers = {item.id: record for kind, item, record in landed if kind == "answered"}
-            failures = {item.id: error for kind, item, error in landed if kind == "failed"}
+            # One write per question, and one count per write: were a question to land twice in a
+            # batch (two copies of it in flight), its answer is written once and counted once.
+            chosen: dict[int, tuple] = {}
+            for entry in landed:
+                kind, item, _ = entry
+                if item.id not in chosen or (kind == "answered" and chosen[item.id][0] != "answered"):
+                    chosen[item.id] = entry
+            answers = {qid: record for qid, (kind, _, record) in chosen.items() if kind == "answered"}
+            failures = {qid: error for qid, (kind, _, error) in chosen.items() if kind == "failed"}
             outcome = await self._db(self.queue.settle, self.owner, answers, failures) if landed else {}
-            for kind, item, detail in landed:
-                self._count(item, outcome[item.id], detail)
+            for entry in landed:
+                kind, item, detail = entry
+                if entry is chosen[item.id]:
+                    self._count(item, outcome[item.id], detail)
+                else:
+                    self._count(item, None, "a second copy of a question this run was answering")
             if last:
                 return
 

@@ -13,8 +13,10 @@ Every state change after a claim checks the lease owner in the statement that ma
 late worker cannot overwrite the answer of the one that took over; a worker renews the leases
 of the questions it holds while it works on them.
 
-What is stored comes through ``tasks.records`` (cleaned, bounded, typed); a batch of answers
-that fails to commit is stored again row by row, so one bad row fails only its own question.
+What is stored comes through ``tasks.records``: a question as the person asked it (less NUL,
+which PostgreSQL cannot store; its controls are escaped where it is shown), what the model
+server sent cleaned, bounded and typed; a batch of answers that fails to commit is stored
+again row by row, so one bad row fails only its own question.
 
 Order: oldest first by ``claim_rank`` = submit time minus ``priority`` x PRIORITY_STEP_S, so a
 priority buys a bounded head start and never starves the questions already waiting. The table,
@@ -33,7 +35,7 @@ from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, StatementError
 
 from tasks import language
 from tasks.queue_schema import metadata, open_schema, questions  # noqa: F401 - metadata: tests drop the tables
-from tasks.records import MAX_ERROR_CHARS, QueueStats, StoredAnswer, clean
+from tasks.records import MAX_ERROR_CHARS, QueueStats, StoredAnswer, clean, stored_question
 from tasks.settings import Settings
 
 STATUSES = ("pending", "claimed", "answered", "failed", "dead")
@@ -79,7 +81,7 @@ class Queue:
                priority: int = 0, lang: str | None = None, docs_lang: str | None = None) -> tuple[int, bool]:
         """Queue a question; with a client key, submitting again returns the first id. -> (id, created).
         ``lang`` (ISO 639-1) is the language to answer in; detected from the question when not given."""
-        question = question.strip()
+        question = stored_question(question).strip()  # as asked: only what the database cannot store goes
         if not question:
             raise QuestionError("the question is empty")
         if len(question) > self.max_chars:
@@ -95,7 +97,7 @@ class Queue:
         try:
             with self.engine.begin() as db:
                 new_id = db.execute(insert(questions).values(
-                    question=clean(question, self.max_chars), version=version, lang=lang, docs_lang=docs_lang,
+                    question=question, version=version, lang=lang, docs_lang=docs_lang,
                     client_key=client_key, status="pending", attempts=0, priority=priority,
                     claim_rank=stamp.timestamp() - priority * PRIORITY_STEP_S,
                     available_at=stamp, created_at=stamp, updated_at=stamp)).inserted_primary_key[0]
@@ -108,10 +110,14 @@ class Queue:
 
     def claim(self, limit: int, owner: str) -> list[Claimed]:
         """Lease up to ``limit`` questions that are due, in claim order: pending, failed past their
-        backoff, or claimed by a worker whose lease has expired (with attempts left)."""
+        backoff, or claimed by another worker whose lease has expired (with attempts left)."""
         stamp = now()
         expired = (questions.c.status == "claimed") & (questions.c.lease_expires_at < stamp)
-        due = or_((questions.c.status.in_(("pending", "failed"))) & (questions.c.available_at <= stamp), expired)
+        # Never a question this owner holds: its lease lapsing (a stalled renewal) makes it another
+        # worker's to take, not this worker's to take again while it still works on it.
+        theirs = or_(questions.c.lease_owner.is_(None), questions.c.lease_owner != owner)
+        due = or_((questions.c.status.in_(("pending", "failed"))) & (questions.c.available_at <= stamp),
+                  expired & theirs)
         # Materialized: evaluated once, so the rows it locked are the rows updated, never more than ``limit``.
         chosen = (select(questions.c.id).where(due).order_by(questions.c.claim_rank, questions.c.id).limit(limit)
                   .with_for_update(skip_locked=True).cte("chosen").prefix_with("MATERIALIZED"))

@@ -4,6 +4,10 @@ Everything the model server sends is untrusted: it reaches the database only thr
 types, which coerce it (usage counts to ints), clean it (no NUL or other control characters,
 which PostgreSQL refuses in text and a terminal would obey) and bound it (answer, reasoning,
 errors), so a stored row cannot fail for what the server said.
+
+A person's question is theirs: ``stored_question`` keeps it as asked and drops only what the
+database cannot store (NUL; a lone surrogate becomes U+FFFD). Its control characters are shown
+escaped wherever it is printed (``tasks.escaping``), never removed from the record.
 """
 
 from __future__ import annotations
@@ -17,12 +21,20 @@ MAX_ERROR_CHARS = 2_000  # last_error: the reason, not the server's whole error 
 MAX_NAME_CHARS = 200  # model names, doc paths in sources
 MAX_TOKENS = 10**9  # a usage count beyond this is not a count
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # keeps \t \n \r
+_SURROGATE = re.compile("[\ud800-\udfff]")  # only lone ones exist in a str: UTF-8 cannot encode them
 
 
 def clean(text: object, limit: int) -> str:
     """Text as stored: control characters removed, at most ``limit`` characters (cut marked)."""
     text = _CONTROL.sub("", str(text))
     return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def stored_question(text: str) -> str:
+    """A question as stored: the person's text, less what PostgreSQL cannot store in text: NUL
+    removed, a lone surrogate (not encodable as UTF-8) replaced by U+FFFD. Nothing else changes."""
+    text = str(text).replace("\x00", "")
+    return _SURROGATE.sub("\ufffd", text)
 
 
 def _count(value: object) -> int | None:

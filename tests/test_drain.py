@@ -254,6 +254,61 @@ def test_leases_hold_under_a_slow_model_and_a_second_worker(llm, capsys, monkeyp
     assert all(queue().get(qid)["attempts"] == 1 for qid in ids)
 
 
+class StalledRenewals(Queue):
+    """The queue as a run whose lease renewals stall (a starved thread, a slow database) sees it."""
+
+    def renew(self, ids, owner):
+        return set()
+
+
+def test_a_run_whose_leases_lapse_never_takes_up_its_own_questions_twice(llm, capsys, monkeypatch, queue_url):
+    """A lapsed lease made the run's own claim hand it back the questions it was answering: each was
+    sent twice, and two copies landing in one batch were written once but counted twice (201 answered
+    of 200). Another worker may take them over; the run itself never claims one it holds."""
+    import asyncio
+
+    from tasks.drain import Drain
+    from tasks.retrieve import Retriever
+
+    monkeypatch.setenv("DOCSRAG_QUEUE_URL", queue_url)
+    monkeypatch.setenv("DOCSRAG_LEASE_S", "1")
+    llm.latency_s = 3.0  # the leases lapse while the model works: the run polls the queue meanwhile
+    ids = submit(4)
+    settings = load_settings()
+    queue_ = StalledRenewals.from_settings(settings)
+    summary = asyncio.run(Drain(settings, queue_, Retriever(settings), owner="lapsed", max_seconds=60).run())
+    assert (summary.claimed, summary.answered, summary.lost) == (4, 4, 0), summary
+    assert len(llm.requests) == 4, "one request per question"
+    assert all(queue().get(qid)["status"] == "answered" for qid in ids)
+
+
+def test_a_question_landing_twice_in_a_batch_is_counted_once(tmp_path):
+    """Whatever put two copies of a question in flight, the writer stores one answer and counts one."""
+    import asyncio
+
+    from tasks.drain import Drain
+    from tasks.records import StoredAnswer
+
+    settings = load_settings(queue_url=f"sqlite:///{tmp_path / 'q.db'}", llm_concurrency=2)
+    q = Queue.from_settings(settings)
+    qid, _ = q.submit("Where does Milvus store data?")
+    [item] = q.claim(1, "w")
+
+    async def write_twice():
+        drain = Drain(settings, q, None, owner="w", max_seconds=1)
+        drain.permits, drain.settled, drain.held = asyncio.Semaphore(0), asyncio.Queue(), {qid}
+        for entry in [("answered", item, StoredAnswer("first [1].", "en")),
+                      ("answered", item, StoredAnswer("second [1].", "en")), None]:
+            drain.settled.put_nowait(entry)
+        await drain._write()
+        drain.db.shutdown()
+        return drain.summary
+
+    summary = asyncio.run(write_twice())
+    assert (summary.answered, summary.lost) == (1, 1)
+    assert q.get(qid)["answer"] == "first [1]."
+
+
 def test_worker_killed_mid_drain_loses_only_its_in_flight_questions(llm, capsys, monkeypatch):
     monkeypatch.setenv("DOCSRAG_LEASE_S", "4")
     llm.latency_s = 0.25

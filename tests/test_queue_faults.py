@@ -8,7 +8,7 @@ import time
 import pytest
 from sqlalchemy import create_engine, event, text
 
-from tasks.questions import Queue
+from tasks.questions import Queue, QuestionError
 from tasks.questions import metadata
 
 
@@ -175,6 +175,17 @@ def test_what_the_server_sent_is_stored_cleaned_and_typed(queue_url):
     record = queue.get(qid)
     assert (record["answer"], record["reasoning"], record["model"]) == ("In object storage [1].[2J", "thinking", "m")
     assert record["usage"] == {"prompt_tokens": 12, "completion_tokens": 0, "total_tokens": 0, "reasoning_tokens": 0}
+
+
+def test_a_question_is_stored_as_asked_less_what_the_database_cannot_store(queue_url):
+    """A person's question keeps its control characters (the terminal shows them escaped); only NUL
+    and a lone surrogate, which PostgreSQL cannot store, go. A question of only NUL is empty."""
+    queue = make(queue_url)
+    qid, _ = queue.submit("What is \x1b[2Jthis\x00?\x9b \ud800\t")
+    assert queue.get(qid)["question"] == "What is \x1b[2Jthis?\x9b \ufffd"
+    assert [c.question for c in queue.claim(1, "w")] == ["What is \x1b[2Jthis?\x9b \ufffd"]
+    with pytest.raises(QuestionError, match="empty"):
+        queue.submit(" \x00 ")
 
 
 def test_a_failure_reason_is_stored_clean_and_bounded(queue_url):

@@ -38,10 +38,18 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from tasks import language
 from tasks.generate import (
-    BadResponse, Generated, Generator, RequestDeadline, not_covered, numbered_sources, overloaded, server_fault,
+    BadResponse,
+    Generated,
+    Generator,
+    RequestDeadline,
+    not_covered,
+    numbered_sources,
+    overloaded,
+    server_fault,
 )
 from tasks.questions import Claimed, Queue
 from tasks.records import Source, StoredAnswer
+from tasks.redaction import Secrets, redact_text
 from tasks.retrieve import Retriever, covered
 from tasks.settings import Settings
 from tasks.store import StoreError
@@ -220,8 +228,8 @@ class Drain:
                 prepared = await asyncio.get_running_loop().run_in_executor(self.search, self._retrieve, batch,
                                                                             searched_as)
             except Exception as exc:
-                self.summary.outage = (f"Milvus at {self.settings.milvus_uri} failed while retrieving: "
-                                       f"{type(exc).__name__}: {exc}")
+                self.summary.outage = self._shown(f"Milvus at {self.settings.milvus_uri} failed while retrieving: "
+                                                  f"{type(exc).__name__}: {exc}")
                 raise ServingOutage(self.summary.outage) from exc
             for item in prepared:
                 await self.ready.put(item)
@@ -289,7 +297,8 @@ class Drain:
         except RunOutOfTime:
             return await self._release([item], "put back: cut at the answer run's end (max_seconds and its grace)")
         except BadResponse as exc:
-            return await self._outage(item, f"the LLM server at {self.settings.llm_base_url} is misconfigured: {exc}")
+            return await self._outage(item, self._shown(f"the LLM server at {self.settings.llm_base_url} is "
+                                                        f"misconfigured: {exc}"))
         except Exception as exc:
             if server_fault(exc):
                 return await self._server_fault(item, exc, sent)
@@ -313,11 +322,16 @@ class Drain:
                 raise RunOutOfTime from None
             raise
 
+    def _shown(self, text: str) -> str:
+        """A reason that leaves the process (state message, last_error, notification): URLs and
+        configured secrets redacted."""
+        return redact_text(text, Secrets.of(self.settings))
+
     async def _server_fault(self, item: Claimed, exc: Exception, sent: float) -> None:
         """The request failed in a way that may be the server's. With nothing answered since it went
         out, the server is probed: down stops the run (no attempt spent). A server that answers is
         busy (timeout, 429, reset: put back, bounded) or refusing this question (5xx: its failure)."""
-        reason = f"the LLM server at {self.settings.llm_base_url} failed: {type(exc).__name__}: {exc}"
+        reason = self._shown(f"the LLM server at {self.settings.llm_base_url} failed: {type(exc).__name__}: {exc}")
         within = self.deadline + self.grace - time.monotonic()
         if self.last_success < sent and (trouble := await self.generator.probe(within)) is not None:
             return await self._outage(item, f"{reason}; a probe request failed too: {trouble}")

@@ -28,6 +28,7 @@ from openai.types.chat import ChatCompletion
 from tasks import language
 from tasks.llm_transport import CappedTransport, ResponseTooLarge
 from tasks.records import Source, Usage, clean
+from tasks.redaction import redact_url
 from tasks.settings import Settings
 
 NOT_COVERED = "The documentation does not cover this question."
@@ -178,13 +179,13 @@ def completion_message(response: object, url: str):
     """The first choice's message of a chat completion; BadResponse for anything else."""
     if not isinstance(response, ChatCompletion):
         shown = response if isinstance(response, str) else type(response).__name__
-        raise BadResponse(f"the server at {url} did not answer with a chat completion: {str(shown)[:200]!r}")
+        raise BadResponse(f"the server at {redact_url(url)} did not answer with a chat completion: {str(shown)[:200]!r}")
     choices = response.choices
     if not isinstance(choices, list) or not choices or getattr(choices[0], "message", None) is None:
-        raise BadResponse(f"the server at {url} answered a chat completion without choices")
+        raise BadResponse(f"the server at {redact_url(url)} answered a chat completion without choices")
     content = choices[0].message.content
     if content is not None and not isinstance(content, str):
-        raise BadResponse(f"the server at {url} answered a message whose content is not text")
+        raise BadResponse(f"the server at {redact_url(url)} answered a message whose content is not text")
     return choices[0]
 
 
@@ -249,7 +250,7 @@ class Generator:
                                   "DOCSRAG_LLM_DEADLINE_S, or the run's end)") from None
         except APIConnectionError as exc:
             if isinstance(exc.__cause__, ResponseTooLarge):
-                raise BadResponse(f"the server at {self.settings.llm_base_url} sent {exc.__cause__}") from None
+                raise BadResponse(f"the server at {redact_url(self.settings.llm_base_url)} sent {exc.__cause__}") from None
             raise
 
     async def probe(self, within_s: float = PROBE_TIMEOUT_S) -> str | None:

@@ -592,3 +592,14 @@ def test_a_write_that_fails_still_puts_back_every_question_the_run_held(llm, cap
     code, _, err = answer(capsys)
     assert code == 0, err
     assert {queue().get(i)["status"] for i in [*ids, marked]} == {"answered"}
+
+
+def test_a_credentialed_server_url_reaches_no_error_state_or_stored_row(llm, capsys, monkeypatch):
+    """The run's error (its state message, the failure notification) and last_error name the server
+    without the user:password its URL carries."""
+    monkeypatch.setenv("DOCSRAG_LLM_BASE_URL", llm.url.replace("http://", "http://bot:Pl4ntedLLMsecret@"))
+    ids = submit(2)
+    llm.always = "html"
+    code, _, err = answer(capsys)
+    assert code == 1 and "misconfigured" in err and "Pl4ntedLLMsecret" not in err, err
+    assert all("Pl4ntedLLMsecret" not in (queue().get(i)["last_error"] or "") for i in ids)

@@ -11,6 +11,7 @@ from pathlib import Path
 from prefect.assets import Asset, AssetProperties, materialize
 from prefect.cache_policies import NONE
 
+from tasks import store
 from tasks.redaction import redact_url
 
 # Characters Prefect refuses in an asset key (a URI); a path holding one is still named.
@@ -25,7 +26,7 @@ def asset_key(uri: str) -> str:
 
 def milvus_asset(milvus_uri: str, name: str, description: str) -> Asset:
     server = re.sub(r"^[a-z]+://", "", redact_url(milvus_uri)).rstrip("/")
-    scheme = "milvus" if re.match(r"^[a-z]+://", milvus_uri) else "milvuslite"
+    scheme = "milvus" if store.is_server(milvus_uri) else "milvuslite"
     if scheme == "milvuslite":
         server = "/" + str(Path(server).resolve()).lstrip("/")
     return Asset(key=asset_key(f"{scheme}://{server}/{name}"), properties=AssetProperties(

@@ -30,9 +30,14 @@ class StoreError(RuntimeError):
     """The index cannot be used as asked; the message says why."""
 
 
+def is_server(uri: str) -> bool:
+    """A Milvus server's URL (http://host:19530), not a Milvus Lite file."""
+    return re.match(r"^[a-z]+://", uri) is not None
+
+
 def connect(settings: Settings) -> MilvusClient:
     uri = settings.milvus_uri
-    lite = not re.match(r"^[a-z]+://", uri)
+    lite = not is_server(uri)
     if lite:  # make sure the Milvus Lite file's folder exists
         Path(uri).parent.mkdir(parents=True, exist_ok=True)
     token = settings.milvus_token.get_secret_value() if settings.milvus_token else ""

@@ -84,7 +84,9 @@ def slot_name(settings: Settings) -> str:
 def _prefect_slot(settings: Settings):
     from prefect.settings import PREFECT_API_URL
 
-    if not re.match(r"^[a-z]+://", settings.milvus_uri) or not PREFECT_API_URL.value():
+    from tasks.store import is_server
+
+    if not is_server(settings.milvus_uri) or not PREFECT_API_URL.value():
         return nullcontext()  # Milvus Lite: one host, the file lock is the whole story
     return _slot(slot_name(settings), settings.writer_wait_s, settings.writer_lease_s)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import re
 import time
 
 from tasks.escaping import for_terminal
@@ -92,6 +91,7 @@ def prefect_server() -> str | None:
 def service(settings: Settings, announce: bool = False):
     """The questions service; ``announce``: a new question is announced to the Prefect server
     (when one is configured), flushed before the command exits."""
+    from tasks import store
     from tasks.service import Service
 
     announcer = None
@@ -100,5 +100,5 @@ def service(settings: Settings, announce: bool = False):
     # Milvus Lite serves one process per file: a command that opened it would keep a worker started
     # beside it (or after it, in the same process tree) from opening the index. Against a Milvus
     # server the repeat check costs one call; on Milvus Lite the API (one long-lived process) does it.
-    server = re.match(r"^[a-z]+://", settings.milvus_uri) is not None
+    server = store.is_server(settings.milvus_uri)
     return Service(settings, announce=announcer, check_repeats=server)

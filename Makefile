@@ -37,13 +37,14 @@ test: $(BIN)/.installed $(CHROMIUM)
 bench: $(BIN)/.installed
 	$(BIN)/python bench/ingest.py --release "$(or $(RELEASE),../shared/data/releases/milvus_docs_2.4.x_en.zip)"
 
-# Prefect's own server kept in the background (UI at the address it prints): `docsrag` commands with
-# no PREFECT_API_URL find it through $(PREFECT_HOME)/server.pid and skip starting a temporary one.
+# Prefect's own server kept in the background (UI at the address it prints). `docsrag` commands with no
+# PREFECT_API_URL start it themselves when none runs (DOCSRAG_PREFECT_SERVER=kept, the default);
+# `server-down` stops it and waits until its process is gone.
 server-up: $(BIN)/.installed
-	$(BIN)/prefect server start --background
+	$(BIN)/docsrag server start
 
 server-down:
-	$(BIN)/prefect server stop
+	$(BIN)/docsrag server stop
 
 # The local real stack (infra/local/stack.py): S3, Milvus server, Prefect server on PostgreSQL, worker.
 # `source $(DOCSRAG_HOME)/stack.env` afterwards (default .docsrag/stack.env). STACK_ARGS=--free-ports etc.
@@ -57,4 +58,5 @@ stack-status:
 	$(BIN)/python infra/local/stack.py status $(STACK_ARGS)
 
 clean:
+	-test -x $(BIN)/docsrag && $(BIN)/docsrag server stop
 	rm -rf $(VENV) .docsrag

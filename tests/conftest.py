@@ -22,6 +22,9 @@ os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 for name in [n for n in os.environ if n.startswith("DOCSRAG_") and not n.startswith("DOCSRAG_TEST_")]:
     del os.environ[name]  # a developer's own configuration must not leak into the tests
+# A command with no PREFECT_API_URL starts a temporary Prefect server of its own, not one kept after
+# the test; the kept server (the default) is tested where it is stopped again (test_background_server.py).
+os.environ["DOCSRAG_PREFECT_SERVER"] = "temporary"
 
 
 def _test_data() -> Path | None:
@@ -142,3 +145,17 @@ def gpu_embeddings(monkeypatch):
         monkeypatch.setenv(f"DOCSRAG_{name}", value)
     yield server
     server.stop()
+
+
+def servers_with_home(prefect_home) -> list[int]:
+    """Pids of Prefect API servers running with this PREFECT_HOME (in their environment)."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            command, environ = (proc / "cmdline").read_bytes(), (proc / "environ").read_bytes()
+        except OSError:
+            continue
+        if b"prefect.server.api.server:create_app" in command and \
+                f"PREFECT_HOME={prefect_home}".encode() in environ.split(b"\0"):
+            found.append(int(proc.name))
+    return found

@@ -1,92 +1,125 @@
-"""Prefect's own background server, kept between commands (`prefect server start --background`):
-commands find it through PREFECT_HOME with no PREFECT_API_URL set, and `prefect server stop`
-leaves no process behind. The real Prefect CLI and server, the real console script."""
+"""Prefect's server kept in the background between commands, the default with no PREFECT_API_URL
+(flows/local_server.py): the first command starts it and says where its UI is, the next ones use it
+and pay no server start, `docsrag server stop` leaves no process behind; a server Prefect's own
+`prefect server start --background` started is found and stopped the same way. The real console
+scripts, the real Prefect server."""
 
 from __future__ import annotations
 
 import json
 import os
-import socket
+import re
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import FAQ
+from flows.local_server import free_port
+from tests.conftest import FAQ, servers_with_home
 
 BIN = Path(sys.executable).parent
+UI = re.compile(r"its UI at (http://127\.0\.0\.1:\d+)")
 
 
-def _free_port() -> str:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return str(probe.getsockname()[1])
+class Home:
+    """A PREFECT_HOME and DOCSRAG_HOME of their own, with the defaults a user has (no PREFECT_API_URL,
+    DOCSRAG_PREFECT_SERVER unset: kept)."""
 
+    def __init__(self, root: Path):
+        self.prefect_home = root / "prefect"
+        self.env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "DOCSRAG_PREFECT_SERVER")} | {
+            "PREFECT_HOME": str(self.prefect_home), "DOCSRAG_HOME": str(root / "docsrag")}
 
-class Background:
-    def __init__(self, home: Path):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}/api"
-        self.env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {"PREFECT_HOME": str(home)}
-        subprocess.run([str(BIN / "prefect"), "server", "start", "--background", "--host", "127.0.0.1", "--port",
-                        self.port], env=self.env, capture_output=True, check=True, timeout=60)
-        self.pid = int((home / "server.pid").read_text())
-        deadline = time.monotonic() + 120
-        while not self.answers() and time.monotonic() < deadline:
-            time.sleep(0.3)
+    def run(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "docsrag"), *args], env=self.env, capture_output=True, text=True,
+                              timeout=timeout, check=False)
 
-    def answers(self) -> bool:
-        try:
-            return httpx.get(f"{self.url}/health", timeout=2).status_code == 200
-        except httpx.TransportError:
-            return False
+    def ingest(self, release: Path) -> tuple[dict, str]:
+        done = self.run("ingest", "--release", str(release), "--json")
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.splitlines()[-1]), done.stderr
 
     def stop(self) -> None:
-        subprocess.run([str(BIN / "prefect"), "server", "stop"], env=self.env, capture_output=True, check=False,
-                       timeout=60)
+        self.run("server", "stop", timeout=120)
 
-    def processes_left(self) -> list[int]:
-        """The server's pid while alive, and any process whose command line names its port."""
-        left = []
-        for entry in (e for e in Path("/proc").iterdir() if e.name.isdigit()):
-            try:
-                argv = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue  # exited meanwhile
-            if int(entry.name) == self.pid or self.port.encode() in argv:
-                left.append(int(entry.name))
-        return left
+    def left(self) -> list[int]:
+        deadline = time.monotonic() + 10
+        while (found := servers_with_home(self.prefect_home)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return found
 
 
 @pytest.fixture(scope="module")
-def background(tmp_path_factory):
-    server = Background(tmp_path_factory.mktemp("prefect-home"))
-    yield server
-    server.stop()
+def kept(tmp_path_factory, releases):
+    """Two ingests in one home: the first starts the server, the second finds it."""
+    home = Home(tmp_path_factory.mktemp("kept"))
+    try:
+        first = home.ingest(releases / FAQ)
+        second = home.ingest(releases / FAQ)
+        yield home, first, second
+    finally:
+        home.stop()
 
 
-def test_a_command_without_prefect_api_url_runs_on_the_background_server(background, releases, tmp_path):
-    assert background.answers()
-    done = subprocess.run([str(BIN / "docsrag"), "ingest", "--release", str(releases / FAQ), "--json"],
-                          env={**background.env, "DOCSRAG_HOME": str(tmp_path)}, capture_output=True, text=True,
-                          timeout=600, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-    summary = json.loads(done.stdout.splitlines()[-1])
-    runs = httpx.post(f"{background.url}/flow_runs/filter", json={}, timeout=10).json()
-    assert [r["name"] for r in runs] == [f"ingest {summary['version']} (49 new)"]
-    assert runs[0]["state_type"] == "COMPLETED"
-    # A temporary server would share PREFECT_HOME's database (the run above would be there too) but
-    # costs its start: 3.6-5.9 s of prefect-api on 2 cores, against 0.35-0.6 s with the kept server.
-    assert summary["stages"]["prefect-api"] < 2.0, summary["stages"]
+def test_the_first_command_starts_the_server_and_says_where_its_ui_is(kept):
+    home, (_, said), _ = kept
+    [ui] = UI.findall(said)
+    assert httpx.get(ui, timeout=10).status_code == 200, "the UI is served there"
+    assert "docsrag server stop" in said
 
 
-def test_stop_leaves_no_process(background):
-    background.stop()
-    deadline = time.monotonic() + 30
-    while background.processes_left() and time.monotonic() < deadline:
-        time.sleep(0.2)  # uvicorn's graceful shutdown takes a second or two
-    assert background.processes_left() == []
-    assert not background.answers()
+def test_the_next_command_uses_it_and_pays_no_server_start(kept):
+    home, (first, _), (second, said) = kept
+    assert not UI.findall(said), "said once, by the command that started it"
+    assert second["unchanged"]
+    # A temporary server costs its start: 3.6-5.9 s of prefect-api on 2 cores, the kept one 0.35-0.6 s.
+    assert second["stages"]["prefect-api"] < 2.0, second["stages"]
+    [ui] = UI.findall(home.run("server", "status").stdout)
+    runs = httpx.post(f"{ui}/api/flow_runs/filter", json={}, timeout=10).json()
+    assert sorted(r["state_type"] for r in runs) == ["COMPLETED", "COMPLETED"], "both runs are in its UI"
+    assert len(servers_with_home(home.prefect_home)) == 1
+
+
+def test_server_stop_leaves_no_process(kept):
+    home, _, _ = kept
+    done = home.run("server", "stop", timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("stopped Prefect's server"), done.stdout + done.stderr
+    assert home.left() == []
+    assert not (home.prefect_home / "server.pid").exists()
+    assert home.run("server", "status").stdout.strip() == "no Prefect server runs in the background"
+
+
+def test_commands_starting_at_once_over_a_stale_pid_file_start_one_server(tmp_path):
+    """A pid file whose server is gone (a reboot, a kill) is replaced; of two commands that find no
+    server at the same instant, one starts it and the other uses it."""
+    home = Home(tmp_path)
+    home.prefect_home.mkdir()
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    (home.prefect_home / "server.pid").write_text(str(gone.pid))
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            done = list(pool.map(lambda _: home.run("server", "start", timeout=300), range(2)))
+        assert [d.returncode for d in done] == [0, 0], [d.stderr[-2000:] for d in done]
+        assert len({UI.findall(d.stdout)[0] for d in done}) == 1, [d.stdout for d in done]
+        assert len(servers_with_home(home.prefect_home)) == 1
+    finally:
+        home.stop()
+    assert home.left() == []
+
+
+def test_a_server_prefect_started_is_found_and_stopped(tmp_path):
+    home = Home(tmp_path)
+    subprocess.run([str(BIN / "prefect"), "server", "start", "--background", "--host", "127.0.0.1", "--port",
+                    str(free_port())],
+                   env=home.env, capture_output=True, check=False, timeout=120)
+    try:
+        status = home.run("server", "status").stdout
+        assert "runs in the background" in status, status
+    finally:
+        home.stop()
+    assert home.left() == []

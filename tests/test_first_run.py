@@ -3,7 +3,8 @@ Prefect's settings in the environment, on a machine whose model cache is empty (
 export and the precision measurement happen during the command), without internet.
 
 What must not reach the terminal: Prefect's "Failed to send telemetry" error, the exporter's
-warnings, the progress bar's final line twice. What must: the precision kept, said once."""
+warnings, the progress bar's final line twice. What must: the precision kept and the Prefect server kept
+in the background (its UI address), each said once."""
 
 from __future__ import annotations
 
@@ -32,9 +33,12 @@ def first_run(tmp_path_factory, releases) -> FirstRun:
     # Only what a login shell has: no PREFECT_*, DO_NOT_TRACK, HF_* or DOCSRAG_* (conftest sets some).
     env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "LANG": "C.UTF-8",
            "DOCSRAG_HOME": str(home / "docsrag"), "DOCSRAG_MODEL_CACHE": str(home / "model-cache")}
-    done = subprocess.run([str(DOCSRAG), "ingest", "--release", str(releases / FAQ)], env=env, cwd=home,
-                          capture_output=True, text=True, timeout=600, check=False)
-    return FirstRun(done.returncode, done.stdout, done.stderr)
+    try:
+        done = subprocess.run([str(DOCSRAG), "ingest", "--release", str(releases / FAQ)], env=env, cwd=home,
+                              capture_output=True, text=True, timeout=600, check=False)
+        yield FirstRun(done.returncode, done.stdout, done.stderr)
+    finally:  # the Prefect server it kept in the background (tests/test_background_server.py)
+        subprocess.run([str(DOCSRAG), "server", "stop"], env=env, cwd=home, capture_output=True, timeout=120)
 
 
 def test_first_ingest_succeeds(first_run):
@@ -55,6 +59,10 @@ def test_the_onnx_export_prints_no_warnings(first_run):
 def test_progress_bar_final_line_not_printed_twice(first_run):
     # stderr is a pipe here (a log, CI, `make run | tee`): each redraw lands as text of its own.
     assert first_run.stderr.count("49/49") <= 1, first_run.stderr[-3000:]
+
+
+def test_the_kept_prefect_server_is_said_once_with_its_ui(first_run):
+    assert first_run.stderr.count("its UI at http://127.0.0.1:") == 1, first_run.stderr[-3000:]
 
 
 def test_the_precision_kept_is_said_once(first_run):

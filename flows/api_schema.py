@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from tasks.feedback import MAX_COMMENT_CHARS
-from tasks.questions import MAX_PRIORITY
+from tasks.records import MAX_PRIORITY
 
 Lang = Field(None, pattern=r"^[a-z]{2,3}$", description="ISO 639-1 code, e.g. 'ko'")
 Status = Literal["pending", "claimed", "answered", "failed", "dead"]

@@ -210,7 +210,10 @@ def preload(settings: Settings) -> None:
         except Exception:  # noqa: BLE001 - the flow's own call raises it again, where it is reported
             pass
 
-    threading.Thread(target=load, name="embedder-preload", daemon=True).start()
+    # Not a daemon: a run that fails at once (the writer slot taken) would exit while onnxruntime
+    # is still building its session in this thread, and its C++ threads abort the process (SIGABRT,
+    # "terminate called without an active exception"); the exit waits for the load instead.
+    threading.Thread(target=load, name="embedder-preload").start()
 
 
 @functools.cache

@@ -35,12 +35,12 @@ from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, StatementError
 
 from tasks import language
 from tasks.queue_schema import metadata, open_schema, questions  # noqa: F401 - metadata: tests drop the tables
-from tasks.records import MAX_ERROR_CHARS, QueueStats, StoredAnswer, clean, stored_question
+from tasks.records import (
+    MAX_ERROR_CHARS, MAX_PRIORITY, STATUSES, QueueStats, StoredAnswer, clean, stored_question,
+)
 from tasks.settings import Settings
 
-STATUSES = ("pending", "claimed", "answered", "failed", "dead")
 PRIORITY_STEP_S = 300.0  # one priority level counts as five minutes of waiting
-MAX_PRIORITY = 10
 _LANG = re.compile(r"[a-z]{2,3}")  # ISO 639-1 (or -3): the prompt names the language by it
 
 

@@ -15,6 +15,9 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 
+STATUSES = ("pending", "claimed", "answered", "failed", "dead")  # a question's states in the queue
+MAX_PRIORITY = 10
+
 MAX_ANSWER_CHARS = 32_000  # gpt-oss at 2,048 tokens writes ~8,000 characters
 MAX_REASONING_CHARS = 64_000
 MAX_ERROR_CHARS = 2_000  # last_error: the reason, not the server's whole error page

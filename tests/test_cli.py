@@ -8,7 +8,7 @@ import json
 import pytest
 
 from flows.cli import main, parser
-from tasks.questions import STATUSES
+from tasks.records import STATUSES
 
 
 @pytest.mark.parametrize("argv, says", [

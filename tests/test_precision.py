@@ -70,10 +70,10 @@ def test_of_two_variants_as_fast_the_one_nearer_fp32_is_kept():
 def test_the_embedder_id_names_the_measured_variant_and_token_limit(cache, tmp_path):
     choice = precision.chosen(FOLDER, cache, 256, 1)
     settings = load_settings(home=tmp_path, model_cache=cache)
-    assert settings.embedder_id == f"local:all-MiniLM-L6-v2:{choice.variant}+use"
+    assert settings.embedder_id == f"local:all-MiniLM-L6-v2:{choice.variant}+use:256t"
     assert embedding.embedder_for(settings).id == f"local:all-MiniLM-L6-v2:{choice.variant}"
     pinned = load_settings(home=tmp_path, model_cache=cache, embedding_precision="fp32", embedding_max_tokens=128)
-    assert pinned.embedder_id == "local:all-MiniLM-L6-v2:fp32:128t+use"
+    assert pinned.embedder_id == "local:all-MiniLM-L6-v2:fp32:128t+use:256t"
 
 
 def test_the_multilingual_field_tokenizes_as_the_wheel_does_and_cuts_where_told(tmp_path):

@@ -48,9 +48,8 @@ def add_commands(commands) -> None:
 
 @runs_flows
 def _ingest(args, settings: Settings, wait_for_api) -> int:
-    from tasks import embedding
-
-    embedding.preload(settings)  # the model loads beside the imports and Prefect's start
+    # The flow loads the model in the background from its first stage; loaded here too, beside the
+    # imports, it took the GIL from them: an unchanged run started 0.3-0.4 s later (kept server).
     from flows.ingest import ingest_release, task_runner
     from tasks.release import has_credentials
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from flows.cli.common import (
     bounded_int, docs_choice, json_output, non_negative, positive, prefect_server, printable, runs_flows, service,
 )
-from tasks.questions import MAX_PRIORITY, STATUSES
+from tasks.records import MAX_PRIORITY, STATUSES  # not tasks.questions: SQLAlchemy only where the queue is used
 from tasks.settings import Settings
 
 if TYPE_CHECKING:

@@ -26,7 +26,8 @@ def add_commands(commands) -> None:
     automations.set_defaults(run=_automations)
 
     server = commands.add_parser(
-        "server", help="Prefect's server kept in the background for docsrag commands with no PREFECT_API_URL")
+        "server", parents=[json_output()],
+        help="Prefect's server kept in the background for docsrag commands with no PREFECT_API_URL")
     server.add_argument("action", choices=("start", "stop", "status"))
     server.set_defaults(run=_server)
 
@@ -59,13 +60,18 @@ def _server(args, settings: Settings) -> int:
 
     if args.action == "stop":
         stopped = local_server.stop_kept()
-        print(f"stopped Prefect's server (pid {stopped.pid})" if stopped else "no Prefect server runs in the background")
+        print(json.dumps({"stopped": stopped and stopped.pid}) if args.json else
+              f"stopped Prefect's server (pid {stopped.pid})" if stopped else "no Prefect server runs in the background")
         return 0
     if args.action == "start":
         local_server.kept_server().wait_ready()
-    if found := local_server.background_server():
-        print(f"Prefect's server runs in the background (pid {found.pid}), its UI at "
-              f"{found.url.removesuffix('/api')}; `docsrag server stop` stops it")
+    found = local_server.background_server()
+    ui = found and found.url.removesuffix("/api")
+    if args.json:
+        print(json.dumps({"running": bool(found), "pid": found and found.pid, "ui": ui}))
+    elif found:
+        print(f"Prefect's server runs in the background (pid {found.pid}), its UI at {ui}; "
+              "`docsrag server stop` stops it")
     else:
         print("no Prefect server runs in the background")
     return 0

@@ -293,7 +293,7 @@ def test_the_lifecycle_state_machine_holds_on_the_stacks_milvus_server(stack, tm
 
     client = milvus(stack)
     assert not store.capabilities(client).bm25
-    counts = run_machine(client, tmp_path, settings(max_examples=3, stateful_step_count=10, deadline=None,
+    counts = run_machine(client, tmp_path, settings(max_examples=2, stateful_step_count=10, deadline=None,
                                                     derandomize=True, database=None,
                                                     suppress_health_check=list(HealthCheck)))
     print("lifecycle on the stack's Milvus:", counts)

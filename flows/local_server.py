@@ -64,9 +64,7 @@ class _Server:
         """-> the API URL once it answers; raises with the server's own words when it cannot start."""
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while time.monotonic() < deadline:
-            if (code := self.exit_code()) == PORT_TAKEN and isinstance(self, _Started):
-                self._launch()
-            elif code is not None:
+            if (code := self.exit_code()) is not None:
                 raise RuntimeError(f"{self.what} exited with code {code} ({self._where_errors_are()}); "
                                    "set PREFECT_API_URL to a running Prefect server to use that instead")
             if _answers(self.url):
@@ -98,7 +96,10 @@ class _Started(_Server):
         raise NotImplementedError
 
     def exit_code(self) -> int | None:
-        return self.process.poll()
+        if (code := self.process.poll()) == PORT_TAKEN:  # taken since it was found free: another port
+            self._launch()
+            return None
+        return code
 
     def stop(self) -> None:
         _terminate(self.process.pid, self.process)

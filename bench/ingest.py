@@ -7,7 +7,8 @@ and the precision measurement happen once, in a warm-up FAQ ingest, as they do o
 - cli_wall_s: 2.4.x on a fresh home (both models: MiniLM and the multilingual field); its ratio
   to `baseline_s`, the same chunk texts embedded by sentence-transformers fp32 (MiniLM alone, every
   core) in this same run: target <= 0.4;
-- unchanged_wall_s: the same release again (target <= 5 s); kept_start_s: its start (start-up +
+- unchanged_wall_s: the same release again, the median of 5 runs (target <= 5 s; each run waits 0-1 s
+  at its end for Prefect's heartbeat thread, which sleeps in 1 s steps); kept_start_s: its start (start-up +
   prefect-api) on the Prefect server the first command kept in the background (target <= 2 s);
   faq_wall_s: the 4-file FAQ zip on a fresh home (target <= 6 s); each with its stage table
   (start-up and prefect-api included); the unchanged run again with a temporary server per command,
@@ -120,7 +121,9 @@ def main() -> None:
     first_wall_s, first = run(scratch / "warm", "ingest", "--release", args.faq)
     try:
         cli_wall_s, summary = run(scratch / "default", "ingest", "--release", args.release)
-        unchanged_wall_s, unchanged = run(scratch / "default", "ingest", "--release", args.release)
+        reruns = sorted((run(scratch / "default", "ingest", "--release", args.release) for _ in range(5)),
+                        key=lambda done: done[0])
+        unchanged_wall_s, unchanged = reruns[len(reruns) // 2]
         faq_wall_s, faq = run(scratch / "faq", "ingest", "--release", args.faq)
         temporary_wall_s, temporary = run(scratch / "default", "ingest", "--release", args.release,
                                           DOCSRAG_PREFECT_SERVER="temporary", PREFECT_HOME=str(scratch / "temporary"))
@@ -142,7 +145,8 @@ def main() -> None:
         "precision": local_variant(load_settings(home=scratch / "default")),
         "cli_wall_s": round(cli_wall_s, 2), "baseline_s": round(baseline_s, 2),
         "cli_wall_ratio": round(cli_wall_s / baseline_s, 3),
-        "unchanged_wall_s": round(unchanged_wall_s, 2), "unchanged": unchanged["unchanged"],
+        "unchanged_wall_s": round(unchanged_wall_s, 2), "unchanged": all(done["unchanged"] for _, done in reruns),
+        "unchanged_walls_s": [round(wall, 2) for wall, _ in reruns],
         "faq_wall_s": round(faq_wall_s, 2), "peak_rss_mb": round(peak_rss_mb),
         "quality": measured_quality, "quality_before": QUALITY_BEFORE,
         "quality_within_0.01": all(measured_quality[s][k] >= QUALITY_BEFORE[s][k] - 0.01

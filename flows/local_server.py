@@ -303,6 +303,8 @@ def _server_configured() -> bool:
 
 def _port_free(port: int) -> bool:
     with socket.socket() as probe:
+        # As uvicorn binds (and Prefect checks): a server stopped a moment ago leaves its port free.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(("127.0.0.1", port))
         except OSError:

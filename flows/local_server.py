@@ -5,7 +5,7 @@ background by the first command that needs it and kept for the next ones, so the
 start is paid once and the runs stay in its UI. It is the process ``prefect server start
 --background`` starts (same command line, same ``$PREFECT_HOME/server.pid``, same database), so
 ``docsrag server stop``, ``prefect server stop`` and ``prefect server start --background`` all
-see it; it listens on loopback only, on 4200 or the next free port, and logs to
+see it; it listens on loopback only, on 4200 or a free port, and logs to
 ``$PREFECT_HOME/server.log``.
 
 ``temporary``: Prefect's temporary API server for the command alone, stopped when it ends.
@@ -35,6 +35,12 @@ APP = "prefect.server.api.server:create_app"
 
 def prefect_home() -> Path:
     return Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
+
+
+def _server_env(**settings: str) -> dict[str, str]:
+    """The command's environment less docsrag's settings: they can hold secrets (API keys, tokens,
+    credentials in URLs) that a server kept running for days has no use for."""
+    return {k: v for k, v in os.environ.items() if not k.upper().startswith("DOCSRAG_")} | settings
 
 
 def _uvicorn(port: int, *extra: str) -> list[str]:
@@ -115,7 +121,7 @@ class TemporaryApi(_Started):
 
     def _launch(self) -> None:
         self.port = free_port()
-        env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+        env = _server_env(PREFECT_UI_ENABLED="0", PREFECT__SERVER_EPHEMERAL="1", PREFECT__SERVER_FINAL="1")
         # stdout stays the command's own (``--json``); the server's errors reach the terminal as
         # Prefect's own temporary server's do (a pipe nobody reads could fill and stall it).
         self.process = subprocess.Popen(_uvicorn(self.port, "--log-level", "error", "--lifespan", "on"),
@@ -136,8 +142,8 @@ class KeptServer(_Started):
     def _launch(self) -> None:
         self.port = KEPT_PORT if _port_free(KEPT_PORT) else free_port()
         # The UI asks the API at PREFECT_SERVER_API_HOST/PORT: the port it really has.
-        env = {**os.environ, "PREFECT__SERVER_FINAL": "1", "PREFECT_SERVER_API_HOST": "127.0.0.1",
-               "PREFECT_SERVER_API_PORT": str(self.port), "PREFECT_SERVER_LOGGING_LEVEL": "WARNING"}
+        env = _server_env(PREFECT__SERVER_FINAL="1", PREFECT_SERVER_API_HOST="127.0.0.1",
+                          PREFECT_SERVER_API_PORT=str(self.port), PREFECT_SERVER_LOGGING_LEVEL="WARNING")
         with open(self.pid_file.parent / "server.log", "ab") as log:
             # A session of its own: a Ctrl-C in the terminal that started it stops the command, not the server.
             self.process = subprocess.Popen(_uvicorn(self.port, "--log-level", "warning"), env=env,

@@ -84,6 +84,15 @@ def test_the_next_command_uses_it_and_pays_no_server_start(kept):
     assert len(servers_with_home(home.prefect_home)) == 1
 
 
+def test_the_kept_server_holds_none_of_docsrags_settings(kept):
+    """Settings can carry secrets; a server kept running for days has no use for them."""
+    home, _, _ = kept
+    status = json.loads(home.run("server", "status", "--json").stdout)
+    environ = Path(f"/proc/{status['pid']}/environ").read_bytes().split(b"\0")
+    assert f"PREFECT_HOME={home.prefect_home}".encode() in environ
+    assert [v for v in environ if v.upper().startswith(b"DOCSRAG_")] == []
+
+
 def test_server_stop_leaves_no_process(kept):
     home, _, _ = kept
     done = home.run("server", "stop", timeout=120)

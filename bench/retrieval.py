@@ -152,20 +152,27 @@ class WindowedEmbedder:
         return vectors
 
 
+def minilm_at(settings, tokens: int, threads: int) -> embedding.OnnxEmbedder:
+    """The English model in the variant measured on this CPU (the default embedder's), cut at ``tokens``."""
+    folder = Path(embedding._local_model_path(settings.embedding_model))
+    variant = embedding.local_variant(settings)
+    return embedding.OnnxEmbedder(folder, precision.exported(folder, variant, settings.model_cache), tokens, threads,
+                                  f"{variant}:{tokens}t")
+
+
 def token_limits(client, root: Path, gold: list[dict], ko_id: list[dict], settings) -> dict:
     """MiniLM cut at 256 tokens (the model's setting) against 128 (its training length), and 128
     windows averaged, each alone (dense) and in the default index (USE + MiniLM + BM25), with the
     seconds MiniLM took to embed the release at each."""
-    folder = Path(embedding._local_model_path(settings.embedding_model))
     variant = embedding.local_variant(settings)
-    model = precision.exported(folder, variant, settings.model_cache)
     threads = os.cpu_count() or 1
     items = markdown_items(root, DEFAULT_CHUNKING, True)
     use = CachedEmbedder(embedding.MultilingualEmbedder(threads=threads))
     sets = {"en dev": gold, "ko/id": ko_id}
-    cut = {n: embedding.OnnxEmbedder(folder, model, n, threads, f"{variant}:{n}t") for n in (256, 128)}
+    cut = {n: minilm_at(settings, n, threads) for n in (256, 128)}
+    tokenizer = Path(embedding._local_model_path(settings.embedding_model)) / "tokenizer.json"
     options = {"256 tokens": cut[256], "128 tokens": cut[128],
-               "128-token windows, mean": WindowedEmbedder(cut[128], folder / "tokenizer.json", 128)}
+               "128-token windows, mean": WindowedEmbedder(cut[128], tokenizer, 128)}
     results = {}
     print(f"\n| MiniLM ({variant}) input | index | question set | recall@5 | MRR@10 | MiniLM s for {len(items)} chunks |")
     print("|---|---|---|---|---|---|")
@@ -183,17 +190,13 @@ def token_limits(client, root: Path, gold: list[dict], ko_id: list[dict], settin
 
 
 def input_cuts(client, root: Path, sets: dict[str, list[dict]], settings, cuts: list[tuple[int, int]]) -> dict:
-    """Where each model's input is cut: (MiniLM tokens, USE tokens; 0: the whole chunk), in the default
-    index (USE + MiniLM + BM25), with the seconds each model took for the release (both cores). The
-    ko/id sets are the multilingual field's guard; English questions meet MiniLM and BM25 too."""
-    folder = Path(embedding._local_model_path(settings.embedding_model))
-    variant = embedding.local_variant(settings)
-    model = precision.exported(folder, variant, settings.model_cache)
+    """Where each model's input is cut: (MiniLM tokens, USE tokens; USE's 0: the whole chunk), in the
+    default index (USE + MiniLM + BM25), with the seconds each model took for the release (both cores).
+    The ko/id sets are the multilingual field's guard; English questions meet MiniLM and BM25 too."""
     threads = os.cpu_count() or 1
     items = markdown_items(root, DEFAULT_CHUNKING, True)
     texts = [i["embed"] for i in items]
-    minilms = {n: CachedEmbedder(embedding.OnnxEmbedder(folder, model, n, threads, f"{variant}:{n}t"))
-               for n in {m for m, _ in cuts}}
+    minilms = {n: CachedEmbedder(minilm_at(settings, n, threads)) for n in {m for m, _ in cuts}}
     uses = {n: CachedEmbedder(embedding.MultilingualEmbedder(threads, n)) for n in {u for _, u in cuts}}
     for embedder in [*minilms.values(), *uses.values()]:
         embedder.embed(texts)  # each timed alone
@@ -239,7 +242,8 @@ def main() -> None:
     parser.add_argument("--tokens", action="store_true",
                         help="only MiniLM's token limit: 256 vs 128 vs 128-token windows averaged")
     parser.add_argument("--cuts", metavar="MINILM:USE,...",
-                        help="only where each model's input is cut, in tokens (0: whole), e.g. 256:0,256:256,128:256")
+                        help="only where each model's input is cut, in tokens (USE's 0: whole), "
+                             "e.g. 256:0,256:256,128:256")
     parser.add_argument("--ko-id-more", default=str(Path(__file__).parent / "eval/dev_ko_id_more.jsonl"),
                         help="more dev questions in Korean and Indonesian (the finer guard)")
     args = parser.parse_args()

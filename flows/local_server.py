@@ -52,15 +52,24 @@ def _uvicorn(port: int, *extra: str) -> list[str]:
             "--host", "127.0.0.1", "--port", str(port), *extra]
 
 
-class _Server:
-    """A Prefect API server process; ``wait_ready`` -> its API URL once it answers."""
+class _Listening:
+    """Where a local Prefect server answers (loopback): its UI at ``ui``, its API at ``url``."""
 
-    what = "Prefect's background server"
     port: int
 
     @property
+    def ui(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/api"
+        return f"{self.ui}/api"
+
+
+class _Server(_Listening):
+    """A Prefect API server process; ``wait_ready`` -> its API URL once it answers."""
+
+    what = "Prefect's background server"
 
     def exit_code(self) -> int | None:
         """The process's exit code once it has exited, else None."""
@@ -157,15 +166,11 @@ class KeptServer(_Started):
 
 
 @dataclass(frozen=True)
-class Background:
+class Background(_Listening):
     """Prefect's background server of a PREFECT_HOME, as its pid file names it."""
 
     pid: int
     port: int
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/api"
 
 
 def background_server(home: Path | None = None) -> Background | None:
@@ -200,7 +205,7 @@ def kept_server(announce=None) -> _Server:
             continue
         server = KeptServer(pid_file)
         if announce:
-            announce(server.url.removesuffix("/api"))
+            announce(server.ui)
         return server
     raise RuntimeError(f"cannot start Prefect's background server: {pid_file} names no server that runs; "
                        "`docsrag server stop` clears it")

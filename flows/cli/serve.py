@@ -66,7 +66,7 @@ def _server(args, settings: Settings) -> int:
     if args.action == "start":
         local_server.kept_server().wait_ready()
     found = local_server.background_server()
-    ui = found and found.url.removesuffix("/api")
+    ui = found and found.ui
     if args.json:
         print(json.dumps({"running": bool(found), "pid": found and found.pid, "ui": ui}))
     elif found:

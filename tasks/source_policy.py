@@ -7,6 +7,13 @@ settings allow:
 
 - https from the releases feed's site (``api.github.com`` -> ``github.com``; the API's own origin as
   configured), or http(s) from a host or origin in ``DOCSRAG_RELEASE_HOSTS``;
+- on GitHub (``github.com``, ``api.github.com``), only what belongs to ``DOCSRAG_RELEASE_REPO``: its
+  release downloads (``github.com/{owner}/{repo}/releases/download/{tag}/{asset}``) and its API paths
+  (``api.github.com/repos/{owner}/{repo}/...``), owner and repo compared without case as GitHub
+  does. Any repository's release is on the same host, and an event naming one of its own
+  (``.../someone-else/x/releases/download/v999/...``) would otherwise label it 999.0 and keep every
+  later release off the main alias. Naming ``github.com`` in ``DOCSRAG_RELEASE_HOSTS`` does not
+  open other repositories. This is read from the URL alone, before any lookup;
 - ``s3://`` from a bucket (or bucket/prefix) in ``DOCSRAG_RELEASE_BUCKETS``, never just any
   bucket the worker's credentials reach;
 - a path or ``file://`` inside a folder of ``DOCSRAG_RELEASE_FOLDERS``, never anything else on
@@ -15,9 +22,14 @@ settings allow:
   *resolves* (a public name pointed at 127.0.0.1 is refused too), unless the operator named that
   host or origin in ``DOCSRAG_RELEASE_HOSTS``: internal services are not a release server.
 
-A refused release fails the run with its reason before a byte is fetched. The check happens once,
-before the download: redirects are followed by the download itself, and a name that resolves to
-another address between the check and the connection (DNS rebinding) is outside what it sees.
+A refused release fails the run with its reason before a byte is fetched. Each redirect the
+download is given is checked before it is followed (``check_redirect``): by the same rules, except
+that a GitHub URL (which the rules above limited to the configured repository) may send the run
+to GitHub's asset hosts (``objects.githubusercontent.com``, ``release-assets.githubusercontent.com``),
+over https and to public addresses, where a release download's bytes are served from a signed URL.
+Those hosts are never a release's own URL, nor a redirect from anywhere else: what they serve is
+chosen by GitHub for the repository the URL named. A name that resolves to another address between
+the check and the connection (DNS rebinding) is outside what the checks see.
 """
 
 from __future__ import annotations
@@ -27,13 +39,18 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from urllib.parse import unquote, urlparse
+from urllib.parse import unquote, urlparse, urlsplit
 
 from tasks.redaction import redact_url
 from tasks.release import ReleaseError, release_version
 from tasks.settings import Settings
 
 Resolver = Callable[[str, int], list[str]]
+
+GITHUB_HOSTS = frozenset({"github.com", "api.github.com"})
+# Where GitHub redirects a release download (a signed URL, valid for minutes): reached only as a
+# redirect from a GitHub URL of the configured repository, never named by a release or an event.
+GITHUB_ASSET_HOSTS = frozenset({"objects.githubusercontent.com", "release-assets.githubusercontent.com"})
 
 
 class RefusedSource(ReleaseError):
@@ -48,6 +65,7 @@ class SourcePolicy:
     named_origins: frozenset[str]  # DOCSRAG_RELEASE_HOSTS entries that are scheme://host[:port]
     buckets: tuple[tuple[str, str], ...]  # (bucket, key prefix)
     folders: tuple[Path, ...]  # resolved
+    repo: str  # DOCSRAG_RELEASE_REPO, owner/name in lower case: the only one fetched from GitHub
 
 
 def policy_for(settings: Settings) -> SourcePolicy:
@@ -59,7 +77,8 @@ def policy_for(settings: Settings) -> SourcePolicy:
     hosts = frozenset(_host(e) for e in entries if "://" not in e)
     return SourcePolicy(frozenset(site), _origin(settings.releases_api), hosts, origins,
                         _buckets(settings.release_buckets),
-                        tuple(Path(f).expanduser().resolve() for f in _items(settings.release_folders)))
+                        tuple(Path(f).expanduser().resolve() for f in _items(settings.release_folders)),
+                        settings.release_repo.strip().strip("/").lower())
 
 
 def check_source(url: str, policy: SourcePolicy, resolve: Resolver | None = None) -> None:
@@ -79,6 +98,25 @@ def check_source(url: str, policy: SourcePolicy, resolve: Resolver | None = None
     else:
         raise RefusedSource(f"refusing release {redact_url(url)[:200]!r}: scheme {scheme!r} is not http(s), s3 or "
                             "an allowed folder")
+
+
+def check_redirect(url: str, came_from: str, policy: SourcePolicy, resolve: Resolver | None = None) -> None:
+    """Raise RefusedSource unless a download of ``came_from`` (itself allowed) may follow its redirect
+    to ``url``: the policy's rules, or GitHub's asset hosts over https when GitHub sent it there."""
+    target, source = urlparse(url), urlparse(came_from)
+    host = _host(target.hostname or "")
+    if host in GITHUB_ASSET_HOSTS and _host(source.hostname or "") in GITHUB_HOSTS:
+        shown = redact_url(url)[:200]
+        if target.scheme.lower() != "https":
+            raise RefusedSource(f"refusing the redirect of {redact_url(came_from)[:200]!r} to {shown!r}: GitHub's "
+                                "asset hosts are fetched over https only")
+        try:
+            port = target.port or 443
+        except ValueError:
+            raise RefusedSource(f"refusing the redirect to {shown!r}: not a valid URL") from None
+        _check_public(shown, host, port, resolve or _resolve)
+        return
+    check_source(url, policy, resolve)
 
 
 def check_version(url: str, version: str | None) -> None:
@@ -108,6 +146,9 @@ def _check_http(url: str, parsed, policy: SourcePolicy, resolve: Resolver) -> No
     host = _host(parsed.hostname or "")
     if not host:
         raise RefusedSource(f"refusing release {shown!r}: no host")
+    if host in GITHUB_HOSTS and not _of_repo(host, url, policy.repo):
+        raise RefusedSource(f"refusing release {shown!r}: on {host} only the releases of {policy.repo!r} "
+                            f"(DOCSRAG_RELEASE_REPO) are fetched, as {_REPO_PATHS[host].format(policy.repo)}")
     named = host in policy.named_hosts or _origin(url) in policy.named_origins
     if not named and host not in policy.site_hosts:
         raise RefusedSource(f"refusing release {shown!r}: host {host!r} is neither the releases feed's site nor "
@@ -116,7 +157,10 @@ def _check_http(url: str, parsed, policy: SourcePolicy, resolve: Resolver) -> No
         return  # the operator named this host or origin: internal addresses included
     if parsed.scheme.lower() != "https" and _origin(url) != policy.api_origin:
         raise RefusedSource(f"refusing release {shown!r}: the feed's site is fetched over https only")
-    port = parsed.port or (443 if parsed.scheme.lower() == "https" else 80)
+    _check_public(shown, host, parsed.port or (443 if parsed.scheme.lower() == "https" else 80), resolve)
+
+
+def _check_public(shown: str, host: str, port: int, resolve: Resolver) -> None:
     try:
         addresses = resolve(host, port)
     except OSError as exc:
@@ -126,6 +170,24 @@ def _check_http(url: str, parsed, policy: SourcePolicy, resolve: Resolver) -> No
     if internal or not addresses:
         raise RefusedSource(f"refusing release {shown!r}: host {host!r} resolves to a non-public address "
                             f"({', '.join(internal) or 'none'}); name it in DOCSRAG_RELEASE_HOSTS if it is trusted")
+
+
+# What of GitHub belongs to a repository, as a path's first segments (the rest is the tag and asset,
+# or the API's own path): a release download, or the REST API's paths of that repository.
+_REPO_PATHS = {"github.com": "/{}/releases/download/<tag>/<asset>", "api.github.com": "/repos/{}/..."}
+
+
+def _of_repo(host: str, url: str, repo: str) -> bool:
+    """Whether ``url`` on GitHub's ``host`` is the repository's own. Each segment is read decoded and
+    '.', '..' or an encoded '/' are refused: a client or GitHub resolving them would land elsewhere."""
+    raw = urlsplit(url).path.split("/")[1:]
+    segments = [unquote(segment) for segment in raw]
+    if any(not s or s in (".", "..") or "/" in s for s in segments):
+        return False
+    if host == "api.github.com":
+        return len(segments) >= 3 and segments[0] == "repos" and "/".join(segments[1:3]).lower() == repo
+    return (len(segments) >= 6 and "/".join(segments[:2]).lower() == repo
+            and segments[2:4] == ["releases", "download"])
 
 
 def _check_s3(url: str, parsed, policy: SourcePolicy) -> None:

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from tasks.settings import Settings
-from tasks.source_policy import RefusedSource, check_source, check_version, policy_for
+from tasks.source_policy import RefusedSource, check_redirect, check_source, check_version, policy_for
 from tests.conftest import ROOT
 
 FAQ = "milvus_docs_faq_2.4.x_en.zip"
@@ -39,8 +39,91 @@ def test_the_feeds_own_site_over_https_is_allowed():
                  policy(), public)
 
 
+class Lookups:
+    """A resolver that answers a public address and remembers each name it was asked."""
+
+    def __init__(self):
+        self.names: list[str] = []
+
+    def __call__(self, host: str, port: int) -> list[str]:
+        self.names.append(host)
+        return public(host, port)
+
+
+FOREIGN = "https://github.com/someone-else/x/releases/download/v999/milvus_docs_999.0.x_en.zip"
+
+
+def test_a_github_url_of_another_repository_is_refused_before_any_lookup():
+    """The issue's reproduction: the host is GitHub's, the repository is someone else's."""
+    lookups = Lookups()
+    message = refusal(FOREIGN, lookups)
+    assert "milvus-io/milvus-docs" in message and "DOCSRAG_RELEASE_REPO" in message, message
+    assert lookups.names == []
+
+
+@pytest.mark.parametrize("url", [
+    "https://github.com/milvus-io/milvus-docs-fork/releases/download/v2.4.6/milvus_docs_2.4.x_en.zip",
+    "https://github.com/milvus-io/milvus-docs/archive/refs/heads/main.zip",  # not a release download
+    "https://github.com/milvus-io/milvus-docs/releases/download/v2.4.6",  # no asset
+    "https://github.com/milvus-io/milvus-docs/releases/download/v/../../../../someone-else/x/releases/download/v/a.zip",
+    "https://github.com/milvus-io/milvus-docs/releases/download/v/%2e%2e/%2E%2E/../../someone-else/x/a.zip",
+    "https://github.com/milvus-io%2Fmilvus-docs/releases/download/v/a.zip",
+    "https://github.com//milvus-io/milvus-docs/releases/download/v/a.zip",
+    "https://api.github.com/repos/someone-else/x/releases/assets/1",
+    "https://api.github.com/users/milvus-io/repos",
+])
+def test_on_github_only_the_configured_repositorys_releases_are_fetched(url):
+    lookups = Lookups()
+    assert "DOCSRAG_RELEASE_REPO" in refusal(url, lookups)
+    assert lookups.names == []
+
+
+def test_the_repository_is_compared_as_github_does_without_case():
+    for url in ("https://github.com/Milvus-IO/Milvus-Docs/releases/download/v2.4.6/milvus_docs_2.4.x_en.zip",
+                "https://github.com/milvus-io/milvus-docs/releases/download/release/2.4/milvus_docs_2.4.x_en.zip",
+                "https://api.github.com/repos/milvus-io/milvus-docs/releases/assets/123",
+                "https://API.GitHub.com/repos/Milvus-io/milvus-docs/releases"):
+        check_source(url, policy(), public)
+    other = "https://github.com/Someone-Else/X/releases/download/v1/milvus_docs_2.4.x_en.zip"
+    check_source(other, policy(release_repo="someone-else/x"), public)
+    assert "someone-else/x" in refusal(FOREIGN.replace("someone-else/x", "milvus-io/milvus-docs"), public,
+                                       release_repo="someone-else/x")
+
+
+def test_naming_github_in_release_hosts_does_not_open_other_repositories():
+    assert "DOCSRAG_RELEASE_REPO" in refusal(FOREIGN, public, release_hosts="github.com")
+
+
+ASSET = "https://objects.githubusercontent.com/github-production-release-asset-2e65be/1/2?X-Amz-Signature=s"
+DOWNLOAD = "https://github.com/milvus-io/milvus-docs/releases/download/v2.4.6/milvus_docs_2.4.x_en.zip"
+
+
+def test_a_release_download_may_redirect_to_githubs_asset_hosts_only():
+    allowed = policy()
+    check_redirect(ASSET, DOWNLOAD, allowed, public)
+    check_redirect(ASSET.replace("objects.", "release-assets."), DOWNLOAD, allowed, public)
+    check_redirect(ASSET, "https://api.github.com/repos/milvus-io/milvus-docs/releases/assets/1", allowed, public)
+    with pytest.raises(RefusedSource, match="DOCSRAG_RELEASE_HOSTS"):  # only GitHub sends a run there
+        check_redirect(ASSET, "https://mirror.example/x.zip", policy(release_hosts="mirror.example"), public)
+    with pytest.raises(RefusedSource, match="https only"):
+        check_redirect(ASSET.replace("https:", "http:"), DOWNLOAD, allowed, public)
+    with pytest.raises(RefusedSource, match="DOCSRAG_RELEASE_REPO"):
+        check_redirect(FOREIGN, DOWNLOAD, allowed, public)
+    with pytest.raises(RefusedSource, match="DOCSRAG_RELEASE_HOSTS"):
+        check_redirect("https://evil.example/x.zip", DOWNLOAD, allowed, public)
+
+
+def test_a_redirect_is_checked_as_its_target_resolves():
+    lookups = Lookups()
+    with pytest.raises(RefusedSource, match="non-public address"):
+        check_redirect(ASSET, DOWNLOAD, policy(), lambda host, port: ["127.0.0.1"])
+    check_redirect(ASSET, DOWNLOAD, policy(), lookups)
+    assert lookups.names == ["objects.githubusercontent.com"]
+
+
 def test_the_feeds_site_is_fetched_over_https_only():
-    assert "https only" in refusal("http://github.com/o/r/releases/download/v/milvus_docs_2.4.x_en.zip", public)
+    http = "http://github.com/milvus-io/milvus-docs/releases/download/v/milvus_docs_2.4.x_en.zip"
+    assert "https only" in refusal(http, public)
 
 
 def test_hosts_off_the_feeds_site_are_refused_unless_named():
@@ -157,6 +240,7 @@ def run_from_deployment(deployment_id, **parameters):
     ("file:///etc/passwd", "DOCSRAG_RELEASE_FOLDERS"),
     ("/etc/passwd", "DOCSRAG_RELEASE_FOLDERS"),
     ("s3://another-bucket/x.zip", "DOCSRAG_RELEASE_BUCKETS"),
+    (FOREIGN, "DOCSRAG_RELEASE_REPO"),  # refused by its path, where it once failed by the name's lookup
 ])
 def test_a_deployment_run_refuses_what_the_operator_did_not_allow(ingest_deployment, home, release, reason):
     state = run_from_deployment(ingest_deployment, release=release, version="999.0")

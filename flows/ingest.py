@@ -90,10 +90,11 @@ def _transient(task, task_run, state) -> bool:
 def fetch(settings: Settings, objects: ObjectStore, version: str | None) -> Release:
     from tasks.source_policy import check_run_source  # a deployment's run fetches only what the operator allows
 
-    check_run_source(settings, version)
+    redirects = check_run_source(settings, version)
     rel = fetch_release(settings.release_url, home=settings.home, store=objects, version=version,
                         timeout_s=settings.download_timeout_s, s3_endpoint_url=settings.s3_endpoint_url,
-                        max_bytes=settings.max_archive_bytes, deadline_s=settings.download_deadline_s)
+                        max_bytes=settings.max_archive_bytes, deadline_s=settings.download_deadline_s,
+                        check_redirect=redirects)
     get_run_logger().info("Fetched %s: version %s, %s bytes, sha256 %s (%s)", rel.url, rel.version,
                           f"{rel.size:,}", rel.sha256, "archived" if rel.newly_archived else "already archived")
     name_run(f"ingest {rel.version}")

@@ -13,6 +13,8 @@ import time
 import uuid
 import zipfile
 import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
@@ -31,6 +33,10 @@ _COPY_CHUNK = 1024 * 1024
 # Set when the process is asked to stop (SIGTERM): downloads in worker threads end at their next block.
 stopping = threading.Event()
 MAX_RETRY_AFTER_S = 30  # the longest wait a fetch retry honours; beyond it the run fails saying when to retry
+MAX_REDIRECTS = 5  # GitHub's release download takes one (to its asset host); a chain past this is refused
+# Shown each redirect's target and the URL that gave it, before the target is asked: raises to refuse
+# it (a deployment's run passes its source policy, tasks/source_policy.py).
+RedirectCheck = Callable[[str, str], None]
 
 
 class ReleaseError(RuntimeError):
@@ -87,13 +93,15 @@ def release_version(url: str) -> str | None:
 
 def fetch_release(url: str, *, home: Path, store: ObjectStore, version: str | None = None,
                   timeout_s: float = 60.0, s3_endpoint_url: str | None = None, max_bytes: int = 512 * 1024**2,
-                  deadline_s: float = 1800.0) -> Release:
-    """Bring the zip to local disk, hash it and archive it under version and sha256."""
+                  deadline_s: float = 1800.0, check_redirect: RedirectCheck | None = None) -> Release:
+    """Bring the zip to local disk, hash it and archive it under version and sha256. Over http(s),
+    each redirect is shown to ``check_redirect`` before it is followed."""
     named = version or release_version(url)
     if named:
         checked_version(named)  # before anything is downloaded
     downloads = home / "downloads"
-    local, downloaded = _local_copy(url, downloads, timeout_s, s3_endpoint_url, max_bytes, deadline_s)
+    local, downloaded = _local_copy(url, downloads, timeout_s, s3_endpoint_url, max_bytes, deadline_s,
+                                    check_redirect)
     sha256, size = _digest(local)
     if downloaded:  # by content: a concurrent run of the same release writes the same bytes there
         final = downloads / sha256 / _asset_name(urlparse(url).path)
@@ -109,11 +117,11 @@ def fetch_release(url: str, *, home: Path, store: ObjectStore, version: str | No
 
 
 def _local_copy(url: str, downloads: Path, timeout_s: float, s3_endpoint_url: str | None, max_bytes: int,
-                deadline_s: float) -> tuple[Path, bool]:
+                deadline_s: float, check_redirect: RedirectCheck | None) -> tuple[Path, bool]:
     """-> (a local file, whether it is a scratch copy of this run's own)."""
     parsed = urlparse(url)
     if parsed.scheme in ("http", "https"):
-        return _download(url, _scratch(downloads), timeout_s, max_bytes, deadline_s), True
+        return _download(url, _scratch(downloads), timeout_s, max_bytes, deadline_s, check_redirect), True
     if parsed.scheme == "s3":
         return _s3_copy(url, _scratch(downloads), s3_endpoint_url, max_bytes), True
     if len(parsed.scheme) > 1 and parsed.scheme != "file":  # one letter: a Windows drive, a path
@@ -152,15 +160,16 @@ def _asset_name(url_path: str) -> str:
     return name.lstrip(".") or "release.zip"
 
 
-def _download(url: str, target: Path, timeout_s: float, max_bytes: int, deadline_s: float) -> Path:
+def _download(url: str, target: Path, timeout_s: float, max_bytes: int, deadline_s: float,
+              check_redirect: RedirectCheck | None) -> Path:
     """Stream to ``target``, a scratch file deleted on any failure, so a dead connection never leaves
     a half zip where a release is looked for. Stops at
     ``max_bytes`` and after ``deadline_s`` overall (a server trickling bytes keeps every read alive);
-    redirects are followed over http(s) only."""
+    redirects are followed over http(s) only, each shown to ``check_redirect`` first."""
     partial, shown = target, redact_url(url)
     deadline = time.monotonic() + deadline_s
     try:
-        with httpx.stream("GET", url, follow_redirects=True, timeout=timeout_s) as response:
+        with httpx.Client(timeout=timeout_s) as client, _followed(client, url, shown, check_redirect) as response:
             _check_status(response, shown)
             written = 0
             with partial.open("wb") as out:
@@ -186,6 +195,27 @@ def _download(url: str, target: Path, timeout_s: float, max_bytes: int, deadline
         partial.unlink(missing_ok=True)
         raise
     return partial
+
+
+@contextmanager
+def _followed(client: httpx.Client, url: str, shown: str, check_redirect: RedirectCheck | None
+              ) -> Iterator[httpx.Response]:
+    """The streamed response at the end of ``url``'s redirects. httpx would follow them unseen: here
+    each target is checked before a request is sent to it."""
+    for _ in range(MAX_REDIRECTS + 1):
+        response = client.send(client.build_request("GET", url), stream=True)
+        if response.next_request is None:  # not a redirect: the answer itself
+            try:
+                yield response
+            finally:
+                response.close()
+            return
+        response.close()
+        target = str(response.next_request.url)
+        if check_redirect:
+            check_redirect(target, url)
+        url = target
+    raise ReleaseError(f"download of {shown} refused: more than {MAX_REDIRECTS} redirects")
 
 
 def _check_status(response: httpx.Response, shown: str) -> None:

@@ -38,11 +38,12 @@ import ipaddress
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlparse, urlsplit
 
 from tasks.redaction import redact_url
-from tasks.release import ReleaseError, release_version
+from tasks.release import RedirectCheck, ReleaseError, release_version
 from tasks.settings import Settings
 
 Resolver = Callable[[str, int], list[str]]
@@ -116,7 +117,10 @@ def check_redirect(url: str, came_from: str, policy: SourcePolicy, resolve: Reso
             raise RefusedSource(f"refusing the redirect to {shown!r}: not a valid URL") from None
         _check_public(shown, host, port, resolve or _resolve)
         return
-    check_source(url, policy, resolve)
+    try:
+        check_source(url, policy, resolve)
+    except RefusedSource as exc:
+        raise RefusedSource(f"{redact_url(came_from)[:200]!r} redirected the download: {exc}") from None
 
 
 def check_version(url: str, version: str | None) -> None:
@@ -128,15 +132,18 @@ def check_version(url: str, version: str | None) -> None:
                             f"asset name says {named!r}")
 
 
-def check_run_source(settings: Settings, version: str | None = None) -> None:
+def check_run_source(settings: Settings, version: str | None = None) -> RedirectCheck | None:
     """The ingest flow's guard: in a run a deployment started (an event, a schedule, the API), the
-    release must be one the operator allows. The operator's own command is not limited."""
+    release must be one the operator allows, and so must each redirect its download is given (the
+    check returned, for ``fetch_release``). The operator's own command is not limited (None)."""
     from prefect.runtime import deployment
 
     if deployment.id is None:
-        return
-    check_source(settings.release_url, policy_for(settings))
+        return None
+    policy = policy_for(settings)
+    check_source(settings.release_url, policy)
     check_version(settings.release_url, version)
+    return partial(check_redirect, policy=policy)
 
 
 # ---------------------------------------------------------------- one scheme each

@@ -169,6 +169,52 @@ def test_http_not_found_is_a_clear_error(tmp_path, http_dir):
         fetch_release(f"{base}/missing.zip", home=tmp_path, store=LocalStore(tmp_path / "o"))
 
 
+class Hops:
+    """A redirect check that allows what ``allowed`` names and remembers every hop it was shown."""
+
+    def __init__(self, *allowed: str):
+        self.allowed, self.seen = allowed, []
+
+    def __call__(self, url: str, came_from: str) -> None:
+        self.seen.append((url, came_from))
+        if not url.startswith(self.allowed):
+            raise ReleaseError(f"refusing the redirect to {url}")
+
+
+def test_each_redirect_is_checked_before_it_is_followed(tmp_path, http_dir):
+    from tests.test_source_policy import Redirecting, Watched
+
+    served, base = http_dir
+    make_zip(served / "milvus_docs_1.2.x_en.zip", GOOD)
+    internal = Watched()
+    mirror, elsewhere = Redirecting(f"{base}/milvus_docs_1.2.x_en.zip"), Redirecting(internal.url + "/x.zip")
+    hops, store = Hops(base), LocalStore(tmp_path / "objects")
+    rel = fetch_release(f"{mirror.url}/milvus_docs_1.2.x_en.zip", home=tmp_path / "home", store=store,
+                        check_redirect=hops)
+    assert rel.path.read_bytes() == (served / "milvus_docs_1.2.x_en.zip").read_bytes()
+    assert hops.seen == [(f"{base}/milvus_docs_1.2.x_en.zip", f"{mirror.url}/milvus_docs_1.2.x_en.zip")]
+    with pytest.raises(ReleaseError, match="refusing the redirect"):
+        fetch_release(f"{elsewhere.url}/milvus_docs_1.2.x_en.zip", home=tmp_path / "home", store=store,
+                      check_redirect=hops)
+    assert internal.requests == [] and not list((tmp_path / "home" / "downloads").glob(".*.partial"))
+    local = Redirecting((served / "milvus_docs_1.2.x_en.zip").as_uri())
+    with pytest.raises(ReleaseError, match="not http"):  # with or without a check
+        fetch_release(f"{local.url}/milvus_docs_1.2.x_en.zip", home=tmp_path / "home", store=store)
+    for server in (internal, mirror, elsewhere, local):
+        server.server.shutdown()
+
+
+def test_a_redirect_loop_ends_with_a_clear_error(tmp_path):
+    from tests.test_source_policy import Redirecting
+
+    loop = Redirecting("/again")
+    with pytest.raises(ReleaseError, match="redirects"):
+        fetch_release(f"{loop.url}/milvus_docs_1.2.x_en.zip", home=tmp_path, store=LocalStore(tmp_path / "o"),
+                      check_redirect=Hops(loop.url))
+    loop.server.shutdown()
+    assert len(loop.requests) <= 6
+
+
 def test_dead_server_is_transient(tmp_path):
     from tasks.release import TransientFetchError
 

@@ -214,6 +214,28 @@ class Watched:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
 
+class Redirecting:
+    """An HTTP server that answers every request with a redirect to ``target`` (and counts them)."""
+
+    def __init__(self, target: str):
+        self.requests: list[str] = []
+        requests = self.requests
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                requests.append(self.path)
+                self.send_response(302)
+                self.send_header("Location", target)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
 @pytest.fixture(scope="module")
 def ingest_deployment(prefect_server):
     from flows.ingest import ingest_release
@@ -254,6 +276,20 @@ def test_a_deployment_run_sends_no_request_to_a_loopback_server(ingest_deploymen
     server.server.shutdown()
     assert state.is_failed() and "DOCSRAG_RELEASE_HOSTS" in state.message, state.message
     assert server.requests == []
+    assert not (home / "milvus.db").exists()
+
+
+def test_a_deployment_run_follows_no_redirect_the_policy_refuses(ingest_deployment, home, monkeypatch):
+    """An allowed mirror sends the run to an internal server: that hop is checked before it is asked."""
+    internal = Watched()
+    mirror = Redirecting(f"{internal.url}/milvus_docs_999.0_en.zip")
+    monkeypatch.setenv("DOCSRAG_RELEASE_HOSTS", mirror.url)
+    state = run_from_deployment(ingest_deployment, release=f"{mirror.url}/milvus_docs_2.4.x_en.zip")
+    mirror.server.shutdown()
+    internal.server.shutdown()
+    assert state.is_failed() and "DOCSRAG_RELEASE_HOSTS" in state.message and "redirect" in state.message, \
+        state.message
+    assert len(mirror.requests) == 1 and internal.requests == []
     assert not (home / "milvus.db").exists()
 
 

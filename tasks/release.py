@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
-from urllib.parse import unquote, urlparse
+from urllib.parse import unquote, urlparse, urlsplit
 
 import httpx
 
@@ -86,9 +86,21 @@ def has_credentials(url: str) -> bool:
 
 
 def release_version(url: str) -> str | None:
-    """The docs version named in the asset name: ``milvus_docs_2.4.x_en.zip`` -> ``2.4.x``."""
-    found = _VERSION.search(PurePosixPath(urlparse(url).path or url).name)
+    """The docs version named in the asset name: ``milvus_docs_2.4.x_en.zip`` -> ``2.4.x``. The name
+    is read as its server reads it (an http path decoded, ';' included): ``milvus_docs_%32.4.x_en.zip``
+    is the 2.4.x asset, not a release 32.4.x that would sort above every genuine one."""
+    found = _VERSION.search(_asset_name_of(url))
     return found.group(1) if found else None
+
+
+def _asset_name_of(url: str) -> str:
+    """The asset's file name as its fetcher reads it: an http(s) server and a file URL decode the
+    path, an S3 key and a local path are taken as written."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme in ("http", "https", "file"):
+        return PurePosixPath(unquote(parts.path)).name
+    return PurePosixPath(parts.path if scheme == "s3" else url).name
 
 
 def fetch_release(url: str, *, home: Path, store: ObjectStore, version: str | None = None,
@@ -104,7 +116,7 @@ def fetch_release(url: str, *, home: Path, store: ObjectStore, version: str | No
                                     check_redirect)
     sha256, size = _digest(local)
     if downloaded:  # by content: a concurrent run of the same release writes the same bytes there
-        final = downloads / sha256 / _asset_name(urlparse(url).path)
+        final = downloads / sha256 / _asset_name(url)
         final.parent.mkdir(parents=True, exist_ok=True)
         local = local.replace(final)
     version = named or f"sha-{sha256[:12]}"
@@ -155,8 +167,8 @@ def _s3_copy(url: str, target: Path, s3_endpoint_url: str | None, max_bytes: int
     return target
 
 
-def _asset_name(url_path: str) -> str:
-    name = re.sub(r"[^\w.-]", "_", PurePosixPath(unquote(url_path)).name)[:200]  # a plain local file name
+def _asset_name(url: str) -> str:
+    name = re.sub(r"[^\w.-]", "_", _asset_name_of(url))[:200]  # a plain local file name
     return name.lstrip(".") or "release.zip"
 
 

@@ -124,6 +124,15 @@ def test_version_from_asset_name():
     assert release_version("docs.zip") is None
 
 
+def test_the_version_is_read_from_the_name_the_server_sees():
+    """A server decodes the path: '%32.4.x' is the 2.4.x asset, not a release 32.4.x that would sort
+    above every genuine one."""
+    assert release_version("https://x/y/milvus_docs_%32.4.x_en.zip") == "2.4.x"
+    assert release_version("https://x/y/a;milvus_docs_2.5.x_en.zip") == "2.5.x"  # ';' is part of the name
+    assert release_version("/data/milvus_docs_%32.6.x_en.zip") == "32.6.x"  # a local name is not decoded
+    assert release_version("s3://b/milvus_docs_%32.6.x_en.zip") == "32.6.x"  # nor is an S3 key
+
+
 def test_fetch_from_path_archives_once(tmp_path):
     archive = make_zip(tmp_path / "milvus_docs_9.9.x_en.zip", GOOD)
     store = LocalStore(tmp_path / "objects")
@@ -161,6 +170,8 @@ def test_fetch_over_http_streams_and_archives(tmp_path, http_dir):
     assert not list(rel.path.parent.glob("*.partial"))
     again = fetch_release(f"{base}/milvus_docs_1.2.x_en.zip", home=tmp_path / "home", store=store)
     assert again.sha256 == rel.sha256 and not again.newly_archived
+    encoded = fetch_release(f"{base}/milvus_docs_%31.2.x_en.zip", home=tmp_path / "home", store=store)
+    assert encoded.sha256 == rel.sha256 and encoded.version == "1.2.x"
 
 
 def test_http_not_found_is_a_clear_error(tmp_path, http_dir):

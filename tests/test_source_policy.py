@@ -189,6 +189,8 @@ def test_a_version_that_contradicts_the_asset_name_is_refused():
     check_version("https://github.com/o/r/releases/download/v/docs.zip", "2.4.x")  # nothing to contradict
     with pytest.raises(RefusedSource, match="999.0"):
         check_version("https://github.com/o/r/releases/download/v/milvus_docs_2.4.x_en.zip", "999.0")
+    with pytest.raises(RefusedSource, match="asset name says '2.4.x'"):  # as the server decodes it
+        check_version("https://github.com/o/r/releases/download/v/milvus_docs_%32.4.x_en.zip", "32.4.x")
 
 
 # ---------------------------------------------------------------- in the flow, from a deployment

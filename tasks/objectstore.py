@@ -63,7 +63,17 @@ class LocalStore:
         return path.read_bytes() if path.is_file() else None
 
     def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        """The object, and the folders of its key that it leaves empty (``releases/<version>/<sha256>/``
+        of a refused archive), up to the store's root."""
+        path = self._path(key)
+        path.unlink(missing_ok=True)
+        for folder in path.parents:
+            if folder == self.root or not folder.is_relative_to(self.root):
+                break
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (or already gone): an earlier folder of the key holds others
+                break
 
     def uri(self, key: str) -> str:
         return self._path(key).resolve().as_uri()

@@ -323,7 +323,19 @@ def _checked_members(archive: zipfile.ZipFile, max_bytes: int, max_files: int) -
     files = [info for info in infos if not info.is_dir()]
     if not any(info.filename.lower().endswith(".md") for info in files):
         raise ReleaseError("the archive holds no markdown (.md) files")
+    _check_tree(files)
     return files
+
+
+def _check_tree(files: list[zipfile.ZipInfo]) -> None:
+    """A name that is a file and also the folder of another entry (``en/a.md``, ``en/a.md/b.md``) has
+    no tree to extract to: refused before a byte is written, whichever comes first in the archive."""
+    paths = {PurePosixPath(info.filename.replace("\\", "/")) for info in files}
+    for path in paths:
+        clash = next((parent for parent in path.parents if parent in paths), None)
+        if clash is not None:
+            raise ReleaseError(f"refusing archive: {clash.as_posix()!r} is both a file and a folder "
+                               f"(of {path.as_posix()[:200]!r})")
 
 
 def _check_entry(info: zipfile.ZipInfo) -> None:

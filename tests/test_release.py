@@ -57,6 +57,32 @@ def test_refuses_hostile_paths(tmp_path, name, reason):
     assert not any((tmp_path / "out").glob("*/en/a.md")), "nothing is extracted from a refused archive"
 
 
+FILE_AND_FOLDER = {"en/a.md": b"# A\n", "en/a.md/b.md": b"# B\n"}
+
+
+@pytest.mark.parametrize("entries", [FILE_AND_FOLDER, dict(reversed(FILE_AND_FOLDER.items()))])
+def test_refuses_a_file_and_a_folder_of_one_name(tmp_path, entries):
+    archive = make_zip(tmp_path / "r.zip", entries)
+    with pytest.raises(ReleaseError, match="'en/a.md' is both a file and a folder"):
+        extract(archive, tmp_path / "out")
+    assert not list((tmp_path / "out").glob("*/**/*.md"))  # the scratch tree is gone
+
+
+def test_a_refused_archive_is_not_kept_in_the_object_store(tmp_path):
+    """The ingest flow's extract stage forgets what it refused: no archive, no empty folders left."""
+    from flows.ingest import extract as extract_stage
+    from tasks.settings import Settings
+
+    archive = make_zip(tmp_path / "milvus_docs_9.8.x_en.zip", FILE_AND_FOLDER)
+    objects, settings = tmp_path / "objects", Settings.model_validate({"home": tmp_path / "home"})
+    (objects / "reports").mkdir(parents=True)  # the store's other folders stay
+    rel = fetch_release(str(archive), home=settings.home, store=LocalStore(objects))
+    assert rel.newly_archived and (objects / rel.archive_key).is_file()
+    with pytest.raises(ReleaseError, match="both a file and a folder"):
+        extract_stage.fn(settings, LocalStore(objects), rel)
+    assert [p.relative_to(objects).as_posix() for p in objects.rglob("*")] == ["reports"]
+
+
 def test_refuses_symbolic_links(tmp_path):
     archive = make_zip(tmp_path / "r.zip", GOOD, links={"en/link.md": "/etc/passwd"})
     with pytest.raises(ReleaseError, match="symbolic link"):

@@ -36,7 +36,7 @@ from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, StatementError
 from tasks import language
 from tasks.queue_schema import metadata, open_schema, questions  # noqa: F401 - metadata: tests drop the tables
 from tasks.records import (
-    MAX_ERROR_CHARS, MAX_PRIORITY, STATUSES, QueueStats, StoredAnswer, clean, stored_question,
+    MAX_CLIENT_KEY_CHARS, MAX_ERROR_CHARS, MAX_PRIORITY, STATUSES, QueueStats, StoredAnswer, clean, stored_question,
 )
 from tasks.settings import Settings
 
@@ -78,9 +78,11 @@ class Queue:
                    max_attempts=settings.max_attempts, lease_s=settings.lease_s, backoff_s=settings.retry_backoff_s)
 
     def submit(self, question: str, *, version: str | None = None, client_key: str | None = None,
-               priority: int = 0, lang: str | None = None, docs_lang: str | None = None) -> tuple[int, bool]:
-        """Queue a question; with a client key, submitting again returns the first id. -> (id, created).
-        ``lang`` (ISO 639-1) is the language to answer in; detected from the question when not given."""
+               priority: int = 0, lang: str | None = None, docs_lang: str | None = None,
+               owner: str = "") -> tuple[int, bool]:
+        """Queue a question; with a client key, the same owner submitting again gets the first id.
+        -> (id, created). ``lang`` (ISO 639-1) is the language to answer in; detected from the
+        question when not given. ``owner``: who asks (tasks.api_guard.owner_of; "" the machine's own)."""
         question = stored_question(question).strip()  # as asked: only what the database cannot store goes
         if not question:
             raise QuestionError("the question is empty")
@@ -92,13 +94,14 @@ class Queue:
         for given in (lang, docs_lang):
             if given is not None and not _LANG.fullmatch(given):
                 raise QuestionError(f"the language must be an ISO 639-1 code like 'ko', not {given!r}")
+        check_client_key(client_key)
         lang = lang or language.detect(question)
         stamp = now()
         try:
             with self.engine.begin() as db:
                 new_id = db.execute(insert(questions).values(
                     question=question, version=version, lang=lang, docs_lang=docs_lang,
-                    client_key=client_key, status="pending", attempts=0, priority=priority,
+                    client_key=client_key, owner=owner, status="pending", attempts=0, priority=priority,
                     claim_rank=stamp.timestamp() - priority * PRIORITY_STEP_S,
                     available_at=stamp, created_at=stamp, updated_at=stamp)).inserted_primary_key[0]
             return int(new_id), True
@@ -106,7 +109,8 @@ class Queue:
             if client_key is None:
                 raise
             with self.engine.begin() as db:
-                return int(db.scalar(select(questions.c.id).where(questions.c.client_key == client_key))), False
+                return int(db.scalar(select(questions.c.id).where(
+                    (questions.c.owner == owner) & (questions.c.client_key == client_key)))), False
 
     def claim(self, limit: int, owner: str) -> list[Claimed]:
         """Lease up to ``limit`` questions that are due, in claim order: pending, failed past their
@@ -258,8 +262,7 @@ class Queue:
                 questions.c.status.in_(("pending", "failed", "claimed"))))
             recent = db.scalar(select(func.count()).where(
                 (questions.c.status == "answered") & (questions.c.answered_at >= stamp - timedelta(seconds=window_s))))
-        if oldest is not None and oldest.tzinfo is None:  # SQLite hands back naive UTC
-            oldest = oldest.replace(tzinfo=timezone.utc)
+        oldest = utc(oldest) if oldest is not None else None
         return QueueStats(self.counts(), round((stamp - oldest).total_seconds(), 1) if oldest else None,
                           round(recent / window_s, 3), window_s)
 
@@ -291,12 +294,24 @@ def _short(exc: Exception) -> str:
     return f"{type(orig).__name__}: {str(orig).strip().splitlines()[0] if str(orig).strip() else ''}"[:500]
 
 
+def check_client_key(key: str | None) -> None:
+    """The same bound on SQLite (which would store any length) as on PostgreSQL (varchar)."""
+    if key is not None and not 1 <= len(key) <= MAX_CLIENT_KEY_CHARS:
+        raise QuestionError(f"the client key must be 1 to {MAX_CLIENT_KEY_CHARS} characters, not {len(key)}")
+
+
 def _record(row) -> dict:
     record = dict(row)
     for key in ("created_at", "updated_at", "answered_at", "lease_expires_at", "available_at"):
         if record.get(key) is not None:
-            record[key] = record[key].isoformat()
+            record[key] = utc(record[key]).isoformat()
     return record
+
+
+def utc(moment: datetime) -> datetime:
+    """SQLite hands timestamps back naive (stored as UTC); PostgreSQL aware: both become aware UTC,
+    so a browser never reads one as local time."""
+    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
 
 
 def _engine(url: str) -> Engine:

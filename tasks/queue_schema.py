@@ -13,13 +13,18 @@ old database do not both create or alter, and a worker on an up-to-date one read
 from __future__ import annotations
 
 from sqlalchemy import (
-    JSON, Column, DateTime, Float, Index, Integer, MetaData, String, Table, Text, func, inspect, select, text,
+    JSON, Column, DateTime, Float, Index, Integer, MetaData, String, Table, Text, UniqueConstraint, func, inspect,
+    select, text,
 )
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import FunctionElement
 
-SCHEMA_VERSION = 2  # 1: the table as first released (columns added on open); 2: database-side defaults
+from tasks.records import MAX_CLIENT_KEY_CHARS, MAX_OWNER_CHARS
+
+# 1: the table as first released (columns added on open); 2: database-side defaults;
+# 3: ``owner`` (the API token that asked), ``client_key`` unique per owner instead of globally
+SCHEMA_VERSION = 3
 _LOCK_KEY = 0x646F63737261  # "docsra": the advisory lock every docsrag queue migration takes
 
 
@@ -57,11 +62,15 @@ def _now_sqlite(element, compiler, **kw):
     return "strftime('%Y-%m-%d %H:%M:%f', 'now')"
 
 
+OWNER_KEY = "docsrag_questions_owner_key"
 metadata = MetaData()
 questions = Table(
     "docsrag_questions", metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("client_key", String(200), unique=True),
+    # Who asked: a hash of the API token (tasks.api_guard.owner_of), never the token; "" for the
+    # machine's own questions (the CLI, the API without tokens, a product writing rows itself).
+    Column("owner", String(MAX_OWNER_CHARS), nullable=False, server_default=text("''")),
+    Column("client_key", String(MAX_CLIENT_KEY_CHARS)),  # unique per owner: one token cannot name another's
     Column("question", Text, nullable=False),
     Column("version", String(64)),
     Column("lang", String(8)),  # ISO 639-1, detected at submit (or when claimed, for rows written by others)
@@ -87,6 +96,7 @@ questions = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=utc_now()),
     Column("answered_at", DateTime(timezone=True)),
     Index("docsrag_questions_due", "status", "claim_rank"),
+    UniqueConstraint("owner", "client_key", name=OWNER_KEY),
 )
 schema = Table("docsrag_schema", metadata, Column("version", Integer, primary_key=True),
                Column("applied_at", DateTime(timezone=True), nullable=False, server_default=utc_now()))
@@ -147,6 +157,18 @@ def _alter_postgresql(db: Connection) -> None:
         elif column.server_default is not None:
             default = ddl.get_column_default_string(column)
             db.execute(text(f"ALTER TABLE {questions.name} ALTER COLUMN {column.name} SET DEFAULT {default}"))
+    _client_key_per_owner(db)
+
+
+def _client_key_per_owner(db: Connection) -> None:
+    """Schema 3: a client key is unique per owner. The global one (``UNIQUE (client_key)``, as
+    versions 1-2 created it) would let one token's key return another token's question."""
+    unique = inspect(db).get_unique_constraints(questions.name)
+    for constraint in unique:
+        if constraint["column_names"] == ["client_key"]:
+            db.execute(text(f'ALTER TABLE {questions.name} DROP CONSTRAINT "{constraint["name"]}"'))
+    if not any(c["name"] == OWNER_KEY for c in unique):
+        db.execute(text(f"ALTER TABLE {questions.name} ADD CONSTRAINT {OWNER_KEY} UNIQUE (owner, client_key)"))
 
 
 def _rebuild_sqlite(db: Connection) -> None:

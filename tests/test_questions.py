@@ -204,3 +204,49 @@ def test_a_queue_from_before_languages_gets_the_column_on_open(queue_url):
     [claimed] = reopened.claim(1, "w")
     assert (claimed.id, claimed.lang) == (qid, None), "an old question has no language until it is answered"
     assert reopened.get(qid)["lang"] is None
+
+
+def test_a_client_key_belongs_to_its_owner(queue_url):
+    queue = make(queue_url)
+    first, _ = queue.submit("q?", client_key="req-1", owner="t-a")
+    assert queue.submit("other?", client_key="req-1", owner="t-b")[0] != first, "another owner's key is its own"
+    assert queue.submit("q?", client_key="req-1", owner="t-a") == (first, False)
+    assert queue.submit("q?", client_key="req-1") != (first, False), "the machine's own key ('') too"
+
+
+def test_a_client_key_is_bounded_alike_on_sqlite_and_postgresql(queue_url):
+    queue = make(queue_url)
+    with pytest.raises(QuestionError, match="client key must be 1 to 200 characters, not 201"):
+        queue.submit("q?", client_key="k" * 201)
+    assert queue.submit("q?", client_key="k" * 200)[1]
+
+
+def test_timestamps_come_back_utc_aware(queue_url):
+    queue = make(queue_url)
+    qid, _ = queue.submit("q?")
+    record = queue.get(qid)
+    assert record["created_at"].endswith("+00:00") and record["available_at"].endswith("+00:00"), record
+
+
+def test_a_queue_with_a_global_client_key_is_migrated_to_one_per_owner(queue_url):
+    """A queue as schema 2 made it (``UNIQUE (client_key)``, no owner) keeps its rows and keys."""
+    from sqlalchemy import MetaData, Table, create_engine
+
+    from tasks.queue_schema import questions, schema
+
+    old = MetaData()
+    columns = [column._copy() for column in questions.columns if column.name != "owner"]
+    next(c for c in columns if c.name == "client_key").unique = True
+    table = Table(questions.name, old, *columns)
+    Table(schema.name, old, *[column._copy() for column in schema.columns])
+    engine = create_engine(queue_url.replace("postgresql://", "postgresql+psycopg://"))
+    old.create_all(engine)
+    with engine.begin() as db:
+        db.execute(table.insert().values(question="asked before", client_key="req-1"))
+        db.execute(old.tables[schema.name].insert().values(version=2))
+    engine.dispose()
+    queue = make(queue_url)
+    [row] = queue.list()
+    assert (row["question"], row["owner"], row["client_key"]) == ("asked before", "", "req-1")
+    assert queue.submit("q?", client_key="req-1") == (row["id"], False), "its key still names it"
+    assert queue.submit("q?", client_key="req-1", owner="t-b")[1], "another owner may use the same key"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from typing import TYPE_CHECKING
@@ -9,7 +10,9 @@ from typing import TYPE_CHECKING
 from flows.cli.common import (
     bounded_int, docs_choice, json_output, non_negative, positive, prefect_server, printable, runs_flows, service,
 )
-from tasks.records import MAX_PRIORITY, STATUSES  # not tasks.questions: SQLAlchemy only where the queue is used
+from tasks.records import (  # not tasks.questions: SQLAlchemy only where the queue is used
+    MAX_CLIENT_KEY_CHARS, MAX_PRIORITY, STATUSES,
+)
 from tasks.settings import Settings
 
 if TYPE_CHECKING:
@@ -27,7 +30,9 @@ def add_commands(commands) -> None:
                               help="queue a question (and wait for its answer)")
     ask.add_argument("question")
     ask.add_argument("--answer-in", metavar="LANG", help="ISO 639-1 code to answer in (default: the question's)")
-    ask.add_argument("--key", help="client key: asking again with the same key returns the same question")
+    ask.add_argument("--key", type=client_key,
+                     help=f"client key (1-{MAX_CLIENT_KEY_CHARS} characters): asking again with the same key "
+                          "returns the same question")
     ask.add_argument("--priority", type=bounded_int(-MAX_PRIORITY, MAX_PRIORITY), default=0, metavar="N",
                      help=f"-{MAX_PRIORITY}..{MAX_PRIORITY}: each level counts as five minutes of waiting "
                           "(the rest are never starved)")
@@ -53,6 +58,14 @@ def add_commands(commands) -> None:
                          help="counts per status, the oldest waiting question's age, answers/s lately, "
                               "repeats answered, feedback and coverage gaps")
     listing.set_defaults(run=_questions)
+
+
+def client_key(text: str) -> str:
+    """An argparse type: the queue's bound on a key (PostgreSQL's column), checked before any database."""
+    if not 1 <= len(text) <= MAX_CLIENT_KEY_CHARS:
+        raise argparse.ArgumentTypeError(f"a client key holds 1 to {MAX_CLIENT_KEY_CHARS} characters, "
+                                         f"not {len(text)}")
+    return text
 
 
 def _ask(args, settings: Settings) -> int:

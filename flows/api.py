@@ -1,7 +1,9 @@
 """``docsrag api``: the questions API and the page to ask on, over the queue and the index.
 
-Every route under /v1 goes through the guard (bearer tokens, or loopback only without them; a
-rate limit per caller) and answers a 4xx as JSON ``{error, reason}``. The work is the questions
+Every route under /v1 goes through the guard (``tasks.api_guard``: bearer tokens, or loopback
+only without them; a rate limit per caller) and answers a 4xx as JSON ``{error, reason}``. A
+caller token sees only the questions it asked (another's is a 404, as if there were none); an
+operator token, or the loopback user, sees every question and the stats. The work is the questions
 service's (``tasks.service``), the same the CLI calls; this module only speaks HTTP.
 """
 
@@ -28,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from flows import api_schema as schema
 from flows.api_worker import AnswerHere
 from tasks.api_guard import Caller, Guard, Refused
+from tasks.api_guard import Request as Asked
 from tasks.questions import QuestionError
 from tasks.service import NotServed, QuestionView, Service, UnknownQuestion
 from tasks.settings import Settings
@@ -38,7 +41,7 @@ PAGE = Path(__file__).with_name("page.html")
 QuestionId = Annotated[int, PathParam(ge=1, le=2**31 - 1, description="the id POST /v1/questions returned")]
 SERVED_TTL_S = 2.0  # a new collection served makes repeats stale within this
 _ERRORS = {status: {"model": schema.Error, "description": HTTPStatus(status).phrase}
-           for status in (401, 413, 422, 429, 503)}
+           for status in (401, 403, 413, 422, 429, 503)}
 _UNPARSED = "There was an error parsing the body"
 _NOT_FOUND = {404: {"model": schema.Error, "description": "no such question, or no docs served as asked"}}
 
@@ -48,11 +51,19 @@ def create_app(settings: Settings, service: Service | None = None, answer_here: 
     service = service or Service(settings, announce=_announcer(), served_ttl_s=SERVED_TTL_S)
     worker = AnswerHere(service) if answer_here else None
     guard = Guard(settings)
-    bearer = HTTPBearer(auto_error=False, description="a token of DOCSRAG_API_TOKENS (none set: loopback only)")
+    bearer = HTTPBearer(auto_error=False, description="a token of DOCSRAG_API_TOKENS (sees its own questions) or "
+                                                      "DOCSRAG_API_OPERATOR_TOKENS (sees all, and the stats); "
+                                                      "none set: loopback only")
 
     def admitted(request: Request,
                  credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Caller:
-        return guard.admit(request.headers.get("authorization"), request.client.host if request.client else None)
+        headers = request.headers
+        return guard.admit(Asked(request.method, headers.get("authorization"),
+                                 request.client.host if request.client else None, headers.get("host"),
+                                 headers.get("origin")))
+
+    Admitted = Annotated[Caller, Depends(admitted)]  # FastAPI runs it once per request, shared with the router's
+    max_wait_s = settings.api_max_wait_s
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -70,27 +81,31 @@ def create_app(settings: Settings, service: Service | None = None, answer_here: 
     QuestionRequest = schema.question_request(settings.max_question_chars)
 
     @v1.post("/questions", status_code=202, response_model=schema.Submitted, tags=["questions"])
-    def submit(body: Annotated[QuestionRequest, Body()]) -> schema.Submitted:
-        """Queue a question. A repeat of one already answered from the served docs is answered at once."""
+    def submit(body: Annotated[QuestionRequest, Body()], caller: Admitted) -> schema.Submitted:
+        """Queue a question, owned by the token that asks it. A repeat of one already answered from
+        the served docs is answered at once."""
         done = service.submit(body.question, version=body.version, docs_lang=body.lang, answer_in=body.answer_in,
-                              priority=body.priority, client_key=body.client_key)
+                              priority=body.priority, client_key=body.client_key, owner=caller.owner)
         if worker and done.status == "pending":
             worker.wake()
         return schema.Submitted(id=done.id, status=done.status, repeat_of=done.repeat_of)
 
     @v1.get("/questions/{question_id}", response_model=schema.Question, responses=_NOT_FOUND, tags=["questions"])
-    async def show(question_id: QuestionId,
-                   wait: Annotated[float, Query(ge=0, le=settings.api_max_wait_s,
-                                                description="seconds to wait for the answer (long-poll)")] = 0,
+    async def show(question_id: QuestionId, caller: Admitted,
+                   wait: Annotated[float, Query(ge=0, allow_inf_nan=False, description=(
+                       "seconds to wait for the answer (long-poll); a longer wait than the server's limit "
+                       f"(DOCSRAG_API_MAX_WAIT_S, {max_wait_s:g} here) is cut to it"))] = 0,
                    ) -> schema.Question:
-        """The question, its status and, once answered, the answer with its numbered sources."""
-        return _question(await service.wait_async(question_id, wait))
+        """The question (the caller's own; an operator's: any), its status and, once answered, the
+        answer with its numbered sources."""
+        return _question(await service.wait_async(question_id, min(wait, max_wait_s), owner=caller.sees))
 
     @v1.post("/questions/{question_id}/feedback", status_code=201, response_model=schema.FeedbackRecorded,
               responses=_NOT_FOUND, tags=["questions"])
-    def feedback(question_id: QuestionId, body: schema.FeedbackRequest) -> schema.FeedbackRecorded:
-        """Was the answer helpful? Not-helpful answers are listed among the coverage gaps."""
-        service.add_feedback(question_id, body.helpful, body.comment)
+    def feedback(question_id: QuestionId, body: schema.FeedbackRequest, caller: Admitted) -> schema.FeedbackRecorded:
+        """Was the answer helpful? (The asker's, or an operator's, say.) Not-helpful answers are
+        listed among the coverage gaps."""
+        service.add_feedback(question_id, body.helpful, body.comment, owner=caller.sees)
         return schema.FeedbackRecorded(question_id=question_id, helpful=body.helpful)
 
     @v1.get("/search", response_model=schema.SearchResults, responses=_NOT_FOUND, tags=["index"])
@@ -102,8 +117,11 @@ def create_app(settings: Settings, service: Service | None = None, answer_here: 
         return schema.SearchResults(**service.search(q, k, version, lang).as_dict())
 
     @v1.get("/stats", response_model=schema.Stats, tags=["operations"])
-    def stats() -> schema.Stats:
-        """The queue's counts and pace, repeats answered, feedback totals and coverage gaps."""
+    def stats(caller: Admitted) -> schema.Stats:
+        """The queue's counts and pace, repeats answered, feedback totals and coverage gaps (all
+        callers' questions: for operator tokens only)."""
+        if not caller.operator:
+            raise Refused(403, "the stats and coverage gaps are for the operator's tokens (DOCSRAG_API_OPERATOR_TOKENS)")
         return schema.Stats(**service.stats().as_dict())
 
     app.include_router(v1)

@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from tasks.feedback import MAX_COMMENT_CHARS
-from tasks.records import MAX_PRIORITY
+from tasks.records import MAX_CLIENT_KEY_CHARS, MAX_PRIORITY
 
 Lang = Field(None, pattern=r"^[a-z]{2,3}$", description="ISO 639-1 code, e.g. 'ko'")
 Status = Literal["pending", "claimed", "answered", "failed", "dead"]
@@ -27,8 +27,9 @@ class QuestionBase(Strict):
                                   description="language to answer in (default: the question's)")
     priority: int = Field(0, ge=-MAX_PRIORITY, le=MAX_PRIORITY,
                           description="each level counts as five minutes of waiting")
-    client_key: str | None = Field(None, min_length=1, max_length=200,
-                                   description="idempotency key: submitting again returns the first question")
+    client_key: str | None = Field(None, min_length=1, max_length=MAX_CLIENT_KEY_CHARS,
+                                   description="idempotency key, per token: the same token submitting it again "
+                                               "gets its first question back")
 
 
 def question_request(max_chars: int) -> type[QuestionBase]:
@@ -52,8 +53,8 @@ class Source(BaseModel):
 
 
 class Timings(BaseModel):
-    created_at: str | None
-    answered_at: str | None
+    created_at: str | None = Field(description="ISO 8601 with its UTC offset (+00:00)")
+    answered_at: str | None = Field(description="ISO 8601 with its UTC offset (+00:00)")
     latency_ms: int | None = Field(None, description="the model's time to answer (0: answered from a repeat)")
 
 

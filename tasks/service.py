@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
+from pymilvus.exceptions import MilvusException
+
 from tasks import store
 from tasks.api_tables import open_tables
 from tasks.coverage import Closest, CoverageGap, gaps
@@ -23,6 +25,7 @@ from tasks.feedback import Feedback, FeedbackTotals
 from tasks.index import aliases_for
 from tasks.language import DEFAULT as DEFAULT_LANGUAGE
 from tasks.questions import Queue
+from tasks.redaction import redact_text
 from tasks.records import QueueStats
 from tasks.repeats import Asked, RepeatKey, Repeats
 from tasks.settings import Settings
@@ -39,7 +42,7 @@ Announce = Callable[[int, "str | None"], None]
 
 
 class UnknownQuestion(LookupError):
-    """No question has this id."""
+    """No question has this id, or none the caller may see (the same answer: ids are not probed)."""
 
 
 class NotServed(LookupError):
@@ -151,11 +154,13 @@ class Service:
         return Feedback(self.queue.engine)
 
     def submit(self, question: str, *, version: str | None = None, docs_lang: str | None = None,
-               answer_in: str | None = None, priority: int = 0, client_key: str | None = None) -> Submitted:
+               answer_in: str | None = None, priority: int = 0, client_key: str | None = None,
+               owner: str = "") -> Submitted:
         """Queue a question (QuestionError when it cannot be), answered at once when it repeats one
-        already answered from the collection served now; announced otherwise."""
+        already answered from the collection served now; announced otherwise. ``owner``: who asks
+        (an API token's hash; "" the machine's own); a client key names that owner's questions only."""
         question_id, created = self.queue.submit(question, version=version, client_key=client_key, priority=priority,
-                                                 lang=answer_in, docs_lang=docs_lang)
+                                                 lang=answer_in, docs_lang=docs_lang, owner=owner)
         if not created:
             return Submitted(question_id, self.queue.get(question_id)["status"], False,
                              self.repeats.about(question_id).repeat_of)
@@ -177,11 +182,15 @@ class Service:
             self.repeats.remember(question_id, key, collection)
         return None
 
-    def show(self, question_id: int) -> QuestionView:
+    def show(self, question_id: int, owner: str | None = None) -> QuestionView:
+        """``owner``: the question must be this owner's (None: any, for the operator and the CLI)."""
+        return _view(self._record(question_id, owner), self.repeats.about(question_id))
+
+    def _record(self, question_id: int, owner: str | None) -> dict:
         record = self.queue.get(question_id)
-        if record is None:
+        if record is None or (owner is not None and record["owner"] != owner):
             raise UnknownQuestion(f"no question {question_id}")
-        return _view(record, self.repeats.about(question_id))
+        return record
 
     def wait(self, question_id: int, wait_s: float, *, answer_here: bool = False,
              worker_expected: bool = True) -> QuestionView:
@@ -201,14 +210,14 @@ class Service:
             view = self.show(question_id)
         return view
 
-    async def wait_async(self, question_id: int, wait_s: float) -> QuestionView:
+    async def wait_async(self, question_id: int, wait_s: float, owner: str | None = None) -> QuestionView:
         """``wait`` for an event loop: the process's one watcher polls for every waiter (tasks.waiting)."""
-        view = await asyncio.to_thread(self.show, question_id)
+        view = await asyncio.to_thread(self.show, question_id, owner)
         if not view.final and wait_s > 0:
             if self._watch is None:
                 self._watch = AnswerWatch(self.queue.engine)
             if await self._watch.wait(question_id, wait_s):
-                view = await asyncio.to_thread(self.show, question_id)
+                view = await asyncio.to_thread(self.show, question_id, owner)
         return view
 
     def drain(self, max_seconds: float, owner: str = "cli"):
@@ -226,9 +235,10 @@ class Service:
     def list(self, status: str | None, limit: int) -> list[dict]:
         return self.queue.list(status, limit)
 
-    def add_feedback(self, question_id: int, helpful: bool, comment: str | None = None) -> None:
-        if self.queue.get(question_id) is None:
-            raise UnknownQuestion(f"no question {question_id}")
+    def add_feedback(self, question_id: int, helpful: bool, comment: str | None = None,
+                     owner: str | None = None) -> None:
+        """``owner``: as for ``show``: only the asker (or the operator) rates an answer."""
+        self._record(question_id, owner)
         self.feedback_store.add(question_id, helpful, comment)
 
     # -- the index ---------------------------------------------------------------------------
@@ -250,8 +260,13 @@ class Service:
             retriever.collection(version, docs_lang)
         except store.StoreError as exc:
             raise NotServed(str(exc)) from None
+        except MilvusException as exc:  # the index is there but damaged, or Milvus failed: not the caller's doing
+            raise store.StoreError(f"Milvus failed to open the index: {redact_text(exc.message)}") from None
         [searched] = searched_as(self.settings, [query])
-        hits = retriever.search([searched], k, version, docs_lang)[0]
+        try:
+            hits = retriever.search([searched], k, version, docs_lang)[0]
+        except MilvusException as exc:
+            raise store.StoreError(f"Milvus failed a search: {redact_text(exc.message)}") from None
         return SearchResults(query, searched, [{name: hit[name] for name in RESULT_FIELDS} for hit in hits])
 
     def served(self, version: str | None, docs_lang: str | None) -> str | None:

@@ -112,10 +112,18 @@ class Settings(BaseSettings):
 
     api_tokens: SecretStr | None = Field(
         None, description="Bearer tokens the HTTP API accepts, comma-separated (none: loopback clients only).")
-    api_rate_per_min: int = Field(120, ge=1, description="Requests per minute per API token (or client address).")
+    api_operator_tokens: SecretStr | None = Field(
+        None, description="Bearer tokens of the API's operators, comma-separated: they read every question, the "
+                          "stats and the coverage gaps (DOCSRAG_API_TOKENS' callers see only their own questions).")
+    api_allowed_hosts: str = Field(
+        "", description="Without tokens (loopback mode): host names the API answers besides localhost, 127.0.0.1 "
+                        "and [::1], comma-separated (any other Host header is refused: DNS rebinding).")
+    api_rate_per_min: int = Field(120, ge=1, description="Requests per minute per API token (or, without tokens, "
+                                                         "for all loopback clients together).")
     api_max_body_bytes: int = Field(16_384, ge=1024, description="A request body larger than this is refused (413).")
     api_max_wait_s: float = Field(30.0, ge=0, le=300, allow_inf_nan=False,
-                                  description="Longest long-poll of GET /v1/questions/{id}?wait=N (seconds).")
+                                  description="Longest long-poll of GET /v1/questions/{id}?wait=N (seconds; a "
+                                              "longer wait asked is cut to this).")
 
     llm_base_url: str = Field("http://localhost:8000/v1", description="OpenAI-compatible server (vLLM, Ollama...).")
     llm_model: str = Field("openai/gpt-oss-20b", description="Model id on that server.")

@@ -32,7 +32,8 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
 @pytest.fixture(scope="module")
 def running(faq_index, tmp_path_factory):
     emulator = Emulator().start()
-    env = {"HOME": str(faq_index.home), "LLM_BASE_URL": emulator.url, "API_TOKENS": TOKEN,
+    # An operator's token: every route answers it (a caller token's 403 on /v1/stats is tested beside the API)
+    env = {"HOME": str(faq_index.home), "LLM_BASE_URL": emulator.url, "API_OPERATOR_TOKENS": TOKEN,
            "QUEUE_URL": f"sqlite:///{tmp_path_factory.mktemp('schema') / 'questions.db'}",
            "API_RATE_PER_MIN": "1000000", "API_MAX_WAIT_S": "1", "RETRY_BACKOFF_S": "0"}
     with pytest.MonkeyPatch.context() as patch:

@@ -17,6 +17,7 @@ Prefect (about a second), so its start overlaps the imports and the model's load
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -28,7 +29,7 @@ from pathlib import Path
 
 STARTUP_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0
-PORT_TAKEN = 3  # uvicorn's exit code when its port was taken meanwhile: start again on another
+STARTUP_FAILED = 3  # uvicorn's exit code for any failed start: a taken port, a database it cannot open...
 KEPT_PORT = 4200  # Prefect's own default: the UI where Prefect's docs say it is
 APP = "prefect.server.api.server:create_app"
 
@@ -101,6 +102,9 @@ class Running(_Server):
     def exit_code(self) -> int | None:
         return None if _alive(self.found.pid) else -1
 
+    def _where_errors_are(self) -> str:
+        return _last_words(prefect_home() / "server.log")
+
 
 class _Started(_Server):
     """A server process this command started."""
@@ -111,7 +115,8 @@ class _Started(_Server):
         raise NotImplementedError
 
     def exit_code(self) -> int | None:
-        if (code := self.process.poll()) == PORT_TAKEN:  # taken since it was found free: another port
+        code = self.process.poll()
+        if code == STARTUP_FAILED and not _port_free(self.port):  # taken since it was found free: another port
             self._launch()
             return None
         return code
@@ -154,6 +159,8 @@ class KeptServer(_Started):
         env = _server_env(PREFECT__SERVER_FINAL="1", PREFECT_SERVER_API_HOST="127.0.0.1",
                           PREFECT_SERVER_API_PORT=str(self.port), PREFECT_SERVER_LOGGING_LEVEL="WARNING")
         with open(self.pid_file.parent / "server.log", "ab") as log:
+            log.write(f"{LAUNCH_MARK} {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n".encode())
+            log.flush()
             # A session of its own: a Ctrl-C in the terminal that started it stops the command, not the server.
             self.process = subprocess.Popen(_uvicorn(self.port, "--log-level", "warning"), env=env,
                                             stdin=subprocess.DEVNULL, stdout=log, stderr=log,
@@ -163,6 +170,9 @@ class KeptServer(_Started):
     def stop(self) -> None:
         super().stop()
         self.pid_file.unlink(missing_ok=True)
+
+    def _where_errors_are(self) -> str:
+        return _last_words(self.pid_file.parent / "server.log")
 
 
 @dataclass(frozen=True)
@@ -255,6 +265,61 @@ def prefect_api(mode: str = "kept", on_wait=None, announce=None):
                 stack.callback(_send_what_prefect_holds)  # before the server stops (the stack unwinds in reverse)
 
         yield wait
+
+
+LAUNCH_MARK = "--- docsrag started Prefect's server at"
+
+
+@dataclass(frozen=True)
+class LoggedErrors:
+    """The errors a kept server logged since its last start: how many, and the last one in a line."""
+
+    count: int
+    last: str | None
+
+
+def logged_errors(home: Path | None = None) -> LoggedErrors:
+    """Error records of ``server.log`` since the last start (Prefect's ``| ERROR |`` lines and
+    uvicorn's ``ERROR:``), each with the exception its traceback ends on: a scheduler failing on
+    every loop shows here, where nothing else would say it."""
+    records = _records_since_start((home or prefect_home()) / "server.log")
+    errors = [record for record in records if _is_error(record[0])]
+    if not errors:
+        return LoggedErrors(0, None)
+    head, *rest = errors[-1]
+    cause = next((line.strip() for line in reversed(rest) if line.strip() and not line.startswith(" ")), "")
+    return LoggedErrors(len(errors), " ".join(part for part in (head.strip(), cause) if part)[:500])
+
+
+def _records_since_start(log: Path) -> list[list[str]]:
+    """The log since its last launch mark, as records: a line that starts a record (Prefect's
+    ``12:00:00.123 | LEVEL |`` or uvicorn's ``LEVEL:``) and the lines after it (a traceback)."""
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return []
+    records: list[list[str]] = []
+    for line in text[text.rfind(LAUNCH_MARK):].splitlines()[1:] if LAUNCH_MARK in text else text.splitlines():
+        if _RECORD.match(line) or not records:
+            records.append([line])
+        else:
+            records[-1].append(line)
+    return records
+
+
+_RECORD = re.compile(r"\d\d:\d\d:\d\d\.\d+ \| |(DEBUG|INFO|WARNING|ERROR|CRITICAL):")
+
+
+def _is_error(line: str) -> bool:
+    return "| ERROR " in line or "| CRITICAL " in line or line.startswith(("ERROR:", "CRITICAL:"))
+
+
+def _last_words(log: Path, lines: int = 6) -> str:
+    """The last lines the server logged since its start, to quote in an error (its log's path after)."""
+    records = _records_since_start(log)
+    tail = [line for record in records for line in record if line.strip()][-lines:]
+    said = "\n  ".join(line.rstrip()[:300] for line in tail)
+    return f"its log {log}" + (f" ends:\n  {said}" if said else " is empty")
 
 
 def _answers(url: str) -> bool:

@@ -132,3 +132,42 @@ def test_a_server_prefect_started_is_found_and_stopped(tmp_path):
     finally:
         home.stop()
     assert home.left() == []
+
+
+def test_a_corrupt_database_is_one_clear_error_within_seconds(tmp_path):
+    """uvicorn exits with 3 for any failed start; only a port taken since it was found free is
+    worth a relaunch. A database that is not one used to be relaunched 10 times in 60 s and reported
+    after 120 s as 'did not answer'."""
+    home = Home(tmp_path)
+    home.prefect_home.mkdir(parents=True)
+    (home.prefect_home / "prefect.db").write_bytes(b"this is not a database" * 100)
+    started = time.monotonic()
+    try:
+        done = home.run("server", "start", timeout=120)
+    finally:
+        home.stop()
+    assert done.returncode == 1
+    assert time.monotonic() - started < 30
+    assert "exited with code 3" in done.stderr and "file is not a database" in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) <= 10, done.stderr
+    log = (home.prefect_home / "server.log").read_text()
+    assert log.count("--- docsrag started Prefect's server") == 1  # launched once
+
+
+def test_server_status_says_what_the_running_server_logged(tmp_path):
+    """The errors a kept server logs since its start (a scheduler failing on every loop, say) are
+    counted by `docsrag server status`, with the last one."""
+    home = Home(tmp_path)
+    try:
+        assert home.run("server", "start").returncode == 0
+        quiet = json.loads(home.run("server", "status", "--json").stdout)
+        assert quiet["running"] and quiet["errors_logged"] == 0 and quiet["last_error"] is None
+        # An error as the server logs one: a request the API cannot serve is logged by uvicorn.
+        with open(home.prefect_home / "server.log", "a") as log:
+            log.write("12:00:00.000 | ERROR   | prefect.server.services.scheduler - Unexpected error\n"
+                      "Traceback (most recent call last):\n  File \"x.py\", line 1, in f\n"
+                      "sqlalchemy.exc.InvalidRequestError: Can't evaluate bulk DML statement\n")
+        said = home.run("server", "status")
+        assert "logged 1 error(s)" in said.stdout and "Can't evaluate bulk DML statement" in said.stdout, said.stdout
+    finally:
+        home.stop()

@@ -67,11 +67,16 @@ def _server(args, settings: Settings) -> int:
         local_server.kept_server().wait_ready()
     found = local_server.background_server()
     ui = found and found.ui
+    errors = local_server.logged_errors() if found else local_server.LoggedErrors(0, None)
     if args.json:
-        print(json.dumps({"running": bool(found), "pid": found and found.pid, "ui": ui}))
+        print(json.dumps({"running": bool(found), "pid": found and found.pid, "ui": ui,
+                          "errors_logged": errors.count, "last_error": errors.last}))
     elif found:
         print(f"Prefect's server runs in the background (pid {found.pid}), its UI at {ui}; "
               "`docsrag server stop` stops it")
+        if errors.count:  # a scheduler failing on every loop says so nowhere else
+            print(f"it logged {errors.count} error(s) since it started ({local_server.prefect_home() / 'server.log'}); "
+                  f"the last: {errors.last}")
     else:
         print("no Prefect server runs in the background")
     return 0

@@ -49,6 +49,7 @@ def ingest_release(release: str | None = None, version: str | None = None, force
     none in its name) is served on its own alias only, unless ``publish_main``."""
     settings = settings_for_run(release_url=release, collection=collection)
     clock = StageClock()
+    writer_lock.check_coordinated(settings)  # refused before the model starts (the probe asks an embedding server)
     embedding.preload(settings)  # the model loads while the writer slot is taken and the release fetched
     objects = open_store(settings.object_store, settings.s3_endpoint_url)
     # One writer per corpus from the first stage: two runs never share a download, an extraction

@@ -52,8 +52,12 @@ class Settings(BaseSettings):
     keep_collections: int = Field(2, ge=1, description="Builds kept per alias: what it serves and its rollback targets.")
     writer_wait_s: float = Field(0.0, ge=0, description="How long a second ingest or rollback of a corpus waits for "
                                  "the writer slot before failing with who holds it (0: fail at once).")
-    writer_lease_s: float = Field(120.0, ge=30, description="Lease of the cross-host writer slot (Prefect global "
-                                  "concurrency limit): a killed holder frees it after this long.")
+    # Prefect's server leases a slot for 60 s to a day: a lease outside that is refused at every acquisition.
+    writer_lease_s: float = Field(120.0, ge=60, le=86400, description="Lease of the cross-host writer slot (Prefect "
+                                  "global concurrency limit, 60 s to a day): a killed holder frees it after this long.")
+    sole_writer: bool = Field(False, description="This is the only host that writes to the Milvus server: an ingest "
+                              "or rollback may write to it with no Prefect server shared by every writer (no "
+                              "PREFECT_API_URL), holding only this host's lock.")
 
     object_store: str = Field("", description="Folder or s3://bucket/prefix (default: <home>/objects).")
     s3_endpoint_url: str | None = Field(None, description="S3 endpoint for MinIO/SeaweedFS.")

@@ -72,9 +72,26 @@ def runs_flows(command):
         from flows.local_server import prefect_api
 
         with prefect_api(settings.prefect_server, on_wait=_api_wait_begins, announce=_kept_server_started) as wait:
-            return command(args, settings, wait)
+            return command(args, settings, _noting_private_server(wait))
 
     return with_api
+
+
+def _noting_private_server(wait):
+    """``wait``, which tells the writer slot (tasks/writer_lock.py) when the API it makes current is the
+    command's own local server (kept or temporary) rather than one configured: no other host shares it."""
+
+    def waited() -> None:
+        from prefect.settings import PREFECT_API_URL
+
+        configured = PREFECT_API_URL.value()
+        wait()
+        if (api := PREFECT_API_URL.value()) and api != configured:
+            from tasks import writer_lock
+
+            writer_lock.on_private_prefect(api)
+
+    return waited
 
 
 def _kept_server_started(ui: str) -> None:

@@ -13,7 +13,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlsplit
 
 import httpx
 
@@ -21,6 +21,7 @@ from tasks.escaping import for_terminal
 from tasks.objectstore import ObjectStore
 from tasks.redaction import redact_text, redact_url
 from tasks.release import ReleaseError, checked_version, release_version
+from tasks.source_policy import GITHUB_HOSTS, is_repo_url
 
 # GitHub's releases list (100 releases with their assets) is well under 1 MiB; a feed past these
 # holds `watch-releases` (concurrency limit 1) and its memory, so it is stopped and not retried.
@@ -129,12 +130,25 @@ def _refusal(url: str, version: str, api_url: str, trusted: tuple[str, ...]) -> 
         return (f"asset URL {redact_url(url)[:200]!r} carries credentials (user:password, a query or a "
                 "fragment): not announced, they would be stored in Prefect's events")
     asset, api = urlparse(url), urlparse(api_url)
+    host, repo = (asset.hostname or "").rstrip("."), _feed_repo(api_url)
+    if host in GITHUB_HOSTS and repo and not is_repo_url(host, url, repo):  # as the run would refuse it
+        return (f"asset URL {redact_url(url)[:200]!r} is not a release download of {repo!r}, the feed's "
+                "repository (DOCSRAG_RELEASE_REPO)")
     origin = f"{asset.scheme}://{asset.netloc}"
     own_site = asset.scheme == "https" and asset.hostname in {api.hostname, (api.hostname or "").removeprefix("api.")}
     if origin == f"{api.scheme}://{api.netloc}" or own_site or origin in trusted or asset.hostname in trusted:
         return None
     return (f"asset URL {redact_url(url)[:200]!r} is not served by {api.hostname} over https; add its host to "
             "DOCSRAG_RELEASE_HOSTS if it is trusted")
+
+
+def _feed_repo(api_url: str) -> str | None:
+    """owner/repo of a feed at ``.../repos/{owner}/{repo}/releases`` (GitHub's REST path), in lower case."""
+    segments = urlsplit(api_url).path.split("/")
+    if "repos" not in segments:
+        return None
+    pair = segments[segments.index("repos") + 1:][:2]
+    return "/".join(pair).lower() if len(pair) == 2 and all(pair) else None
 
 
 def _assets(api_url: str, body: bytes, pattern: str, trusted: tuple[str, ...]) -> list[PublishedAsset]:

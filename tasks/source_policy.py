@@ -153,7 +153,7 @@ def _check_http(url: str, parsed, policy: SourcePolicy, resolve: Resolver) -> No
     host = _host(parsed.hostname or "")
     if not host:
         raise RefusedSource(f"refusing release {shown!r}: no host")
-    if host in GITHUB_HOSTS and not _of_repo(host, url, policy.repo):
+    if host in GITHUB_HOSTS and not is_repo_url(host, url, policy.repo):
         raise RefusedSource(f"refusing release {shown!r}: on {host} only the releases of {policy.repo!r} "
                             f"(DOCSRAG_RELEASE_REPO) are fetched, as {_REPO_PATHS[host].format(policy.repo)}")
     named = host in policy.named_hosts or _origin(url) in policy.named_origins
@@ -184,7 +184,7 @@ def _check_public(shown: str, host: str, port: int, resolve: Resolver) -> None:
 _REPO_PATHS = {"github.com": "/{}/releases/download/<tag>/<asset>", "api.github.com": "/repos/{}/..."}
 
 
-def _of_repo(host: str, url: str, repo: str) -> bool:
+def is_repo_url(host: str, url: str, repo: str) -> bool:
     """Whether ``url`` on GitHub's ``host`` is the repository's own. Each segment is read decoded and
     '.', '..' or an encoded '/' are refused: a client or GitHub resolving them would land elsewhere."""
     raw = urlsplit(url).path.split("/")[1:]

@@ -221,3 +221,21 @@ def test_an_asset_url_with_credentials_is_refused_not_announced(github, prefect_
     assert result["new"] == [] and result["events"] == 0
     assert "carries credentials" in result["refused"][0]["reason"]
     assert "Pl4ntedSig" not in json.dumps(result)
+
+
+def test_an_asset_of_another_github_repository_is_refused_not_announced(github, prefect_server, capsys,
+                                                                       monkeypatch):
+    """The feed is the configured repository's; an asset it lists on GitHub is that repository's
+    release download, or the run it would start refuses it (tasks/source_policy.py): said here first.
+    Naming github.com as a trusted host does not open other repositories."""
+    monkeypatch.setenv("DOCSRAG_RELEASE_HOSTS", "github.com")  # the fake API is on loopback, not api.github.com
+    github.releases.clear()
+    github.publish("v2.5.0", "milvus_docs_2.5.x_en.zip", "milvus_docs_faq_2.4.x_en.zip", asset_id=41)
+    github.publish("v2.6.0", "milvus_docs_2.6.x_en.zip", "milvus_docs_faq_2.4.x_en.zip", asset_id=42)
+    own, foreign = github.releases[1]["assets"][0], github.releases[0]["assets"][0]
+    own["browser_download_url"] = "https://github.com/Milvus-IO/milvus-docs/releases/download/v2.5.0/" + own["name"]
+    foreign["browser_download_url"] = "https://github.com/someone-else/x/releases/download/v2.6.0/" + foreign["name"]
+    result = watch(capsys)
+    assert result["new"] == ["2.5.x"] and result["events"] == 1
+    assert [r["asset"] for r in result["refused"]] == ["milvus_docs_2.6.x_en.zip"]
+    assert "milvus-io/milvus-docs" in result["refused"][0]["reason"], result["refused"]

@@ -40,6 +40,7 @@ def connect(settings: Settings) -> MilvusClient:
     lite = not is_server(uri)
     if lite:  # make sure the Milvus Lite file's folder exists
         Path(uri).parent.mkdir(parents=True, exist_ok=True)
+        _check_lite_folder(Path(uri))
     token = settings.milvus_token.get_secret_value() if settings.milvus_token else ""
     # query_iterator warns on every page against Milvus Lite, and Milvus Lite's in-process
     # gRPC server logs a traceback for a timestamp call it does not implement (the iterator
@@ -54,6 +55,22 @@ def connect(settings: Settings) -> MilvusClient:
                              "process at a time: is another docsrag command using it? Use a Milvus server "
                              "(DOCSRAG_MILVUS_URI=http://host:19530) for concurrent readers and writers") from None
         raise StoreError(f"cannot reach Milvus at {redact_url(uri)}: {redact_text(exc.message)}") from None
+
+
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def _check_lite_folder(path: Path) -> None:
+    """Milvus Lite 3 keeps its data in a folder; a file at that path is not one Milvus Lite can open
+    (it fails as if another process held it): say what was found."""
+    if not path.is_file():
+        return
+    with path.open("rb") as handle:
+        older = handle.read(len(SQLITE_HEADER)) == SQLITE_HEADER
+    found = ("an older Milvus Lite's file (Milvus Lite 2 kept its data in one SQLite file)" if older
+             else "not a Milvus Lite folder")
+    raise StoreError(f"{path} is a file, {found}: Milvus Lite 3 keeps its data in a folder at that path. Move the "
+                     "file away (or point DOCSRAG_MILVUS_URI at another path) and ingest again")
 
 
 def _client(uri: str, token: str) -> MilvusClient:

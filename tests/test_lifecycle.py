@@ -248,3 +248,18 @@ def test_the_cluster_runs_a_milvus_that_cannot_leave_a_dangling_alias():
     tags = {compose["services"]["milvus"]["image"].rsplit(":v", 1)[1],
             yaml.safe_load((INFRA / "helm" / "milvus-values.yaml").read_text())["image"]["all"]["tag"].lstrip("v")}
     assert len(tags) == 1 and tuple(int(p) for p in tags.pop().split(".")) >= (2, 5, 5)
+
+
+# -- 8. damaged state ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("found, said", [
+    (b"SQLite format 3\x00" + bytes(4080), "an older Milvus Lite's file"),
+    (b"\x89 not a database " * 200, "not a Milvus Lite folder"),
+])
+def test_a_milvus_lite_path_that_is_a_file_is_said_to_be_one_not_another_command_using_it(home, capsys, found,
+                                                                                           said):
+    home.mkdir(parents=True)
+    (home / "milvus.db").write_bytes(found)
+    err = refused(capsys, "rollback")
+    assert f"{home / 'milvus.db'} is a file" in err and said in err, err
+    assert "another docsrag command" not in err

@@ -15,6 +15,7 @@ import sys
 
 import pytest
 
+from flows.local_server import free_port
 from tests import triggers
 from tests.conftest import DOCSRAG, ROOT
 
@@ -81,3 +82,44 @@ def test_a_submitted_questions_event_starts_an_answer_run(sqlite_tier, release_i
     shown = triggers.prove_the_question_event(sqlite_tier, sqlite_tier.env)
     assert shown["status"] == "answered", shown
     assert shown["sources"][0]["doc_path"] == "en/faq/product_faq.md"
+
+
+def test_prefect_server_start_schedules_an_interval_deployment(tmp_path):
+    """The issue's reproduction: `prefect server start` from the installed venv, an interval
+    deployment created through the client. With SQLAlchemy 2.1.9 the scheduler failed on every loop
+    (`Can't evaluate bulk DML statement`, in the server's log only) and no run was ever created;
+    from the lock, runs are there within seconds."""
+    import asyncio
+    import datetime
+    import time
+
+    from prefect.client.orchestration import PrefectClient
+    from prefect.client.schemas.actions import DeploymentScheduleCreate
+    from prefect.client.schemas.schedules import IntervalSchedule
+
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
+    env.pop("PREFECT_API_URL", None)
+    server = _start("server", [triggers.PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                    env, tmp_path)
+
+    async def scheduled_runs() -> int:
+        url = f"http://127.0.0.1:{port}/api"
+        async with PrefectClient(url) as client:
+            deadline = time.monotonic() + 90
+            while (await client.api_healthcheck()) is not None:  # None once it answers
+                assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()
+                await asyncio.sleep(0.5)
+            flow_id = await client.create_flow_from_name("scheduled")
+            await client.create_deployment(flow_id=flow_id, name="every-minute", schedules=[DeploymentScheduleCreate(
+                schedule=IntervalSchedule(interval=datetime.timedelta(seconds=60)), active=True)])
+            deadline = time.monotonic() + 30
+            while not (runs := await client.read_flow_runs()) and time.monotonic() < deadline:
+                await asyncio.sleep(1)
+            return len(runs)
+
+    try:
+        assert asyncio.run(scheduled_runs()) > 0, (tmp_path / "server.log").read_text()[-3000:]
+    finally:
+        server.terminate()
+        server.wait(timeout=60)

@@ -232,7 +232,9 @@ def test_hostile_release_events_start_runs_that_fail_with_their_reason_and_chang
     watched = Watched()
     hostile = {f"{watched.url}/milvus_docs_999.0_en.zip": "DOCSRAG_RELEASE_HOSTS",
                "s3://milvus/files/x.zip": "DOCSRAG_RELEASE_BUCKETS",
-               "file:///etc/passwd": "DOCSRAG_RELEASE_FOLDERS"}
+               "file:///etc/passwd": "DOCSRAG_RELEASE_FOLDERS",
+               "https://github.com/someone-else/x/releases/download/v999/milvus_docs_999.0.x_en.zip":
+                   "DOCSRAG_RELEASE_REPO"}
     before = {run.id for run in ingest_runs(stack)}
     for url in hostile:
         payload = {"asset_url": url, "version": "999.0", "force": True, "publish_main": True}

@@ -92,12 +92,43 @@ def milvus_errors(uri: str):
     try:
         yield
     except MilvusException as exc:
+        if damage := damaged(exc, uri):
+            raise damage from None
         if not _unreachable(exc):  # Milvus answered, and refused: say what it refused
             raise StoreError(f"Milvus at {uri} refused a write of the build: {redact_text(exc.message)}. The aliases still "
                              "serve the previous collections") from None
         raise StoreError(f"Milvus at {uri} failed during the build: {redact_text(exc.message)}. The aliases still serve "
                          "the previous collections; run the ingest again once Milvus is reachable (finished "
                          "batches are kept and the build resumes)") from None
+
+
+# Milvus Lite names the data file it could not read, inside the collection's folder.
+_DAMAGED_FILE = re.compile(r"'(?P<file>[^']*/collections/(?P<collection>[^/']+)/[^']+)':\s*"
+                           r"(?P<reason>[^']*(?:corrupt|magic bytes)[^']*)", re.IGNORECASE)
+
+
+@contextmanager
+def damage_reported(uri: str):
+    """A collection whose data cannot be read is said to be damaged, whatever the command was doing."""
+    try:
+        yield
+    except MilvusException as exc:
+        if damage := damaged(exc, redact_url(uri)):
+            raise damage from None
+        raise
+
+
+def damaged(exc: MilvusException, uri: str) -> StoreError | None:
+    """The error of a Milvus Lite collection with a damaged data file (a truncated segment), or None.
+    Milvus Lite opens every collection to list them, so the damage fails reads and writes alike."""
+    found = _DAMAGED_FILE.search(exc.message or "")
+    if found is None:
+        return None
+    folder = found["file"].split(f"/collections/{found['collection']}/", 1)[0] + f"/collections/{found['collection']}"
+    return StoreError(f"the collection {found['collection']!r} in {uri} is damaged: its data file {found['file']} cannot "
+                      f"be read ({found['reason'].strip()}). Milvus Lite cannot list the collections while it is there, "
+                      f"so no ingest or rollback can run: move {folder} out of {uri} (keep it to look at), then ingest "
+                      "again")
 
 
 def _unreachable(exc: MilvusException) -> bool:

@@ -263,3 +263,31 @@ def test_a_milvus_lite_path_that_is_a_file_is_said_to_be_one_not_another_command
     err = refused(capsys, "rollback")
     assert f"{home / 'milvus.db'} is a file" in err and said in err, err
     assert "another docsrag command" not in err
+
+
+def test_a_served_build_with_a_damaged_segment_file_is_said_to_be_damaged_by_ingest_and_rollback(
+        home, prefect_server, gpu_embeddings, v24, v25):
+    # Each command a process of its own, as an operator runs them: a process that read the build
+    # before its file was damaged still serves it from memory.
+    def docsrag(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([DOCSRAG, *args], capture_output=True, text=True, env=api_env(), cwd=ROOT, timeout=300)
+
+    assert docsrag("ingest", "--release", str(v24)).returncode == 0
+    done = docsrag("ingest", "--force", "--release", str(v25), "--json")
+    served_build = json.loads(done.stdout.strip().splitlines()[-1])["collection"]
+    segment = next((home / "milvus.db" / "collections" / served_build).rglob("*.parquet"))
+    segment.write_bytes(segment.read_bytes()[:100])  # a truncated write: no parquet footer
+
+    for command in (["ingest", "--release", str(v25)], ["ingest", "--force", "--release", str(v25)], ["rollback"]):
+        result = docsrag(*command)
+        err = result.stderr.strip().splitlines()[-1]
+        assert result.returncode == 1, (command, result.stderr[-3000:])
+        assert f"the collection {served_build!r} in {home / 'milvus.db'} is damaged" in err, (command, err)
+        assert str(segment) in err and "move" in err, (command, err)
+        assert "refused a write" not in err and "still serve the previous" not in err, (command, err)
+
+    # What the message says to do works: the damaged build moved out, the next ingest serves a new one.
+    (home / "milvus.db" / "collections" / served_build).rename(home / "damaged-build")
+    again = docsrag("ingest", "--force", "--release", str(v25), "--json")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads(again.stdout.strip().splitlines()[-1])["collection"] not in (served_build, None)

@@ -130,7 +130,7 @@ def _rollback(args, settings: Settings) -> int:
 
     corpus = Corpus(settings.collection, args.lang or "en")
     alias = corpus.alias
-    with writer_lock.held(settings):
+    with writer_lock.held(settings), store.damage_reported(settings.milvus_uri):
         current, previous = publish.rollback(store.connect(settings), corpus)
     if args.json:
         print(json.dumps({"alias": alias, "from": current, "to": previous}))

@@ -57,7 +57,8 @@ test-latest: $(CHROMIUM)
 	test -x $(LATEST)/python || $(PYTHON) -m venv $(VENV)-latest
 	$(LATEST)/python -m pip install --quiet --upgrade pip
 	$(LATEST)/python -m pip install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(LATEST)/python -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[test]"
+	# torch stays the CPU build named here: the newest torch is a CUDA build of gigabytes.
+	$(LATEST)/python -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[test]" "$(TORCH_SPEC)"
 	DOCSRAG_TEST_LATEST=1 $(LATEST)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(BIN)/.installed

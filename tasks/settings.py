@@ -24,7 +24,7 @@ DEFAULT_RELEASE_URL = (
     "v2.4.6-preview/milvus_docs_2.4.x_en.zip"
 )
 # Variables with our prefix that belong to the tooling, not to the pipeline.
-TOOLING_VARIABLES = {"DOCSRAG_TEST_DATA", "DOCSRAG_TEST_POSTGRES_URL", "DOCSRAG_STACK_POSTGRES"}
+TOOLING_VARIABLES = {"DOCSRAG_TEST_DATA", "DOCSRAG_TEST_POSTGRES_URL", "DOCSRAG_TEST_LATEST", "DOCSRAG_STACK_POSTGRES"}
 MAX_EMBEDDING_CONCURRENCY = 64
 _MILVUS_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,200}$")
 

@@ -29,6 +29,7 @@ from pymilvus import MilvusClient
 from pymilvus.exceptions import MilvusException
 
 from tasks import store
+from tests import triggers
 from tests.conftest import DOCSRAG, ROOT
 from tests.test_source_policy import Watched
 
@@ -41,15 +42,25 @@ FAQ = "milvus_docs_faq_2.4.x_en.zip"
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, releases):
-    home = tmp_path_factory.mktemp("stack") / "home"
+    """The stack as `make stack-up` starts it, from a shell whose settings name a release feed (a
+    loopback one shaped like GitHub's) and an LLM (the emulator): its workers' runs use them."""
+    from tests.llm_emulator import Emulator
+
+    folder = tmp_path_factory.mktemp("stack")
+    home, feed, llm = folder / "home", triggers.release_feed(folder / "feed", releases), Emulator().start()
     prefix = f"docsrag_t{uuid.uuid4().hex[:6]}"
     try:
-        env_file = stack_script.up(home, free_ports=True, paused=True, db_prefix=prefix,
-                                   postgres=os.environ.get("DOCSRAG_TEST_POSTGRES_URL",
-                                                           "postgresql://postgres@127.0.0.1:5432"))
+        with pytest.MonkeyPatch.context() as shell:
+            for name, value in {**feed.settings, "DOCSRAG_LLM_BASE_URL": llm.url, "PREFECT_WORKER_QUERY_SECONDS": "2"}.items():
+                shell.setenv(name, value)
+            env_file = stack_script.up(home, free_ports=True, paused=True, db_prefix=prefix,
+                                       postgres=os.environ.get("DOCSRAG_TEST_POSTGRES_URL",
+                                                               "postgresql://postgres@127.0.0.1:5432"))
         yield read_env(env_file)
     finally:
         stack_script.down(home, purge=True)
+        feed.server.shutdown()
+        llm.stop()
 
 
 def read_env(path: Path) -> dict:
@@ -301,3 +312,62 @@ def test_the_lifecycle_state_machine_holds_on_the_stacks_milvus_server(stack, tm
     print("lifecycle on the stack's Milvus:", counts)
     assert counts["ingests"] and counts["crashes injected"]
 
+
+
+def stack_server(stack: dict) -> triggers.Server:
+    return triggers.Server(stack["PREFECT_API_URL"], stack)
+
+
+def test_every_schedule_of_prefect_yaml_gets_runs_from_the_scheduler_on_postgresql(stack, tmp_path):
+    """The stack deploys with its schedules paused; deployed again as a user does, they get runs."""
+    server = stack_server(stack)
+    triggers.deploy(server, ROOT / "prefect.yaml", "ingest-docs", "answer-questions")
+    try:
+        triggers.prove_the_schedules(server, "ingest-docs", "answer-questions")
+    finally:
+        for name in ("ingest-docs/ingest-docs", "answer-questions/answer-questions"):
+            triggers.pause_schedules(server, name)
+
+
+def test_the_watch_schedule_runs_on_the_stacks_worker_and_its_release_event_starts_the_ingest(stack, tmp_path):
+    watched, ingest = triggers.prove_the_schedule_and_the_release_event(stack_server(stack),
+                                                                        triggers.short_schedule_file(tmp_path))
+    assert watched.auto_scheduled and ingest.state.is_completed()
+
+
+def test_a_submitted_questions_event_starts_an_answer_run_on_the_gpu_pools_worker(stack):
+    shown = triggers.prove_the_question_event(stack_server(stack), stack)
+    assert shown["status"] == "answered", shown
+    assert shown["sources"][0]["doc_path"] == "en/faq/product_faq.md"
+
+
+def test_stack_up_refuses_a_port_held_by_another_prefect_server_and_deploys_nothing_into_it(tmp_path,
+                                                                                          prefect_server):
+    """The session's own Prefect server holds the port the stack's Prefect should take: `up` fails
+    at once, naming the port, its holder and --free-ports, before starting anything."""
+    from prefect.settings import PREFECT_API_URL
+
+    other = PREFECT_API_URL.value()
+    home = tmp_path / "home"
+    state = stack_script.load_state(home / "stack", True, "postgresql://postgres@127.0.0.1:5432", "unused")
+    state["ports"]["prefect"] = int(other.split(":")[2].split("/")[0])
+    (home / "stack" / "state.json").write_text(json.dumps(state))
+    before = deployment_names(other)
+    done = subprocess.run([sys.executable, str(ROOT / "infra/local/stack.py"), "up", "--home", str(home)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    message = done.stderr.strip()
+    assert f"port {state['ports']['prefect']}" in message and "held by pid" in message, message
+    assert "--free-ports" in message
+    assert deployment_names(other) == before
+    assert not any(stack_script.status(home).values())  # nothing was started
+
+
+def deployment_names(api_url: str) -> set[str]:
+    from prefect.client.orchestration import PrefectClient
+
+    async def read():
+        async with PrefectClient(api_url) as client:
+            return {d.name for d in await client.read_deployments()}
+
+    return asyncio.run(read())

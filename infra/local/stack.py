@@ -1,5 +1,5 @@
 """The local real stack, without Docker: SeaweedFS S3, a Milvus 2.3 server on that S3, a Prefect
-server on PostgreSQL with a process worker, and the deployments of prefect.yaml.
+server on PostgreSQL with a process worker per work pool, and the deployments of prefect.yaml.
 
     python infra/local/stack.py up [--home DIR] [--free-ports] [--paused]
     python infra/local/stack.py down [--home DIR] [--purge]
@@ -134,6 +134,8 @@ def wait_for(what: str, check, log: Path, timeout_s: float = 180) -> None:
         try:
             if check():
                 return
+        except StackError:
+            raise  # the check knows it will never be ready
         except Exception as exc:  # noqa: BLE001 - any failure means "not ready yet"
             error = exc
         time.sleep(0.5)
@@ -144,6 +146,51 @@ def wait_for(what: str, check, log: Path, timeout_s: float = 180) -> None:
 def http_ok(url: str) -> bool:
     with urllib.request.urlopen(url, timeout=2) as resp:
         return resp.status == 200
+
+
+FREE_PORTS_HINT = "Stop it, or start the stack on free ports: `make stack-up STACK_ARGS=--free-ports`."
+
+
+def check_ports(stack: Path, state: dict) -> None:
+    """Each public port of a component not yet running must be free: a component that cannot bind
+    would leave its port to whatever holds it (a user's own Prefect server would get our deployments)."""
+    for name in DEFAULT_PORTS:
+        port = state["ports"][name]
+        if not running(stack, name) and not port_free(port):
+            raise StackError(f"port {port}, where the stack's {name} server should listen, {held_by(port)}. "
+                             + FREE_PORTS_HINT)
+
+
+def port_free(port: int) -> bool:
+    with closing(socket.socket()) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def held_by(port: int) -> str:
+    """Who listens on a loopback TCP port, in words: 'is held by pid 123 (prefect server start ...)'."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":  # 0A: LISTEN
+                inodes.add(f"socket:[{fields[9]}]")
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        try:
+            if any(os.readlink(fd) in inodes for fd in fd_dir.iterdir()):
+                command = (fd_dir.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                return f"is held by pid {fd_dir.parent.name} ({command.strip()[:160]})"
+        except OSError:
+            continue
+    return "is held by another process"
 
 
 # ---------------------------------------------------------------- components
@@ -278,7 +325,37 @@ def start_prefect(stack: Path, state: dict) -> None:
     env.pop("PREFECT_API_URL")
     spawn(stack, "prefect", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
                              "--port", str(state["ports"]["prefect"])], env)
-    wait_for("Prefect server", lambda: http_ok(prefect_api(state) + "/health"), stack / "prefect.log")
+    wait_for("Prefect server", lambda: ours_answers(stack, state), stack / "prefect.log")
+
+
+def ours_answers(stack: Path, state: dict) -> bool:
+    """The server we started answers, not whatever holds the port: /health answers for any Prefect
+    (no auth), so our process must be alive and an authenticated route must take our credentials."""
+    port = state["ports"]["prefect"]
+    if not running(stack, "prefect"):
+        raise StackError(f"the stack's Prefect server exited: port {port} {held_by(port)}. "
+                         + FREE_PORTS_HINT)
+    if not http_ok(prefect_api(state) + "/health"):
+        return False
+    if prefect_status(state, "/deployments/filter") != 200:
+        raise StackError(f"port {port} answers with a Prefect server that refuses the stack's credentials: "
+                         f"it {held_by(port)}. " + FREE_PORTS_HINT)
+    return True
+
+
+def prefect_status(state: dict, path: str) -> int:
+    """The HTTP status of an authenticated POST to the stack's Prefect API."""
+    import base64
+    import urllib.error
+
+    request = urllib.request.Request(prefect_api(state) + path, data=b"{}", method="POST", headers={
+        "Content-Type": "application/json",
+        "Authorization": "Basic " + base64.b64encode(state["prefect_auth"].encode()).decode()})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
 
 
 def prefect_cli(stack: Path, state: dict, *args: str) -> None:
@@ -329,12 +406,24 @@ async def _pause_schedules(state: dict) -> None:
                 await client.update_deployment_schedule(deployment.id, schedule.id, active=False)
 
 
-def start_worker(stack: Path, state: dict) -> None:
+def worker_name(pool: str) -> str:
+    """``worker`` for the first (CPU) pool, ``worker-gpu`` for docsrag-gpu, ..."""
+    return "worker" if pool == work_pools()[0] else "worker-" + pool.rsplit("-", 1)[-1]
+
+
+def start_workers(stack: Path, state: dict) -> None:
+    """A process worker per pool of prefect.yaml, so every deployment's runs are taken here (the
+    answer runs too, with the LLM named by the caller's DOCSRAG_LLM_* settings)."""
     env = {**prefect_env(stack, state), **stack_env(stack.parent, state)}
-    spawn(stack, "worker", [str(BIN / "prefect"), "worker", "start", "--pool", work_pools()[0], "--type", "process"],
-          env, cwd=ROOT)
-    wait_for("Prefect worker", lambda: "started" in (stack / "worker.log").read_text(errors="replace").lower(),
-             stack / "worker.log", timeout_s=120)
+    for pool in work_pools():
+        name = worker_name(pool)
+        if running(stack, name):
+            continue
+        spawn(stack, name, [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process"], env,
+              cwd=ROOT)
+        log = stack / f"{name}.log"
+        wait_for(f"Prefect worker of {pool}", lambda log=log: "started" in log.read_text(errors="replace").lower(),
+                 log, timeout_s=120)
 
 
 # ---------------------------------------------------------------- stack.env
@@ -384,6 +473,7 @@ def write_env(home: Path, state: dict) -> Path:
 def up(home: Path, free_ports: bool, paused: bool, postgres: str, db_prefix: str) -> Path:
     stack = home / "stack"
     state = load_state(stack, free_ports, postgres, db_prefix)
+    check_ports(stack, state)
     if not running(stack, "s3"):
         start_s3(stack, state)
     create_buckets(state)
@@ -397,15 +487,15 @@ def up(home: Path, free_ports: bool, paused: bool, postgres: str, db_prefix: str
     if fresh_server or not (stack / "deployed").exists():
         deploy(stack, state, paused)
         (stack / "deployed").touch()
-    if not running(stack, "worker"):
-        start_worker(stack, state)
+    start_workers(stack, state)
     return env_file
 
 
 def down(home: Path, purge: bool) -> list[str]:
     stack = home / "stack"
     grace_s = 0 if purge else 30  # data about to be deleted needs no clean shutdown
-    stopped = [name for name in ("worker", "prefect", "milvus", "s3") if stop(stack, name, grace_s)]
+    stopped = [name for name in (*map(worker_name, work_pools()), "prefect", "milvus", "s3")
+               if stop(stack, name, grace_s)]
     if purge and (stack / "state.json").is_file():
         state = json.loads((stack / "state.json").read_text())
         _drop_databases(state)
@@ -424,7 +514,7 @@ def _drop_databases(state: dict) -> None:
 
 def status(home: Path) -> dict:
     stack = home / "stack"
-    return {name: running(stack, name) for name in ("s3", "milvus", "prefect", "worker")}
+    return {name: running(stack, name) for name in ("s3", "milvus", "prefect", *map(worker_name, work_pools()))}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -118,8 +118,8 @@ async def run(url: str, clients: int, seconds: float, answer_original) -> dict:
 
 def answer_directly(queue_url: str):
     """Answer the original as a worker would store it (the real queue), without a model."""
-    from tasks.questions import Queue
-    from tasks.records import Source, StoredAnswer
+    from docsrag.tasks.core.records import Source, StoredAnswer
+    from docsrag.tasks.queue.questions import Queue
 
     def answer(question_id: int) -> None:
         queue = Queue(queue_url)

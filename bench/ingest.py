@@ -63,8 +63,9 @@ def quality(home: Path, gold: str) -> dict:
 def baseline(home: Path, release_sha: str) -> tuple[float, int]:
     """The release's chunk texts embedded by sentence-transformers fp32 (MiniLM, every core), as
     before any of the ONNX work. -> (seconds, chunks)"""
-    from tasks import chunking, embedding, markdown
-    from tasks.settings import load_settings
+    from docsrag.tasks.core.settings import load_settings
+    from docsrag.tasks.embed import embedding
+    from docsrag.tasks.ingest import chunking, markdown
 
     settings = load_settings(home=home, embedding_precision="torch", multilingual="off")
     parsed = markdown.parse_release(home / "releases" / release_sha)
@@ -79,7 +80,7 @@ def baseline(home: Path, release_sha: str) -> tuple[float, int]:
 
 def stop_server(prefect_home: Path) -> dict:
     """`docsrag server stop`, then a look for any process of the server left (by its pid and port)."""
-    from flows.local_server import background_server
+    from docsrag.flows.cli.local_server import background_server
 
     found = background_server(prefect_home)
     stopping = time.perf_counter()
@@ -110,7 +111,7 @@ def main() -> None:
     parser.add_argument("--ko-id", default=str(ROOT.parent / "shared/eval/dev_ko_id.jsonl"))
     parser.add_argument("--ko-id-more", default=str(ROOT / "bench/eval/dev_ko_id_more.jsonl"))
     args = parser.parse_args()
-    from tasks import precision
+    from docsrag.tasks.embed import precision
 
     scratch = Path(tempfile.mkdtemp(prefix="docsrag-bench-"))
     # As a user's shell: none of Prefect's settings (the command sets its own defaults).
@@ -136,13 +137,13 @@ def main() -> None:
     start = {name: round(stages["start-up"] + stages["prefect-api"], 2) for name, stages in (
         ("first", first["stages"]), ("unchanged", unchanged["stages"]), ("temporary", temporary["stages"]))}
 
-    from tasks.embedding import local_variant
-    from tasks.settings import load_settings
+    from docsrag.tasks.core.settings import load_settings
+    from docsrag.tasks.embed import embedding
 
     figures = {
         "cpu": precision.cpu(), "cores": os.cpu_count(), "release": summary["version"], "chunks": chunks,
-        "embedder": load_settings(home=scratch / "default").embedder_id,
-        "precision": local_variant(load_settings(home=scratch / "default")),
+        "embedder": embedding.resolve(load_settings(home=scratch / "default")).id,
+        "precision": embedding.resolve(load_settings(home=scratch / "default")).variant,
         "cli_wall_s": round(cli_wall_s, 2), "baseline_s": round(baseline_s, 2),
         "cli_wall_ratio": round(cli_wall_s / baseline_s, 3),
         "unchanged_wall_s": round(unchanged_wall_s, 2), "unchanged": all(done["unchanged"] for _, done in reruns),

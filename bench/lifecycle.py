@@ -1,4 +1,4 @@
-"""The index lifecycle state machine (tests/lifecycle_machine.py) for hundreds of sequences.
+"""The index lifecycle state machine (docsrag/testing/lifecycle_machine.py) for hundreds of sequences.
 
 Each sequence starts from an empty Milvus and runs up to --steps rules (ingests, rollbacks,
 crashes before any Milvus mutation, the next run, second writers), checking every invariant after
@@ -40,11 +40,11 @@ def main() -> int:
     args = parser.parse_args()
 
     import hypothesis.core
+    from docsrag.tasks.index import store
     from hypothesis import HealthCheck, settings
     from pymilvus import MilvusClient
 
-    from tasks import store
-    from tests.test_lifecycle_model import run_machine
+    from docsrag.testing.lifecycle_machine import run_machine
 
     home = Path(tempfile.mkdtemp(prefix="docsrag-lifecycle-"))
     client = MilvusClient(uri=args.milvus_uri, token=args.milvus_token) if args.milvus_uri \

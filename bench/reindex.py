@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def timed_ingest(release: Path, home: str) -> tuple[float, dict]:
-    from flows.ingest import ingest_release
+    from docsrag.flows.ingest import ingest_release
 
     os.environ["DOCSRAG_HOME"] = home
     start = time.perf_counter()

@@ -20,11 +20,14 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks import build, chunking, embedding, index, markdown, precision, release, store  # noqa: E402
-from tasks.evaluate import aggregate, load_gold, score  # noqa: E402
-from tasks.objectstore import LocalStore  # noqa: E402
-from tasks.retrieve import covered, search  # noqa: E402
-from tasks.settings import load_settings  # noqa: E402
+from docsrag.tasks.answer.retrieve import covered, search  # noqa: E402
+from docsrag.tasks.core.objectstore import LocalStore  # noqa: E402
+from docsrag.tasks.core.settings import load_settings  # noqa: E402
+from docsrag.tasks.embed import embedding, precision
+from docsrag.tasks.index import build, store  # noqa: E402
+from docsrag.tasks.index import schema as index
+from docsrag.tasks.ingest import chunking, markdown, release
+from docsrag.tasks.ops.evaluate import aggregate, load_gold, score  # noqa: E402
 
 DEFAULT_CHUNKING = {"max_characters": 1500, "new_after_n_chars": 1000, "combine_text_under_n_chars": 200}
 
@@ -201,7 +204,7 @@ def input_cuts(client, root: Path, sets: dict[str, list[dict]], settings, cuts: 
     for embedder in [*minilms.values(), *uses.values()]:
         embedder.embed(texts)  # each timed alone
     results = {}
-    print(f"\n| MiniLM tokens | USE tokens | question set | recall@1 | recall@5 | MRR@10 | MiniLM s | USE s |")
+    print("\n| MiniLM tokens | USE tokens | question set | recall@1 | recall@5 | MRR@10 | MiniLM s | USE s |")
     print("|---|---|---|---|---|---|---|---|")
     for n, (m, u) in enumerate(cuts):
         figures, _ = evaluate_variant(client, f"bench_cut_{m}_{u}", items,
@@ -219,8 +222,9 @@ def translated_as_searched(ko_id: list[dict], settings) -> list[dict]:
     """The ko/id questions as the answer flow, `docsrag search` and `eval` search them with an LLM
     (``searched_as``), the emulated LLM translating each into its English original: the bound a
     real model's translation approaches, through the same code."""
-    from tasks.generate import searched_as
-    from tests.llm_emulator import Emulator
+    from docsrag.tasks.answer.generate import searched_as
+
+    from docsrag.testing.llm_emulator import Emulator
 
     emulator = Emulator().start()
     emulator.translations = {q["question"]: q["english"] for q in ko_id}

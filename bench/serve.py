@@ -1,6 +1,6 @@
 """Serving figures against an emulated GPU: drain a backlog, answer a lone question, retrieve.
 
-The model server is the continuous-batching emulator in its own process (tests/llm_emulator.py:
+The model server is the continuous-batching emulator in its own process (docsrag/testing/llm_emulator.py:
 256 sequences at once, a decoding step of 20 ms at one sequence growing to 60 ms at 256, 300
 output tokens per answer: capacity 4,267 tokens/s, 14.2 answers/s). The index (2.4.x) is on a
 Milvus server process (Milvus Lite's gRPC server), so the worker's flow-run processes share it.
@@ -41,7 +41,7 @@ MAX_NUM_SEQS, STEP_MS, OUTPUT_TOKENS = 256, (20, 60), 300
 
 
 def start_emulator() -> tuple[subprocess.Popen, str]:
-    emulator = subprocess.Popen([sys.executable, "-m", "tests.llm_emulator", "--port", "0", "--max-num-seqs",
+    emulator = subprocess.Popen([sys.executable, "-m", "docsrag.testing.llm_emulator", "--port", "0", "--max-num-seqs",
                                  str(MAX_NUM_SEQS), "--step-ms", *map(str, STEP_MS), "--output-tokens",
                                  str(OUTPUT_TOKENS)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
     return emulator, emulator.stdout.readline().split()[-1]
@@ -72,9 +72,9 @@ def deployment_parameters() -> dict:
 
 
 def drain_backlog(questions: list[str], url: str, capacity: float) -> dict:
-    from flows.answer import answer_questions
-    from tasks.questions import Queue
-    from tasks.settings import load_settings
+    from docsrag.flows.answer import answer_questions
+    from docsrag.tasks.core.settings import load_settings
+    from docsrag.tasks.queue.questions import Queue
 
     queue = Queue.from_settings(load_settings())
     ids = [queue.submit(q)[0] for q in questions]
@@ -96,8 +96,8 @@ def baseline(questions: list[str], url: str, capacity: float, home: Path) -> dic
     """One run of the pre-drain flow (as deployed: 64 questions, 32 in flight, every 60 s)."""
     import importlib.util
 
-    from tasks.questions import Queue
-    from tasks.settings import load_settings
+    from docsrag.tasks.core.settings import load_settings
+    from docsrag.tasks.queue.questions import Queue
 
     source = subprocess.run(["git", "show", f"{BASELINE_COMMIT}:flows/answer.py"], cwd=ROOT, check=True,
                             capture_output=True, text=True).stdout
@@ -137,8 +137,8 @@ def lone_question(env: dict, question: str) -> dict:
         ask = subprocess.run([str(BIN / "docsrag"), "ask", question, "--json"], cwd=ROOT, env=env, check=True,
                              capture_output=True, text=True)
         question_id = json.loads(ask.stdout)["id"]
-        from tasks.questions import Queue
-        from tasks.settings import load_settings
+        from docsrag.tasks.core.settings import load_settings
+        from docsrag.tasks.queue.questions import Queue
 
         queue = Queue.from_settings(load_settings())
         deadline = time.monotonic() + 180
@@ -155,9 +155,9 @@ def lone_question(env: dict, question: str) -> dict:
 
 
 def retrieval_latencies(questions: list[str]) -> tuple[float, float]:
-    from tasks.drain import CLAIM_BATCH
-    from tasks.retrieve import Retriever
-    from tasks.settings import load_settings
+    from docsrag.tasks.answer.drain import CLAIM_BATCH
+    from docsrag.tasks.answer.retrieve import Retriever
+    from docsrag.tasks.core.settings import load_settings
 
     settings = load_settings()
     retriever = Retriever(settings)
@@ -188,7 +188,7 @@ def main() -> None:
     from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 
-    from tests.milvus_server import MilvusServer
+    from docsrag.testing.milvus_server import MilvusServer
 
     milvus = MilvusServer(home / "milvus").start()
     emulator, url = start_emulator()
@@ -199,7 +199,7 @@ def main() -> None:
     capacity = emulator_stats(url)["capacity_tokens_per_s"]
     try:
         with prefect_test_harness(server_startup_timeout=120):
-            from flows.ingest import ingest_release
+            from docsrag.flows.ingest import ingest_release
 
             ingest_release(release=args.release)
             p50, p95 = retrieval_latencies(dev)

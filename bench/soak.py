@@ -1,4 +1,4 @@
-"""Fault soak of the answer worker (tests/fault_soak.py) at scale: 3 worker processes drain one
+"""Fault soak of the answer worker (docsrag/testing/fault_soak.py) at scale: 3 worker processes drain one
 PostgreSQL queue of 2,000 questions, first without faults, then once per seed with the seeded
 faults (a poison question per 100, resets, timeouts, trickled bodies, NUL bytes, bad usage,
 503 bursts, an HTML page for 10 s, a worker SIGKILLed, a PostgreSQL crash-restart, a Milvus
@@ -43,7 +43,7 @@ def main() -> int:
     os.environ.update(DOCSRAG_HOME=str(home / "home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                       DO_NOT_TRACK="true", HF_HUB_OFFLINE="1", PREFECT_HOME=str(home / "prefect"),
                       DOCSRAG_MULTILINGUAL="off")
-    from tests.fault_soak import Plan, soak, start_stack, stop_stack
+    from docsrag.testing.fault_soak import Plan, soak, start_stack, stop_stack
 
     stack = start_stack(home, Path(args.release))
     runs = []

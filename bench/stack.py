@@ -31,7 +31,7 @@ def load_env(path: Path) -> None:
 
 
 def all_rows(client, name: str) -> list[dict]:
-    from tasks.index import ROW_FIELDS
+    from docsrag.tasks.index.schema import ROW_FIELDS
 
     iterator = client.query_iterator(name, batch_size=1000, filter="", output_fields=ROW_FIELDS)
     rows = []
@@ -42,7 +42,7 @@ def all_rows(client, name: str) -> list[dict]:
 
 
 def wait_visible(client, name: str, expected: int, timeout_s: float = 600) -> None:
-    from tasks import store
+    from docsrag.tasks.index import store
 
     deadline = time.monotonic() + timeout_s
     while store.count(client, name) < expected:
@@ -52,8 +52,8 @@ def wait_visible(client, name: str, expected: int, timeout_s: float = 600) -> No
 
 
 def write_by_upsert(client, name: str, rows: list[dict]) -> float:
-    from tasks import store
-    from tasks.build import batched
+    from docsrag.tasks.index import store
+    from docsrag.tasks.index.build import batched
 
     started = time.perf_counter()
     for batch in batched(rows, 128):
@@ -91,9 +91,10 @@ def main() -> int:
     load_env(args.env)
     stamp = time.strftime("%Y%m%d%H%M%S")
     os.environ["DOCSRAG_COLLECTION"] = f"bench_{stamp}"  # never touches the served alias
-    from flows.ingest import ingest_release
-    from tasks import index, store
-    from tasks.settings import load_settings
+    from docsrag.flows.ingest import ingest_release
+    from docsrag.tasks.core.settings import load_settings
+    from docsrag.tasks.index import schema as index
+    from docsrag.tasks.index import store
 
     summary = ingest_release(release=args.release, version=f"bench-{stamp}")
     settings = load_settings()

@@ -19,10 +19,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tasks import chunking, embedding, markdown, precision  # noqa: E402
-from tasks.objectstore import LocalStore  # noqa: E402
-from tasks.release import extract_release, fetch_release  # noqa: E402
-from tasks.settings import load_settings  # noqa: E402
+from docsrag.tasks.core.objectstore import LocalStore  # noqa: E402
+from docsrag.tasks.core.settings import load_settings  # noqa: E402
+from docsrag.tasks.embed import embedding, precision
+from docsrag.tasks.ingest import chunking, markdown  # noqa: E402
+from docsrag.tasks.ingest.release import extract_release, fetch_release  # noqa: E402
 
 BATCH = 128
 

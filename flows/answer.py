@@ -14,26 +14,27 @@ import time
 import uuid
 from typing import Annotated
 
+from docsrag.tasks.answer.drain import Drain, DrainSummary, ServingOutage
+from docsrag.tasks.answer.retrieve import Retriever
+from docsrag.tasks.core.records import QueueStats
+from docsrag.tasks.core.settings import Settings, settings_for_run
+from docsrag.tasks.embed import embedding
+from docsrag.tasks.ingest.report import name_run
+from docsrag.tasks.queue.questions import Queue
+from docsrag.tasks.service.coverage import CoverageGap
+from docsrag.tasks.service.service import Service
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (
-    create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact,
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
 )
 from prefect.cache_policies import NONE
 from prefect.events import emit_event
 from prefect.events.worker import EventsWorker
 from prefect.runtime import flow_run
 from pydantic import Field
-
-from tasks import embedding
-from tasks.drain import Drain, DrainSummary, ServingOutage
-from tasks.questions import Queue
-from tasks.coverage import CoverageGap
-from tasks.records import QueueStats
-from tasks.report import name_run
-from tasks.retrieve import Retriever
-from tasks.service import Service
-from tasks.settings import Settings, settings_for_run
-
 
 QUESTION_SUBMITTED = "docsrag.question.submitted"
 

@@ -5,16 +5,15 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from docsrag.tasks.answer.generate import Generator, numbered_sources, searched_as
+from docsrag.tasks.answer.retrieve import Retriever, covered
+from docsrag.tasks.core import language
+from docsrag.tasks.core.settings import Settings, settings_for_run
+from docsrag.tasks.core.summaries import EvaluationSummary
+from docsrag.tasks.ops.evaluate import aggregate, by_language, load_gold, score
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
-
-from tasks import language
-from tasks.evaluate import aggregate, by_language, load_gold, score
-from tasks.generate import Generator, numbered_sources, searched_as
-from tasks.retrieve import Retriever, covered
-from tasks.settings import Settings, settings_for_run
-from tasks.summaries import EvaluationSummary
 
 
 @task(name="retrieve-gold", cache_policy=NONE, persist_result=False)

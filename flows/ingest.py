@@ -15,6 +15,25 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from urllib.parse import urlparse
 
+from docsrag.tasks.core import language
+from docsrag.tasks.core.objectstore import ObjectStore, open_store
+from docsrag.tasks.core.settings import MAX_EMBEDDING_CONCURRENCY, Settings, settings_for_run
+from docsrag.tasks.embed import embedding
+from docsrag.tasks.index import build, lineage, store, writer_lock
+from docsrag.tasks.index import publish as publishing
+from docsrag.tasks.index import schema as index
+from docsrag.tasks.index.build import BuildPlan, batched
+from docsrag.tasks.index.schema import Corpus
+from docsrag.tasks.ingest import chunking, markdown
+from docsrag.tasks.ingest.release import Release, ReleaseError, TransientFetchError, extract_release, fetch_release
+from docsrag.tasks.ingest.report import (
+    IngestSummary,
+    StageClock,
+    log_problems,
+    name_run,
+    progress_bar,
+    publish_artifacts,
+)
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.assets import Asset, AssetProperties
@@ -23,15 +42,6 @@ from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
-
-from tasks import build, chunking, embedding, index, language, lineage, markdown, store, writer_lock
-from tasks import publish as publishing
-from tasks.build import BuildPlan, batched
-from tasks.index import Corpus
-from tasks.objectstore import ObjectStore, open_store
-from tasks.release import Release, ReleaseError, TransientFetchError, extract_release, fetch_release
-from tasks.report import IngestSummary, StageClock, log_problems, name_run, progress_bar, publish_artifacts
-from tasks.settings import MAX_EMBEDDING_CONCURRENCY, Settings, settings_for_run
 
 # Task results stay in memory, never in result storage: they are local paths, clients or vectors
 # (never persisted), and a retried run resumes from its staging collection instead (README).
@@ -53,18 +63,20 @@ def ingest_release(release: str | None = None, version: str | None = None, force
     embedding.preload(settings)  # the model loads while the writer slot is taken and the release fetched
     objects = open_store(settings.object_store, settings.s3_endpoint_url)
     # One writer per corpus from the first stage: two runs never share a download, an extraction
-    # or a publish (tasks/writer_lock.py).
+    # or a publish (tasks/index/writer_lock.py).
     with writer_lock.held(settings):
         rel = clock.run("fetch", fetch, settings, objects, version)
         root = clock.run("extract", extract, settings, objects, rel)
-        parsed = clock.run("parse", parse, root, settings.parse_budgets)
-        chunks = clock.run("chunk", chunk, parsed, settings)
+        parsed = clock.run("parse", parse, root, markdown.Budgets.of(settings))
+        choice = embedding.resolve(settings)  # the id in every chunk id: the model, its variant on this CPU
+        chunks = clock.run("chunk", chunk, parsed, settings, choice.id)
         with store.milvus_errors(settings.milvus_uri):
             client = clock.run("open-store", store.connect, settings)
             main = "always" if publish_main else "if-newer" if rel.named else "never"
-            planned = clock.run("plan", plan, client, settings, rel, chunks, main, force)
+            planned = clock.run("plan", plan, client, settings, rel, chunks, main, force, choice.id)
             summary = _summary(settings, rel, planned, parsed)
-            target = planned.serves or clock.run("embed+write", embed_and_write, client, settings, planned, rel, clock)
+            target = planned.serves or clock.run("embed+write", embed_and_write, client, settings, planned, rel, clock,
+                                                    choice.id)
             if not planned.unchanged:
                 clock.run("validate", validate, client, target, planned.diff.new_ids)
                 summary.embedded, summary.reused = len(planned.diff.to_embed()), len(planned.diff.reusable())
@@ -89,7 +101,9 @@ def _transient(task, task_run, state) -> bool:
 
 @task(retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=_transient, **IN_MEMORY)
 def fetch(settings: Settings, objects: ObjectStore, version: str | None) -> Release:
-    from tasks.source_policy import check_run_source  # a deployment's run fetches only what the operator allows
+    from docsrag.tasks.ingest.source_policy import (
+        check_run_source,  # a deployment's run fetches only what the operator allows
+    )
 
     redirects = check_run_source(settings, version)
     rel = fetch_release(settings.release_url, home=settings.home, store=objects, version=version,
@@ -119,8 +133,8 @@ def parse(root, budgets) -> markdown.ParsedRelease:
 
 
 @task(**IN_MEMORY)
-def chunk(parsed: markdown.ParsedRelease, settings: Settings) -> list[chunking.Chunk]:
-    chunks = chunking.chunk_release(parsed, settings.chunking_config, settings.embedder_id,
+def chunk(parsed: markdown.ParsedRelease, settings: Settings, embedder_id: str) -> list[chunking.Chunk]:
+    chunks = chunking.chunk_release(parsed, settings.chunking_config, embedder_id,
                                     max_document_chunks=settings.max_document_chunks,
                                     max_release_chunks=settings.max_release_chunks)
     log = get_run_logger()
@@ -131,9 +145,9 @@ def chunk(parsed: markdown.ParsedRelease, settings: Settings) -> list[chunking.C
 
 @task(**IN_MEMORY)
 def plan(client, settings: Settings, rel: Release, chunks: list[chunking.Chunk], main: publishing.MainPolicy,
-         force: bool) -> BuildPlan:
+         force: bool, embedder_id: str) -> BuildPlan:
     corpus = Corpus(settings.collection, language.of_tree(c.doc_path for c in chunks))
-    planned = build.plan_build(client, corpus, rel, chunks, settings.build_inputs, main)
+    planned = build.plan_build(client, corpus, rel, chunks, build.build_inputs(settings, embedder_id), main)
     build.check_guard_rails(planned, force)
     diff = planned.diff
     log = get_run_logger()
@@ -173,7 +187,8 @@ def copy_batch(client, base: str, target: str, chunks: list[chunking.Chunk], ver
     return len(chunks)
 
 
-def embed_and_write(client, settings: Settings, plan: BuildPlan, rel: Release, clock: StageClock) -> str:
+def embed_and_write(client, settings: Settings, plan: BuildPlan, rel: Release, clock: StageClock,
+                    embedder_id: str) -> str:
     """Embed new chunks in parallel batches and write each batch as it lands (one writer), so a
     killed run keeps every finished batch in the staging collection. Served vectors are copied
     while the first batches embed. The "write" stage is the writer's share of "embed+write".
@@ -181,7 +196,7 @@ def embed_and_write(client, settings: Settings, plan: BuildPlan, rel: Release, c
     embedder = clock.run("model-wait", embedding.embedder_for, settings)
     # A second vector field needs Milvus 2.4: older servers search with the English model alone.
     multilingual = embedding.multilingual_for(settings) if store.capabilities(client).multiple_vectors else None
-    target = build.staging_collection(client, plan, rel, settings.embedder_id, embedder.dim,
+    target = build.staging_collection(client, plan, rel, embedder_id, embedder.dim,
                                       multilingual and multilingual.dim)
     chunks = plan.diff.to_embed()
     # A small release is split so every batch slot (and so every core) has work: 49 chunks embed
@@ -224,7 +239,7 @@ def embed_and_write(client, settings: Settings, plan: BuildPlan, rel: Release, c
 
 
 def publish(client, settings: Settings, plan: BuildPlan, rel: Release, target: str, archive: str) -> str | None:
-    """Point the aliases (tasks/publish.py), as materializing steps: the event feed shows the
+    """Point the aliases (tasks/index/publish.py), as materializing steps: the event feed shows the
     release archive that produced the collection, and which alias serves it."""
     uri, alias = settings.milvus_uri, plan.alias
     collection = lineage.milvus_asset(uri, target, f"docs {rel.version}, release sha256 {rel.sha256}")

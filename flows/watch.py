@@ -7,17 +7,16 @@ defaults (no server, no automations), ``ingest=True`` runs the ingest flow here 
 
 from __future__ import annotations
 
+from docsrag.flows.ingest import ingest_release
+from docsrag.tasks.core.objectstore import open_store
+from docsrag.tasks.core.settings import Settings, settings_for_run
+from docsrag.tasks.core.summaries import RefusedAsset, WatchSummary
+from docsrag.tasks.ingest.feed import MalformedFeed, PublishedAsset, RateLimited, SeenReleases, read_feed
+from docsrag.tasks.ingest.release import version_order
+from docsrag.tasks.ingest.report import name_run
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 from prefect.events import emit_event
-
-from flows.ingest import ingest_release
-from tasks.feed import MalformedFeed, PublishedAsset, RateLimited, SeenReleases, read_feed
-from tasks.objectstore import open_store
-from tasks.release import version_order
-from tasks.report import name_run
-from tasks.settings import Settings, settings_for_run
-from tasks.summaries import RefusedAsset, WatchSummary
 
 EVENT = "docsrag.release.published"
 

@@ -9,10 +9,9 @@ import time
 from dataclasses import dataclass
 
 import uvicorn
-
-from flows.api import _announcer, create_app
-from tasks.service import Service
-from tasks.settings import Settings
+from docsrag.flows.api.app import _announcer, create_app
+from docsrag.tasks.core.settings import Settings
+from docsrag.tasks.service.service import Service
 
 
 def free_port() -> int:

@@ -63,7 +63,7 @@ FAQ = "milvus_docs_faq_2.4.x_en.zip"
 def ingest_into(home: Path, release: Path, **env: str) -> dict:
     """`docsrag ingest --json` of ``release`` into ``home``, outside any one test (a module's shared
     index); extra settings as DOCSRAG_* names without the prefix. -> the run summary."""
-    from flows.cli import main
+    from docsrag.flows.cli import main
 
     with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(io.StringIO()) as out:
         for name, value in {"HOME": str(home), **env}.items():
@@ -137,7 +137,7 @@ def gpu_embeddings(monkeypatch):
     GPU's pace), as on the cluster: what these tests check is the diff, the reuse and the aliases
     at the scale of real releases, and the real model would spend 15 minutes of a 2-core CPU on
     them (the FAQ tests use the real model)."""
-    from .llm_emulator import Emulator
+    from docsrag.testing.llm_emulator import Emulator
 
     server = Emulator().start()
     for name, value in {"EMBEDDING": "openai", "EMBEDDING_BASE_URL": server.url, "EMBEDDING_MODEL": "emulated",

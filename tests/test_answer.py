@@ -8,14 +8,14 @@ import time
 from datetime import datetime, timezone
 
 import pytest
+from docsrag.flows.cli import main
+from docsrag.tasks.answer.generate import NOT_COVERED, TRANSLATE, not_covered
+from docsrag.tasks.core.settings import load_settings
+from docsrag.tasks.queue.questions import Queue
 
-from flows.cli import main
-from tasks.generate import NOT_COVERED, TRANSLATE, not_covered
-from tasks.questions import Queue
-from tasks.settings import load_settings
+from docsrag.testing.llm_emulator import Emulator
 
 from .conftest import DOCSRAG, ROOT, api_env
-from .llm_emulator import Emulator
 
 QUESTIONS = ["Where does Milvus store data?", "Is Docker the only way to install and run Milvus?",
              "What are the main factors affecting recall?"]
@@ -226,7 +226,7 @@ def test_not_covered_is_said_in_the_question_language(llm, capsys, monkeypatch):
 
 
 def test_a_question_queued_without_a_language_is_answered_in_the_detected_one(llm, capsys, always_covered):
-    from tasks.questions import questions
+    from docsrag.tasks.queue.questions import questions
 
     queue = Queue.from_settings(load_settings())
     qid, _ = queue.submit("Milvus는 데이터를 어디에 저장하나요?")

@@ -10,9 +10,8 @@ import time
 
 import httpx
 import pytest
-
-from flows.cli import main
-from tasks.api_guard import Caller, RateLimit
+from docsrag.flows.cli import main
+from docsrag.tasks.service.guard import Caller, RateLimit
 
 from .test_api import QUESTION, api_for, llm, queue_url  # noqa: F401 - fixtures shared with the API's own tests
 
@@ -146,7 +145,7 @@ def test_a_wait_over_the_servers_limit_is_clamped(monkeypatch, faq_home, queue_u
         with httpx.Client(base_url=running.url, timeout=30) as client:
             question_id = client.post("/v1/questions", json={"question": QUESTION}).json()["id"]
             started = time.monotonic()
-            held = client.get(f"/v1/questions/{question_id}", params={"wait": 25})  # what flows/page.html asks
+            held = client.get(f"/v1/questions/{question_id}", params={"wait": 25})  # what flows/api/page.html asks
             assert held.status_code == 200 and held.json()["status"] == "pending", held.text
             assert 1 <= time.monotonic() - started < 5, "held for the server's limit, not the 25 s asked"
             wait = client.get("/openapi.json").json()["paths"]["/v1/questions/{question_id}"]["get"]["parameters"]

@@ -11,17 +11,20 @@ import itertools
 import httpx
 import pytest
 import schemathesis
+from docsrag.tasks.core.settings import load_settings
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
-    content_type_conformance, ignored_auth, response_schema_conformance, status_code_conformance,
+    content_type_conformance,
+    ignored_auth,
+    response_schema_conformance,
+    status_code_conformance,
 )
 
-from tasks.settings import load_settings
+from docsrag.testing.llm_emulator import Emulator
 
 from .api_server import start_api
-from .llm_emulator import Emulator
 
 TOKEN = "schema-test-token"
 MAX_EXAMPLES = 25  # per operation: the bound that keeps this test under a minute on 2 cores

@@ -7,8 +7,7 @@ import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
-
-from flows.cli import main
+from docsrag.flows.cli import main
 
 
 class Webhook:
@@ -83,7 +82,7 @@ def test_a_failed_answer_run_reaches_the_webhook(webhook, capsys):
 def test_the_failure_notification_names_the_run_not_its_parameters_or_error(webhook):
     """A chat service is outside: it gets the run's name, state and link, never its parameters
     or its error text, which may quote a URL's credentials."""
-    from flows.ingest import ingest_release
+    from docsrag.flows.ingest import ingest_release
 
     assert main(["automations"]) == 0
     planted = "Pl4ntedN0tification"  # its own: the run's parameters keep it (test_trust scans every run)
@@ -94,8 +93,8 @@ def test_the_failure_notification_names_the_run_not_its_parameters_or_error(webh
 
 
 def test_dead_lettered_questions_reach_the_webhook(webhook):
-    from flows.answer import _announce_dead
-    from tasks.drain import DrainSummary
+    from docsrag.flows.answer import _announce_dead
+    from docsrag.tasks.answer.drain import DrainSummary
 
     assert main(["automations"]) == 0
     summary = DrainSummary(dead=1, problems=[{"id": 7, "question": "q", "status": "dead",

@@ -1,5 +1,5 @@
 """Prefect's server kept in the background between commands, the default with no PREFECT_API_URL
-(flows/local_server.py): the first command starts it and says where its UI is, the next ones use it
+(flows/cli/local_server.py): the first command starts it and says where its UI is, the next ones use it
 and pay no server start, `docsrag server stop` leaves no process behind; a server Prefect's own
 `prefect server start --background` started is found and stopped the same way. The real console
 scripts, the real Prefect server."""
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from docsrag.flows.cli.local_server import free_port
 
-from flows.local_server import free_port
 from tests.conftest import FAQ, servers_with_home
 
 BIN = Path(sys.executable).parent

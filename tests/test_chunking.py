@@ -1,7 +1,7 @@
 """Chunk ids: stable across runs and releases, sensitive to what was embedded and how."""
 
-from tasks.chunking import chunk_document
-from tasks.markdown import parse_document
+from docsrag.tasks.ingest.chunking import chunk_document
+from docsrag.tasks.ingest.markdown import parse_document
 
 CONFIG = {"max_characters": 400, "new_after_n_chars": 300, "combine_text_under_n_chars": 0}
 DOC = "---\ntitle: Product FAQ\n---\n# Product FAQ\n\n## Where does Milvus store data?\n\nIn object storage.\n\n" \

@@ -6,9 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from flows.cli import main, parser
-from tasks.records import STATUSES
+from docsrag.flows.cli import main, parser
+from docsrag.tasks.core.records import STATUSES
 
 
 @pytest.mark.parametrize("argv, says", [

@@ -14,14 +14,14 @@ import threading
 import time
 
 import pytest
+from docsrag.flows.cli import main
+from docsrag.tasks.core.settings import load_settings
+from docsrag.tasks.queue.questions import Queue
 
-from flows.cli import main
-from tasks.questions import Queue
-from tasks.settings import load_settings
+from docsrag.testing.llm_emulator import Emulator
+from docsrag.testing.milvus_server import CuttingProxy, MilvusServer
 
 from .conftest import DOCSRAG, FAQ, ROOT, api_env, ingest_into
-from .llm_emulator import Emulator
-from .milvus_server import CuttingProxy, MilvusServer
 
 QUESTIONS = ["Where does Milvus store data?", "Is Docker the only way to install and run Milvus?",
              "What are the main factors affecting recall?", "Can I upsert data in Milvus?"]
@@ -234,8 +234,8 @@ def test_leases_hold_under_a_slow_model_and_a_second_worker(llm, capsys, monkeyp
     def second_worker():
         import asyncio
 
-        from tasks.drain import Drain
-        from tasks.retrieve import Retriever
+        from docsrag.tasks.answer.drain import Drain
+        from docsrag.tasks.answer.retrieve import Retriever
 
         settings = load_settings()
         drain = Drain(settings, Queue.from_settings(settings), Retriever(settings), owner="second", max_seconds=3)
@@ -267,8 +267,8 @@ def test_a_run_whose_leases_lapse_never_takes_up_its_own_questions_twice(llm, ca
     of 200). Another worker may take them over; the run itself never claims one it holds."""
     import asyncio
 
-    from tasks.drain import Drain
-    from tasks.retrieve import Retriever
+    from docsrag.tasks.answer.drain import Drain
+    from docsrag.tasks.answer.retrieve import Retriever
 
     monkeypatch.setenv("DOCSRAG_QUEUE_URL", queue_url)
     monkeypatch.setenv("DOCSRAG_LEASE_S", "1")
@@ -286,8 +286,8 @@ def test_a_question_landing_twice_in_a_batch_is_counted_once(tmp_path):
     """Whatever put two copies of a question in flight, the writer stores one answer and counts one."""
     import asyncio
 
-    from tasks.drain import Drain
-    from tasks.records import StoredAnswer
+    from docsrag.tasks.answer.drain import Drain
+    from docsrag.tasks.core.records import StoredAnswer
 
     settings = load_settings(queue_url=f"sqlite:///{tmp_path / 'q.db'}", llm_concurrency=2)
     q = Queue.from_settings(settings)

@@ -4,12 +4,11 @@ import asyncio
 import json
 
 import pytest
+from docsrag.flows.cli import main
+from docsrag.tasks.answer.retrieve import covered
+from docsrag.tasks.ops.evaluate import aggregate, by_language, first_gold_rank, load_gold, score
 
-from flows.cli import main
-from tasks.evaluate import aggregate, by_language, first_gold_rank, load_gold, score
-from tasks.retrieve import covered
-
-from .llm_emulator import Emulator
+from docsrag.testing.llm_emulator import Emulator
 
 
 def hits(*docs, relevance=0.8):

@@ -1,6 +1,6 @@
 """Reciprocal rank fusion of the dense and BM25 rankings (pure, no Milvus needed)."""
 
-from tasks.retrieve import fuse
+from docsrag.tasks.answer.retrieve import fuse
 
 
 def hit(key: str, dense: list[float]) -> dict:

@@ -18,12 +18,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-
-from flows.cli import main
-from tasks import index, store
-from tasks.generate import prompt
-from tasks.release import version_order
-from tasks.settings import load_settings
+from docsrag.flows.cli import main
+from docsrag.tasks.answer.generate import prompt
+from docsrag.tasks.core.settings import load_settings
+from docsrag.tasks.index import schema as index
+from docsrag.tasks.index import store
+from docsrag.tasks.ingest.release import version_order
 
 from .conftest import DOCSRAG, ROOT, api_env
 
@@ -226,7 +226,7 @@ def crafted_ingest(tmp_path_factory, prefect_server, releases) -> tuple[Path, di
     release = faq_zip(releases, folder / "milvus_docs_2.4.x_en.zip", crafted_files())
     # VmHWM is this process's own peak; ru_maxrss would start from the forking test process's
     # peak (Linux carries it across exec), which grows with the session.
-    done = subprocess.run([sys.executable, "-c", "import sys; from flows.cli import main; code = main("
+    done = subprocess.run([sys.executable, "-c", "import sys; from docsrag.flows.cli import main; code = main("
                            f"['ingest', '--release', {str(release)!r}, '--json']); print(next(line.split()[1] "
                            "for line in open('/proc/self/status') if line.startswith('VmHWM:'))); sys.exit(code)"],
                           env=api_env(DOCSRAG_HOME=str(folder / "home")), cwd=ROOT, capture_output=True, text=True,

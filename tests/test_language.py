@@ -2,7 +2,7 @@
 
 import json
 
-from tasks.language import LANGUAGES, detect, name
+from docsrag.tasks.core.language import LANGUAGES, detect, name
 
 
 def dev(eval_dir, file):

@@ -15,14 +15,16 @@ from pathlib import Path
 
 import pytest
 import yaml
+from docsrag.flows.cli import main
+from docsrag.tasks.core.settings import load_settings
+from docsrag.tasks.embed import embedding
+from docsrag.tasks.index import build, store
+from docsrag.tasks.ingest import chunking, markdown
 from pymilvus import MilvusClient
 
-from flows.cli import main
-from tasks import build, chunking, markdown, store
-from tasks.settings import load_settings
+from docsrag.testing.milvus_server import MilvusServer
 
 from .conftest import DOCSRAG, ROOT, api_env
-from .milvus_server import MilvusServer
 from .test_hostile import Server, send
 
 # Pages of 2.5.x; the first two are in 2.4.x too (unchanged between them).
@@ -160,7 +162,7 @@ def test_an_extracted_tree_missing_a_file_is_extracted_again_not_reused(home, pr
 # -- 5. two hosts, one Milvus server, one Prefect server ----------------------------------------------
 
 def test_two_hosts_ingesting_one_corpus_on_one_milvus_server_take_turns(tmp_path, prefect_server, v25, capsys):
-    from .llm_emulator import Emulator
+    from docsrag.testing.llm_emulator import Emulator
 
     milvus = MilvusServer(tmp_path / "milvus").start()
     slow = Emulator(embed_rate=5.0).start()  # ~10 s of embedding: the second host arrives meanwhile
@@ -211,9 +213,9 @@ def test_a_build_killed_before_validation_then_run_with_another_file_budget_serv
     resumed = ingest(capsys, "--release", str(v25))
     assert [s["path"] for s in resumed["skipped"]] == [f"en/{ONLY_25[2]}"]
     settings = load_settings()
-    parsed = markdown.parse_release(home / "releases" / resumed["sha256"], settings.parse_budgets)
+    parsed = markdown.parse_release(home / "releases" / resumed["sha256"], markdown.Budgets.of(settings))
     expected = {c.id for c in chunking.chunk_documents(parsed.documents, settings.chunking_config,
-                                                       settings.embedder_id)}
+                                                       embedding.resolve(settings).id)}
     assert served_ids("milvus_docs") == expected
 
 

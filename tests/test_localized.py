@@ -5,13 +5,13 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from docsrag.flows.cli import main
+from docsrag.tasks.core.settings import load_settings
+from docsrag.tasks.index import store
 
-from flows.cli import main
-from tasks import store
-from tasks.settings import load_settings
+from docsrag.testing.llm_emulator import Emulator
 
 from .conftest import FAQ, ingest_into
-from .llm_emulator import Emulator
 from .test_ingest import cli_json
 
 

@@ -4,14 +4,13 @@ import json
 import os
 import time
 
+from docsrag.flows.cli import main
+from docsrag.tasks.core.settings import load_settings
+from docsrag.tasks.index import lineage
 from prefect import get_client
 from prefect.client.schemas.filters import FlowRunFilter, LogFilter
 from prefect.client.schemas.sorting import FlowRunSort
 from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
-
-from flows.cli import main
-from tasks import lineage
-from tasks.settings import load_settings
 from prefect.logging.handlers import APILogWorker
 
 

@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from pathlib import Path
+
 from tests.conftest import ROOT
 
 
@@ -17,10 +19,8 @@ def test_metadata_builds_without_deprecation_warnings(tmp_path):
     every `pip install -e .` print a SetuptoolsDeprecationWarning."""
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, tmp_path / name)
-    for package in ("flows", "flows/cli", "tasks"):
-        (tmp_path / package).mkdir(parents=True)
-        (tmp_path / package / "__init__.py").touch()
-    (tmp_path / "flows" / "page.html").touch()
+    for folder in ("docsrag", "flows", "tasks"):
+        shutil.copytree(ROOT / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__"))
     out = tmp_path / "metadata"
     out.mkdir()
     done = subprocess.run([sys.executable, "-W", "always", "-c",
@@ -30,6 +30,39 @@ def test_metadata_builds_without_deprecation_warnings(tmp_path):
     assert "Deprecat" not in done.stderr, done.stderr
     metadata = next(out.glob("*.dist-info/METADATA")).read_text()
     assert "License-Expression: Apache-2.0" in metadata
+
+
+def test_the_wheel_holds_one_import_name(tmp_path):
+    """Installing docsrag claims the name docsrag and nothing else (it claimed `tasks` and `flows`,
+    which an invoke tasks.py or a Celery tasks/ package in the user's folder shadowed)."""
+    import zipfile
+
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                           "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    wheel = zipfile.ZipFile(next(tmp_path.glob("docsrag-*.whl")))
+    names = wheel.namelist()
+    assert {name.split("/")[0] for name in names if not name.startswith("docsrag-")} == {"docsrag"}
+    top_level = next((n for n in names if n.endswith(".dist-info/top_level.txt")), None)
+    assert top_level is None or wheel.read(top_level).decode().split() == ["docsrag"]
+    assert {"docsrag/flows/api/page.html", "docsrag/tasks/core/settings.py", "docsrag/testing/llm_emulator.py",
+            "docsrag/flows/cli/__init__.py", "docsrag/__main__.py"} <= set(names)
+
+
+def test_a_first_ingest_works_from_a_folder_holding_an_invoke_tasks_py_and_a_flows_package(tmp_path, releases):
+    """A user's folder with an invoke ``tasks.py`` (a Celery-style ``tasks/`` is the same case) and a
+    ``flows/__init__.py``: docsrag imports only under its own name, and its child
+    processes (the ONNX export) start isolated from the folder (``python -I``)."""
+    (tmp_path / "tasks.py").write_text("raise SystemExit('the user tasks.py was imported')\n")
+    (tmp_path / "flows").mkdir()
+    (tmp_path / "flows" / "__init__.py").write_text("raise SystemExit('the user flows package was imported')\n")
+    env = {**os.environ, "DOCSRAG_HOME": str(tmp_path / "home"), "PYTHONPATH": str(tmp_path),
+           "DOCSRAG_MODEL_CACHE": str(tmp_path / "models"),  # a fresh cache: the model is exported here
+           "DOCSRAG_EMBEDDING_PRECISION": "fp32", "DOCSRAG_MULTILINGUAL": "off"}
+    done = subprocess.run([str(Path(sys.executable).parent / "docsrag"), "ingest", "--release",
+                           str(releases / "milvus_docs_faq_2.4.x_en.zip"), "--json"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def locked_versions() -> dict[str, str]:

@@ -9,13 +9,13 @@ import re
 from pathlib import Path
 
 import pytest
+from docsrag.tasks.core.settings import load_settings
 from playwright.sync_api import expect
 
-from tasks.settings import load_settings
+from docsrag.testing.llm_emulator import Emulator
 
 from .api_server import start_api
 from .conftest import ROOT
-from .llm_emulator import Emulator
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--headless=new", "--disable-gpu", "--disable-background-networking",

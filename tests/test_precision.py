@@ -1,4 +1,4 @@
-"""The local model's precision, chosen by measurement on the running CPU (tasks/precision.py): the
+"""The local model's precision, chosen by measurement on the running CPU (tasks/embed/precision.py): the
 real exports, timed and compared with fp32 on this machine."""
 
 from __future__ import annotations
@@ -9,10 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from tasks import embedding, precision
-from tasks.precision import Measured
-from tasks.settings import load_settings
+from docsrag.tasks.core.settings import load_settings
+from docsrag.tasks.embed import embedding, precision
+from docsrag.tasks.embed.precision import Measured
 
 FOLDER = Path(embedding._local_model_path("all-MiniLM-L6-v2"))
 
@@ -79,10 +78,10 @@ def test_of_two_variants_as_fast_the_one_nearer_fp32_is_kept():
 def test_the_embedder_id_names_the_measured_variant_and_token_limit(cache, tmp_path):
     choice = precision.chosen(FOLDER, cache, 256, 1)
     settings = load_settings(home=tmp_path, model_cache=cache)
-    assert settings.embedder_id == f"local:all-MiniLM-L6-v2:{choice.variant}+use:256t"
+    assert embedding.resolve(settings).id == f"local:all-MiniLM-L6-v2:{choice.variant}+use:256t"
     assert embedding.embedder_for(settings).id == f"local:all-MiniLM-L6-v2:{choice.variant}"
     pinned = load_settings(home=tmp_path, model_cache=cache, embedding_precision="fp32", embedding_max_tokens=128)
-    assert pinned.embedder_id == "local:all-MiniLM-L6-v2:fp32:128t+use:256t"
+    assert embedding.resolve(pinned).id == "local:all-MiniLM-L6-v2:fp32:128t+use:256t"
 
 
 def test_the_multilingual_field_tokenizes_as_the_wheel_does_and_cuts_where_told(tmp_path):
@@ -101,4 +100,4 @@ def test_the_multilingual_field_tokenizes_as_the_wheel_does_and_cuts_where_told(
     whole, cut = ours.model.sp.encode(long), embedding.MultilingualEmbedder(1, 16).model.sp.encode(long)
     assert len(whole) > 16 and cut == whole[:15] + whole[-1:]
     settings = load_settings(home=tmp_path, embedding_precision="fp32", multilingual_max_tokens=128)
-    assert settings.embedder_id == "local:all-MiniLM-L6-v2:fp32+use:128t"
+    assert embedding.resolve(settings).id == "local:all-MiniLM-L6-v2:fp32+use:128t"

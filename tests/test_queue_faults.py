@@ -6,10 +6,8 @@ import threading
 import time
 
 import pytest
+from docsrag.tasks.queue.questions import QuestionError, Queue, metadata
 from sqlalchemy import create_engine, event, text
-
-from tasks.questions import Queue, QuestionError
-from tasks.questions import metadata
 
 
 def _engine_url(url: str) -> str:
@@ -163,7 +161,7 @@ def test_an_answer_carrying_nul_bytes_is_stored_clean(queue_url):
 
 
 def test_what_the_server_sent_is_stored_cleaned_and_typed(queue_url):
-    from tasks.records import StoredAnswer, Usage
+    from docsrag.tasks.core.records import StoredAnswer, Usage
 
     queue = make(queue_url)
     qid, _ = queue.submit("q?")

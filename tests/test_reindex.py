@@ -9,10 +9,12 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
-from flows.cli import main
-from tasks import chunking, index, markdown, store, writer_lock
-from tasks.settings import load_settings
+from docsrag.flows.cli import main
+from docsrag.tasks.core.settings import load_settings
+from docsrag.tasks.embed import embedding
+from docsrag.tasks.index import schema as index
+from docsrag.tasks.index import store, writer_lock
+from docsrag.tasks.ingest import chunking, markdown
 
 from .conftest import DOCSRAG, ROOT, api_env
 
@@ -33,7 +35,7 @@ def fresh_build_ids(summary: dict) -> set[str]:
     """The ids a fresh build of that release holds: its own parse and chunking, nothing else."""
     settings = load_settings()
     parsed = markdown.parse_release(settings.home / "releases" / summary["sha256"])
-    return {c.id for c in chunking.chunk_documents(parsed.documents, settings.chunking_config, settings.embedder_id)}
+    return {c.id for c in chunking.chunk_documents(parsed.documents, settings.chunking_config, embedding.resolve(settings).id)}
 
 
 

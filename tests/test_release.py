@@ -9,9 +9,8 @@ from functools import partial
 from pathlib import Path
 
 import pytest
-
-from tasks.objectstore import LocalStore
-from tasks.release import Release, ReleaseError, extract_release, fetch_release, release_version
+from docsrag.tasks.core.objectstore import LocalStore
+from docsrag.tasks.ingest.release import Release, ReleaseError, extract_release, fetch_release, release_version
 
 
 def make_zip(path: Path, entries: dict[str, bytes], links: dict[str, str] | None = None) -> Path:
@@ -70,8 +69,8 @@ def test_refuses_a_file_and_a_folder_of_one_name(tmp_path, entries):
 
 def test_a_refused_archive_is_not_kept_in_the_object_store(tmp_path):
     """The ingest flow's extract stage forgets what it refused: no archive, no empty folders left."""
-    from flows.ingest import extract as extract_stage
-    from tasks.settings import Settings
+    from docsrag.flows.ingest import extract as extract_stage
+    from docsrag.tasks.core.settings import Settings
 
     archive = make_zip(tmp_path / "milvus_docs_9.8.x_en.zip", FILE_AND_FOLDER)
     objects, settings = tmp_path / "objects", Settings.model_validate({"home": tmp_path / "home"})
@@ -253,7 +252,7 @@ def test_a_redirect_loop_ends_with_a_clear_error(tmp_path):
 
 
 def test_dead_server_is_transient(tmp_path):
-    from tasks.release import TransientFetchError
+    from docsrag.tasks.ingest.release import TransientFetchError
 
     with pytest.raises(TransientFetchError, match="download of http://127.0.0.1:9/x.zip failed"):
         fetch_release("http://127.0.0.1:9/x.zip", home=tmp_path, store=LocalStore(tmp_path / "o"), timeout_s=2)

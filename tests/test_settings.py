@@ -1,8 +1,7 @@
 from pathlib import Path
 
 import pytest
-
-from tasks.settings import DEFAULT_RELEASE_URL, SettingsError, load_settings
+from docsrag.tasks.core.settings import DEFAULT_RELEASE_URL, SettingsError, load_settings
 
 
 def test_defaults_live_under_home(home):
@@ -61,7 +60,7 @@ def test_overrides_win_over_environment(monkeypatch, tmp_path):
 
 
 def test_cli_reports_bad_configuration_with_exit_code_2(monkeypatch, capsys):
-    from flows.cli import main
+    from docsrag.flows.cli import main
 
     monkeypatch.setenv("DOCSRAG_EMBEDDING", "magic")
     assert main(["search", "anything"]) == 2

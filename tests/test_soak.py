@@ -1,12 +1,13 @@
-"""A short fault soak (tests/fault_soak.py): 3 worker processes, one PostgreSQL queue of 300
+"""A short fault soak (docsrag/testing/fault_soak.py): 3 worker processes, one PostgreSQL queue of 300
 questions, the seeded faults of bench/soak.py squeezed into its span: a poison question per 100,
 per-request resets, timeouts, trickled bodies, NUL bytes, bad usage, huge citations, 503 bursts, an
 HTML page for 10 s, a SIGKILLed worker, a PostgreSQL crash-restart and a Milvus restart."""
 
 import pytest
 
+from docsrag.testing.fault_soak import PG_BIN, Plan, soak, start_stack, stop_stack
+
 from .conftest import FAQ, ingest_into
-from .fault_soak import PG_BIN, Plan, soak, start_stack, stop_stack
 
 
 @pytest.fixture(scope="module")

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import boto3
 import pytest
+from docsrag.tasks.index import store
 from pymilvus import MilvusClient
 from pymilvus.exceptions import MilvusException
 
-from tasks import store
 from tests import triggers
 from tests.conftest import DOCSRAG, ROOT
 from tests.test_source_policy import Watched
@@ -44,7 +44,7 @@ FAQ = "milvus_docs_faq_2.4.x_en.zip"
 def stack(tmp_path_factory, releases):
     """The stack as `make stack-up` starts it, from a shell whose settings name a release feed (a
     loopback one shaped like GitHub's) and an LLM (the emulator): its workers' runs use them."""
-    from tests.llm_emulator import Emulator
+    from docsrag.testing.llm_emulator import Emulator
 
     folder = tmp_path_factory.mktemp("stack")
     home, feed, llm = folder / "home", triggers.release_feed(folder / "feed", releases), Emulator().start()
@@ -298,11 +298,11 @@ def test_the_prefect_api_and_s3_listen_on_loopback_only(stack):
 
 
 def test_the_lifecycle_state_machine_holds_on_the_stacks_milvus_server(stack, tmp_path):
-    """A bounded run of tests/lifecycle_machine.py against the stack's Milvus 2.3 (no BM25: its
+    """A bounded run of docsrag/testing/lifecycle_machine.py against the stack's Milvus 2.3 (no BM25: its
     builds are created dense only, as capabilities() detects)."""
     from hypothesis import HealthCheck, settings
 
-    from tests.test_lifecycle_model import run_machine
+    from docsrag.testing.lifecycle_machine import run_machine
 
     client = milvus(stack)
     assert not store.capabilities(client).bm25

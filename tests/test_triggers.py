@@ -11,11 +11,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import pytest
+from docsrag.flows.cli.local_server import free_port
 
-from flows.local_server import free_port
 from tests import triggers
 from tests.conftest import DOCSRAG, ROOT
 
@@ -30,7 +29,7 @@ def _start(name: str, command: list[str], env: dict, logs) -> subprocess.Popen:
 def sqlite_tier(tmp_path_factory, releases):
     """The kept server in a PREFECT_HOME of its own, the prefect.yaml deployments, and a process
     worker per pool whose runs use a loopback release feed and the LLM emulator."""
-    from tests.llm_emulator import Emulator
+    from docsrag.testing.llm_emulator import Emulator
 
     folder = tmp_path_factory.mktemp("triggers")
     feed, llm = triggers.release_feed(folder / "feed", releases), Emulator().start()

@@ -11,15 +11,15 @@ import time
 import unicodedata
 
 import pytest
+from docsrag.tasks.answer.generate import prompt
+from docsrag.tasks.core.escaping import for_markdown, for_terminal
+from docsrag.tasks.core.redaction import Secrets, redact_text, redact_url
+from docsrag.tasks.core.settings import Settings
+from docsrag.tasks.index import lineage
+from docsrag.tasks.ingest.report import IngestSummary, log_problems, summary_markdown
 
-from tasks import lineage
-from tasks.escaping import for_markdown, for_terminal
-from tasks.generate import prompt
-from tasks.redaction import Secrets, redact_text, redact_url
-from tasks.report import IngestSummary, log_problems, summary_markdown
-from tasks.settings import Settings
+from docsrag.testing.milvus_server import MilvusServer
 from tests.conftest import DOCSRAG, FAQ, ROOT, api_env
-from tests.milvus_server import MilvusServer
 
 PLANTED = "Pl4ntedS3cret"
 
@@ -135,7 +135,7 @@ def test_terminal_text_shows_c0_c1_and_bidi_controls_as_codes(hostile):
 
 
 def test_the_cli_prints_questions_with_c1_and_bidi_controls_escaped(home, capsys):
-    from flows.cli import main
+    from docsrag.flows.cli import main
 
     assert main(["ask", "What is \x9d8;;https://evil\x07this \u202egnp.exe?"]) == 0
     assert main(["questions"]) == 0
@@ -170,7 +170,7 @@ def test_look_alike_closing_tags_cannot_end_the_fence(closing):
 @pytest.mark.parametrize("address", ["tcp://10.0.0.5:8786", "scheduler.internal:8786", "tcp://[2001:db8::1]:8786"])
 def test_a_dask_scheduler_across_the_network_in_clear_text_is_refused(address):
     """Batches carry the run's settings, secrets included, to the workers."""
-    from flows.ingest import task_runner
+    from docsrag.flows.ingest import task_runner
 
     with pytest.raises(ValueError, match="use a tls:// address"):
         task_runner(f"dask={address}", Settings())
@@ -178,6 +178,6 @@ def test_a_dask_scheduler_across_the_network_in_clear_text_is_refused(address):
 
 @pytest.mark.parametrize("address", ["tls://10.0.0.5:8786", "tcp://127.0.0.1:8786"])
 def test_a_dask_scheduler_over_tls_or_on_loopback_is_used(address):
-    from flows.ingest import task_runner
+    from docsrag.flows.ingest import task_runner
 
     assert task_runner(f"dask={address}", Settings()).address == address

@@ -11,8 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-
-from flows.cli import main
+from docsrag.flows.cli import main
 
 from .conftest import ROOT, api_env
 
@@ -191,7 +190,7 @@ def test_a_feed_over_its_size_cap_is_refused_without_retries(github, prefect_ser
 
 
 def test_a_trickling_feed_stops_at_its_deadline(github, prefect_server, capsys, monkeypatch):
-    from tasks import feed
+    from docsrag.tasks.ingest import feed
 
     monkeypatch.setattr(feed, "FEED_DEADLINE_S", 2.0)  # 60 s in production; the trickle takes minutes
     github.mode = "trickle"
@@ -226,7 +225,7 @@ def test_an_asset_url_with_credentials_is_refused_not_announced(github, prefect_
 def test_an_asset_of_another_github_repository_is_refused_not_announced(github, prefect_server, capsys,
                                                                        monkeypatch):
     """The feed is the configured repository's; an asset it lists on GitHub is that repository's
-    release download, or the run it would start refuses it (tasks/source_policy.py): said here first.
+    release download, or the run it would start refuses it (tasks/ingest/source_policy.py): said here first.
     Naming github.com as a trusted host does not open other repositories."""
     monkeypatch.setenv("DOCSRAG_RELEASE_HOSTS", "github.com")  # the fake API is on loopback, not api.github.com
     github.releases.clear()

@@ -1,6 +1,6 @@
 """One writer per Milvus server: the writer slot holds only where every writer shares it.
 
-Real Milvus server (tests/milvus_server.py), real Prefect servers (each command's own temporary
+Real Milvus server (docsrag/testing/milvus_server.py), real Prefect servers (each command's own temporary
 one, or the session's), the real CLI.
 """
 
@@ -10,13 +10,13 @@ import os
 import subprocess
 
 import pytest
+from docsrag.tasks.core.settings import SettingsError, load_settings
+from docsrag.tasks.index import writer_lock
 from pymilvus import MilvusClient
 
-from tasks import writer_lock
-from tasks.settings import SettingsError, load_settings
+from docsrag.testing.milvus_server import MilvusServer
 
 from .conftest import DOCSRAG, FAQ, ROOT
-from .milvus_server import MilvusServer
 
 NO_SHARED_PREFECT = "no Prefect server that every writer shares"
 
@@ -36,7 +36,7 @@ def _builds(milvus: MilvusServer) -> list[str]:
 
 def test_two_hosts_each_on_its_own_prefect_are_refused_a_milvus_server_and_one_sole_writer_ingests(
         tmp_path, releases):
-    from .llm_emulator import Emulator
+    from docsrag.testing.llm_emulator import Emulator
 
     milvus = MilvusServer(tmp_path / "milvus").start()
     llm = Emulator().start()
@@ -75,9 +75,8 @@ def test_a_rollback_on_a_milvus_server_with_no_shared_prefect_is_refused(tmp_pat
 
 def test_a_rollback_on_a_milvus_server_takes_the_writer_slot_of_the_shared_prefect(prefect_server, home,
                                                                                    monkeypatch, capsys):
+    from docsrag.flows.cli import main
     from prefect.concurrency.sync import concurrency
-
-    from flows.cli import main
 
     monkeypatch.setenv("DOCSRAG_MILVUS_URI", "http://127.0.0.1:9")
     settings = load_settings()

@@ -1,13 +1,13 @@
 """``docsrag``: the command line over the flows and the questions service. Settings are built
-here, once per command, and handed to the flows it calls (``tasks.settings.given``); a
+here, once per command, and handed to the flows it calls (``docsrag.tasks.core.settings.given``); a
 deployment's run builds its own.
 
 One module per command group, each adding its commands to the parser with the shared argument
-parents of ``flows.cli.common``:
+parents of ``docsrag.flows.cli.common``:
 
-- ``flows.cli.index``: ingest, search, rollback, watch, eval (the docs index);
-- ``flows.cli.questions``: ask, show, questions, answer (the queue, through ``tasks.service``);
-- ``flows.cli.serve``: api (the HTTP API and page), automations.
+- ``docsrag.flows.cli.index``: ingest, search, rollback, watch, eval (the docs index);
+- ``docsrag.flows.cli.questions``: ask, show, questions, answer (the queue, through ``docsrag.tasks.service.service``);
+- ``docsrag.flows.cli.serve``: api (the HTTP API and page), automations.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import signal
 import sys
 import time
 
-from flows.cli import defaults, index, questions, serve
-from flows.cli.common import printable  # noqa: F401 - part of the CLI's interface
-from tasks import release
-from tasks.settings import SettingsError, given, load_settings
+from docsrag.flows.cli import defaults, index, questions, serve
+from docsrag.flows.cli.common import printable  # noqa: F401 - part of the CLI's interface
+from docsrag.tasks.core.settings import SettingsError, given, load_settings
+from docsrag.tasks.ingest import release
 
 
 def _process_started() -> float:
@@ -58,7 +58,7 @@ def run() -> None:
 def main(argv: list[str] | None = None, started: float | None = None) -> int:
     """``started``: when the process started (the console script); a caller in a running process
     (a test) starts the clock here."""
-    from tasks.terminal import Terminal, from_terminal
+    from docsrag.tasks.core.terminal import Terminal, from_terminal
 
     defaults.apply()  # before anything imports Prefect (flows/cli/defaults.py)
     terminal = Terminal(process_started=started or time.perf_counter())

@@ -1,3 +1,3 @@
-from flows.cli import run
+from docsrag.flows.cli import run
 
 run()

@@ -8,8 +8,8 @@ import functools
 import sys
 import time
 
-from tasks.escaping import for_terminal
-from tasks.settings import Settings
+from docsrag.tasks.core.escaping import for_terminal
+from docsrag.tasks.core.settings import Settings
 
 
 def json_output() -> argparse.ArgumentParser:
@@ -57,19 +57,19 @@ def non_negative(text: str) -> float:
 
 def printable(text: str) -> str:
     """Text from documents or questions, safe for a terminal: C0/C1 controls (escape sequences
-    that could rewrite the screen) and bidi overrides printed as their code (tasks/escaping.py)."""
+    that could rewrite the screen) and bidi overrides printed as their code (tasks/core/escaping.py)."""
     return for_terminal(text)
 
 
 def runs_flows(command):
     """A command that runs flows gets a Prefect API: the configured server, else Prefect's own server
     kept in the background (started by the first command that needs it) or a temporary one
-    (``DOCSRAG_PREFECT_SERVER``; flows/local_server.py), started as the command's first act. The
+    (``DOCSRAG_PREFECT_SERVER``; flows/cli/local_server.py), started as the command's first act. The
     command is given ``wait_for_api`` and calls it after the work that can overlap the server's start."""
 
     @functools.wraps(command)
     def with_api(args, settings: Settings) -> int:
-        from flows.local_server import prefect_api
+        from docsrag.flows.cli.local_server import prefect_api
 
         with prefect_api(settings.prefect_server, on_wait=_api_wait_begins, announce=_kept_server_started) as wait:
             return command(args, settings, _noting_private_server(wait))
@@ -78,7 +78,7 @@ def runs_flows(command):
 
 
 def _noting_private_server(wait):
-    """``wait``, which tells the writer slot (tasks/writer_lock.py) when the API it makes current is the
+    """``wait``, which tells the writer slot (tasks/index/writer_lock.py) when the API it makes current is the
     command's own local server (kept or temporary) rather than one configured: no other host shares it."""
 
     def waited() -> None:
@@ -87,7 +87,7 @@ def _noting_private_server(wait):
         configured = PREFECT_API_URL.value()
         wait()
         if (api := PREFECT_API_URL.value()) and api != configured:
-            from tasks import writer_lock
+            from docsrag.tasks.index import writer_lock
 
             writer_lock.on_private_prefect(api)
 
@@ -100,7 +100,7 @@ def _kept_server_started(ui: str) -> None:
 
 
 def _api_wait_begins() -> None:
-    from tasks.terminal import current
+    from docsrag.tasks.core.terminal import current
 
     if terminal := current():
         terminal.api_wait_from = time.perf_counter()
@@ -115,12 +115,12 @@ def prefect_server() -> str | None:
 def service(settings: Settings, announce: bool = False):
     """The questions service; ``announce``: a new question is announced to the Prefect server
     (when one is configured), flushed before the command exits."""
-    from tasks import store
-    from tasks.service import Service
+    from docsrag.tasks.index import store
+    from docsrag.tasks.service.service import Service
 
     announcer = None
     if announce and prefect_server():
-        from flows.answer import announce_question as announcer
+        from docsrag.flows.answer import announce_question as announcer
     # Milvus Lite serves one process per file: a command that opened it would keep a worker started
     # beside it (or after it, in the same process tree) from opening the index. Against a Milvus
     # server the repeat check costs one call; on Milvus Lite the API (one long-lived process) does it.

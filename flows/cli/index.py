@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
-from flows.cli.common import docs_choice, json_output, positive, printable, runs_flows, service
-from tasks.settings import Settings
+from docsrag.flows.cli.common import docs_choice, json_output, positive, printable, runs_flows, service
+from docsrag.tasks.core.settings import Settings
 
 
 def add_commands(commands) -> None:
@@ -50,8 +50,8 @@ def add_commands(commands) -> None:
 def _ingest(args, settings: Settings, wait_for_api) -> int:
     # The flow loads the model in the background from its first stage; loaded here too, beside the
     # imports, it took the GIL from them: an unchanged run started 0.3-0.4 s later (kept server).
-    from flows.ingest import ingest_release, task_runner
-    from tasks.release import has_credentials
+    from docsrag.flows.ingest import ingest_release, task_runner
+    from docsrag.tasks.ingest.release import has_credentials
 
     flow = ingest_release
     if args.task_runner:
@@ -98,7 +98,7 @@ def _search(args, settings: Settings) -> int:
 
 @runs_flows
 def _watch(args, settings: Settings, wait_for_api) -> int:
-    from flows.watch import watch_releases
+    from docsrag.flows.watch import watch_releases
 
     wait_for_api()
     summary = watch_releases(ingest=args.ingest).to_dict()
@@ -109,7 +109,7 @@ def _watch(args, settings: Settings, wait_for_api) -> int:
 
 @runs_flows
 def _eval(args, settings: Settings, wait_for_api) -> int:
-    from flows.evaluate import evaluate_retrieval
+    from docsrag.flows.evaluate import evaluate_retrieval
 
     wait_for_api()
     figures = evaluate_retrieval(gold=args.gold, k=args.k, version=args.version, answers=args.answers,
@@ -125,8 +125,8 @@ def _eval(args, settings: Settings, wait_for_api) -> int:
 
 
 def _rollback(args, settings: Settings) -> int:
-    from tasks import publish, store, writer_lock
-    from tasks.index import Corpus
+    from docsrag.tasks.index import publish, store, writer_lock
+    from docsrag.tasks.index.schema import Corpus
 
     corpus = Corpus(settings.collection, args.lang or "en")
     alias = corpus.alias

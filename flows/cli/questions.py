@@ -1,4 +1,4 @@
-"""The question queue: ask, show, questions, answer (through ``tasks.service``)."""
+"""The question queue: ask, show, questions, answer (through ``docsrag.tasks.service.service``)."""
 
 from __future__ import annotations
 
@@ -7,16 +7,26 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
-from flows.cli.common import (
-    bounded_int, docs_choice, json_output, non_negative, positive, prefect_server, printable, runs_flows, service,
+from docsrag.flows.cli.common import (
+    bounded_int,
+    docs_choice,
+    json_output,
+    non_negative,
+    positive,
+    prefect_server,
+    printable,
+    runs_flows,
+    service,
 )
-from tasks.records import (  # not tasks.questions: SQLAlchemy only where the queue is used
-    MAX_CLIENT_KEY_CHARS, MAX_PRIORITY, STATUSES,
+from docsrag.tasks.core.records import (  # not docsrag.tasks.queue.questions: SQLAlchemy only where the queue is used
+    MAX_CLIENT_KEY_CHARS,
+    MAX_PRIORITY,
+    STATUSES,
 )
-from tasks.settings import Settings
+from docsrag.tasks.core.settings import Settings
 
 if TYPE_CHECKING:
-    from tasks.service import QuestionView
+    from docsrag.tasks.service.service import QuestionView
 
 # What `show --json` prints: the question as a reader sees it (never the lease or the worker).
 _PUBLIC = ("id", "question", "version", "lang", "status", "answer", "sources", "model", "reasoning_effort", "usage",
@@ -87,7 +97,7 @@ def _ask(args, settings: Settings) -> int:
 
 @runs_flows
 def _answer(args, settings: Settings, wait_for_api) -> int:
-    from flows.answer import answer_questions
+    from docsrag.flows.answer import answer_questions
 
     wait_for_api()
     summary = answer_questions(max_seconds=args.max_seconds, max_questions=args.max, top_k=args.k).to_dict()
@@ -99,7 +109,9 @@ def _answer(args, settings: Settings, wait_for_api) -> int:
 
 
 def _show(args, settings: Settings) -> int:
-    from tasks.service import UnknownQuestion  # the service's imports (pymilvus, openai) only where it is used
+    from docsrag.tasks.service.service import (
+        UnknownQuestion,  # the service's imports (pymilvus, openai) only where it is used
+    )
 
     try:
         view = service(settings).show(args.id)

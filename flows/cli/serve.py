@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 import sys
 
-from flows.cli.common import bounded_int, json_output, prefect_server
-from tasks.settings import Settings
+from docsrag.flows.cli.common import bounded_int, json_output, prefect_server
+from docsrag.tasks.core.settings import Settings
 
 
 def add_commands(commands) -> None:
@@ -33,8 +33,8 @@ def add_commands(commands) -> None:
 
 
 def _api(args, settings: Settings) -> int:
-    from flows.api import serve
-    from tasks.api_guard import loopback
+    from docsrag.flows.api.app import serve
+    from docsrag.tasks.service.guard import loopback
 
     if not settings.api_tokens and not loopback(args.host):
         print(f"docsrag api: set DOCSRAG_API_TOKENS to listen on {args.host}: without tokens the API answers "
@@ -48,7 +48,7 @@ def _automations(args, settings: Settings) -> int:
     if not prefect_server():
         print("docsrag automations: set PREFECT_API_URL to the Prefect server to create them on", file=sys.stderr)
         return 2
-    from tasks.automations import apply_automations, notification_block
+    from docsrag.tasks.ops.automations import apply_automations, notification_block
 
     names = apply_automations(notification_block(settings))
     print(json.dumps({"automations": names}) if args.json else "\n".join(f"created: {name}" for name in names))
@@ -56,7 +56,7 @@ def _automations(args, settings: Settings) -> int:
 
 
 def _server(args, settings: Settings) -> int:
-    from flows import local_server
+    from docsrag.flows.cli import local_server
 
     if args.action == "stop":
         stopped = local_server.stop_kept()

@@ -442,7 +442,7 @@ def stack_env(home: Path, state: dict) -> dict:
         "AWS_DEFAULT_REGION": "us-east-1",
         "PREFECT_API_URL": prefect_api(state),
         "PREFECT_API_AUTH_STRING": state["prefect_auth"],
-        # What a deployment's run may ingest (tasks/source_policy.py): the stack's own incoming/
+        # What a deployment's run may ingest (tasks/ingest/source_policy.py): the stack's own incoming/
         # prefix and the folders of release zips, so `prefect deployment run ... -p release=<zip>`
         # works here; nothing else on this machine, and no other bucket.
         "DOCSRAG_RELEASE_BUCKETS": f"{OBJECTS_BUCKET}/incoming",

@@ -78,7 +78,7 @@ def main() -> None:
     server = start_server(home, args.port)
     api = f"http://127.0.0.1:{args.port}/api"
     env = {**os.environ, "PREFECT_API_URL": api, "DOCSRAG_HOME": str(home / "docsrag"), "HF_HUB_OFFLINE": "1"}
-    from tests.llm_emulator import Emulator
+    from docsrag.testing.llm_emulator import Emulator
 
     emulator = Emulator(max_num_seqs=16, step_s=(0.002, 0.004), output_tokens=40).start()
     try:

@@ -1,0 +1,1 @@
+"""The Prefect flows (ingest, watch, answer, evaluate), the CLI (``cli``) and the HTTP API (``api``)."""

@@ -1,0 +1,130 @@
+"""The HTTP API's request and response bodies: the OpenAPI schema a product integrates from."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from docsrag.tasks.core.records import MAX_CLIENT_KEY_CHARS, MAX_PRIORITY
+from docsrag.tasks.queue.feedback import MAX_COMMENT_CHARS
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+Lang = Field(None, pattern=r"^[a-z]{2,3}$", description="ISO 639-1 code, e.g. 'ko'")
+Status = Literal["pending", "claimed", "answered", "failed", "dead"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is a 422, not silently ignored
+
+
+class QuestionBase(Strict):
+    question: str
+    version: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$",
+                                description="docs version (e.g. 2.5.x); default the newest")
+    lang: str | None = Field(None, pattern=r"^[a-z]{2,3}$",
+                             description="answer from the localized docs in this language (default English)")
+    answer_in: str | None = Field(None, pattern=r"^[a-z]{2,3}$",
+                                  description="language to answer in (default: the question's)")
+    priority: int = Field(0, ge=-MAX_PRIORITY, le=MAX_PRIORITY,
+                          description="each level counts as five minutes of waiting")
+    client_key: str | None = Field(None, min_length=1, max_length=MAX_CLIENT_KEY_CHARS,
+                                   description="idempotency key, per token: the same token submitting it again "
+                                               "gets its first question back")
+
+
+def question_request(max_chars: int) -> type[QuestionBase]:
+    """The request body with this deployment's question length cap in its schema."""
+    return create_model("QuestionRequest", __base__=QuestionBase,
+                        question=(str, Field(min_length=1, max_length=max_chars, pattern=r"\S",
+                                             description="the question, in any language")))
+
+
+class Submitted(BaseModel):
+    id: int
+    status: Status
+    repeat_of: int | None = Field(None, description="answered at submit from this question's answer")
+
+
+class Source(BaseModel):
+    n: int
+    doc_path: str
+    heading: str
+    score: float
+
+
+class Timings(BaseModel):
+    created_at: str | None = Field(description="ISO 8601 with its UTC offset (+00:00)")
+    answered_at: str | None = Field(description="ISO 8601 with its UTC offset (+00:00)")
+    latency_ms: int | None = Field(None, description="the model's time to answer (0: answered from a repeat)")
+
+
+class Question(BaseModel):
+    id: int
+    question: str
+    status: Status
+    lang: str | None
+    version: str | None
+    docs_lang: str | None
+    answer: str | None
+    sources: list[Source]
+    model: str | None
+    reasoning_effort: str | None
+    usage: dict[str, int] | None
+    timings: Timings
+    attempts: int
+    last_error: str | None
+    repeat_of: int | None
+    collection: str | None
+
+
+class Hit(BaseModel):
+    doc_path: str
+    heading: str
+    score: float
+    relevance: float | None
+    text: str
+    version: str | None
+
+
+class SearchResults(BaseModel):
+    query: str
+    searched_as: str | None = None
+    results: list[Hit]
+
+
+class FeedbackRequest(Strict):
+    helpful: bool
+    comment: str | None = Field(None, max_length=MAX_COMMENT_CHARS)
+
+
+class FeedbackRecorded(BaseModel):
+    question_id: int
+    helpful: bool
+
+
+class FeedbackTotals(BaseModel):
+    helpful: int
+    not_helpful: int
+
+
+class CoverageGap(BaseModel):
+    doc_path: str
+    heading: str
+    questions: int
+    not_covered: int
+    not_helpful: int
+    examples: list[str]
+
+
+class Stats(BaseModel):
+    counts: dict[str, int]
+    oldest_waiting_s: float | None
+    answers_per_s: float
+    window_s: float
+    answered_from_repeats: int
+    feedback: FeedbackTotals
+    coverage_gaps: list[CoverageGap]
+
+
+class Error(BaseModel):
+    error: str = Field(description="the HTTP status's name")
+    reason: str = Field(description="what was wrong, in a sentence")

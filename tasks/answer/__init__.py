@@ -1,0 +1,1 @@
+"""Answering queued questions: retrieval, generation through the OpenAI-compatible API, the drain."""

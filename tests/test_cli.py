@@ -52,3 +52,23 @@ def test_questions_stats_show_repeats_feedback_and_gaps(home, capsys):
     assert main(["questions", "--stats"]) == 0
     assert "answered from repeats: 0" in capsys.readouterr().out
     assert main(["show", "999"]) == 1 and "no question 999" in capsys.readouterr().err
+
+
+def test_a_bug_shows_its_traceback_and_a_docsrag_error_one_line(monkeypatch, tmp_path, capsys):
+    """A DocsragError says what to do in one line; anything else is a bug and looks like one (it read
+    `docsrag ingest: 'doc_path'`, with no traceback)."""
+    from docsrag.flows.cli import index
+    from docsrag.tasks.ingest.release import ReleaseError
+
+    monkeypatch.setenv("DOCSRAG_HOME", str(tmp_path / "home"))
+    for raised, traced in ((ReleaseError("the release is not a zip; pass --release PATH"), False),
+                           (KeyError("doc_path"), True)):
+        def fail(*args, raised=raised):
+            raise raised
+
+        monkeypatch.setattr(index, "_rollback", fail)
+        assert main(["rollback"]) == 1
+        err = capsys.readouterr().err
+        assert ("Traceback (most recent call last)" in err) is traced, err
+        assert err.strip().splitlines()[-1].startswith("docsrag rollback: ")
+        assert traced or len(err.strip().splitlines()) == 1

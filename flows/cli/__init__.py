@@ -17,9 +17,11 @@ import os
 import signal
 import sys
 import time
+import traceback
 
 from docsrag.flows.cli import defaults, index, questions, serve
 from docsrag.flows.cli.common import printable  # noqa: F401 - part of the CLI's interface
+from docsrag.tasks.core.errors import DocsragError
 from docsrag.tasks.core.settings import SettingsError, given, load_settings
 from docsrag.tasks.ingest import release
 
@@ -72,8 +74,13 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-    except Exception as exc:  # the flows' own errors already say what to fix
+    except DocsragError as exc:  # says what failed, why and what to do: one line, no traceback
         print(f"docsrag {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # a bug must look like a bug: its traceback, then what it was
+        traceback.print_exc()
+        print(f"docsrag {args.command}: unexpected {type(exc).__name__}: {exc} (the traceback above; please "
+              "report it)", file=sys.stderr)
         return 1
 
 

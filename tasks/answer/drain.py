@@ -46,6 +46,7 @@ from docsrag.tasks.answer.generate import (
 )
 from docsrag.tasks.answer.retrieve import Retriever, covered
 from docsrag.tasks.core import language
+from docsrag.tasks.core.errors import DocsragError
 from docsrag.tasks.core.records import Source, StoredAnswer
 from docsrag.tasks.core.redaction import Secrets, redact_text
 from docsrag.tasks.core.settings import Settings
@@ -97,11 +98,11 @@ class DrainSummary:
         return {k: v for k, v in self.as_dict().items() if k != "problems"}
 
 
-class ServingOutage(RuntimeError):
+class ServingOutage(DocsragError, RuntimeError):
     """A service every question needs is down; the claimed questions went back to the queue."""
 
 
-class QueueFailure(RuntimeError):
+class QueueFailure(DocsragError, RuntimeError):
     """The queue's database failed a write; what the run held went back (or waits for its lease)."""
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import httpx2
 from docsrag.tasks.answer.llm_transport import CappedTransport, ResponseTooLarge
 from docsrag.tasks.core import language
+from docsrag.tasks.core.errors import DocsragError
 from docsrag.tasks.core.records import Source, Usage, clean
 from docsrag.tasks.core.redaction import redact_url
 from docsrag.tasks.core.settings import Settings
@@ -75,11 +76,11 @@ class Generated:
     cited: list[int] = field(default_factory=list)
 
 
-class EmptyAnswer(RuntimeError):
+class EmptyAnswer(DocsragError, RuntimeError):
     """The model produced no final answer (e.g. its reasoning used every token): the question's failure."""
 
 
-class BadResponse(RuntimeError):
+class BadResponse(DocsragError, RuntimeError):
     """The server answered with something that is not a chat completion: it is misconfigured (a wrong
     URL, a proxy's login page), and every question would get the same."""
 

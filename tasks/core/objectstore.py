@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlparse
 
+from docsrag.tasks.core.errors import DocsragError
 
-class ObjectStoreError(RuntimeError):
+
+class ObjectStoreError(DocsragError, RuntimeError):
     """The object store could not be reached or refused a request."""
 
 

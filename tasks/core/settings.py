@@ -15,6 +15,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Literal
 
+from docsrag.tasks.core.errors import DocsragError
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -29,7 +30,7 @@ MAX_EMBEDDING_CONCURRENCY = 64
 _MILVUS_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,200}$")
 
 
-class SettingsError(ValueError):
+class SettingsError(DocsragError, ValueError):
     """A setting is unknown or invalid; the message names the variable."""
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from docsrag.tasks.core.errors import DocsragError
 from docsrag.tasks.core.settings import Settings
 from docsrag.tasks.index import publish, store
 from docsrag.tasks.index import schema as index
@@ -40,7 +41,7 @@ COPY_BATCH_ROWS = 1000
 _CHUNKING_CODE = (release_module, markdown, chunking, index)
 
 
-class GuardRailError(RuntimeError):
+class GuardRailError(DocsragError, RuntimeError):
     """The new build would remove too much of what is served; --force overrides."""
 
 

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from docsrag.tasks.core.errors import DocsragError
 from docsrag.tasks.core.redaction import redact_text, redact_url
 from docsrag.tasks.core.settings import Settings
 from pymilvus import DataType, MilvusClient
@@ -25,7 +26,7 @@ INFO_PROPERTY = "docsrag.info"
 CONNECT_RETRY_DELAYS_S = (0.5, 1.0)
 
 
-class StoreError(RuntimeError):
+class StoreError(DocsragError, RuntimeError):
     """The index cannot be used as asked; the message says why."""
 
 

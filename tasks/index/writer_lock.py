@@ -30,20 +30,21 @@ from contextlib import AbstractContextManager, ExitStack, contextmanager, nullco
 from datetime import datetime, timezone
 from pathlib import Path
 
+from docsrag.tasks.core.errors import DocsragError
 from docsrag.tasks.core.redaction import redact_url
 from docsrag.tasks.core.settings import Settings
 
 
-class WriterBusy(RuntimeError):
+class WriterBusy(DocsragError, RuntimeError):
     """Another run holds the corpus; the message says who and since when."""
 
 
-class NoSharedSlot(RuntimeError):
+class NoSharedSlot(DocsragError, RuntimeError):
     """A write to a Milvus server with no Prefect server that every writer shares: nothing would stop
     another host writing the same corpus at the same time."""
 
 
-class WriterSlotError(RuntimeError):
+class WriterSlotError(DocsragError, RuntimeError):
     """Prefect could not give the writer slot for a reason other than another holder (a refused
     request, for one): the message is Prefect's own, never "busy"."""
 

@@ -9,6 +9,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
+from docsrag.tasks.core.errors import DocsragError
 from docsrag.tasks.ingest.markdown import Document, ParsedRelease
 from unstructured.chunking.title import chunk_by_title
 
@@ -17,7 +18,7 @@ from unstructured.chunking.title import chunk_by_title
 FIELD_MAX = {"doc_path": 1024, "title": 1024, "heading": 4096}
 
 
-class ReleaseTooLarge(ValueError):
+class ReleaseTooLarge(DocsragError, ValueError):
     """The release has more chunks than DOCSRAG_MAX_RELEASE_CHUNKS allows: nothing is embedded."""
 
 

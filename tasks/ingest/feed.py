@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from urllib.parse import urlparse, urlsplit
 
 import httpx
+from docsrag.tasks.core.errors import DocsragError
 from docsrag.tasks.core.escaping import for_terminal
 from docsrag.tasks.core.objectstore import ObjectStore
 from docsrag.tasks.core.redaction import redact_text, redact_url
@@ -28,7 +29,7 @@ MAX_FEED_BYTES = 8 * 1024**2
 FEED_DEADLINE_S = 60.0  # the whole read, far under the 15-minute schedule
 
 
-class FeedError(RuntimeError):
+class FeedError(DocsragError, RuntimeError):
     """The feed could not be read; the message says why and what to do."""
 
 

@@ -16,11 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import yaml
+from docsrag.tasks.core.errors import DocsragError
 from markdown_it import MarkdownIt
-
-if TYPE_CHECKING:
-    from docsrag.tasks.core.settings import Settings
-
 from unstructured.documents.elements import (
     CodeSnippet,
     Element,
@@ -29,6 +26,9 @@ from unstructured.documents.elements import (
     Table,
     Title,
 )
+
+if TYPE_CHECKING:
+    from docsrag.tasks.core.settings import Settings
 
 FRAGMENTS_DIR = "fragments"
 _FRONT_MATTER = re.compile(r"\A---[ \t]*\n(.*?\n)?---[ \t]*(?:\n|\Z)", re.S)
@@ -65,7 +65,7 @@ class Budgets:
         return cls(settings.max_file_bytes, settings.max_document_bytes, settings.max_document_elements)
 
 
-class OverBudget(ValueError):
+class OverBudget(DocsragError, ValueError):
     """A file would cost more than its budget."""
 
 

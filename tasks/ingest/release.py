@@ -21,6 +21,7 @@ from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlparse, urlsplit
 
 import httpx
+from docsrag.tasks.core.errors import DocsragError
 from docsrag.tasks.core.objectstore import ObjectStore, S3Store
 from docsrag.tasks.core.redaction import redact_url
 
@@ -38,7 +39,7 @@ MAX_REDIRECTS = 5  # GitHub's release download takes one (to its asset host); a 
 RedirectCheck = Callable[[str, str], None]
 
 
-class ReleaseError(RuntimeError):
+class ReleaseError(DocsragError, RuntimeError):
     """The release cannot be used; the message says what to fix."""
 
 

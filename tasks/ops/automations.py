@@ -11,6 +11,7 @@ from pathlib import Path
 from uuid import UUID
 
 import yaml
+from docsrag.tasks.core.errors import DocsragError
 from docsrag.tasks.core.settings import Settings
 from prefect.automations import Automation
 from prefect.blocks.core import Block
@@ -21,7 +22,7 @@ AUTOMATIONS_FILE = Path(__file__).resolve().parents[2] / "infra" / "prefect" / "
 WEBHOOK_BLOCK = "docsrag-notify"
 
 
-class NotificationsNotConfigured(RuntimeError):
+class NotificationsNotConfigured(DocsragError, RuntimeError):
     """Neither a webhook nor a block to notify was given."""
 
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
 from docsrag.tasks.core import language
+from docsrag.tasks.core.errors import DocsragError
 from docsrag.tasks.core.records import (
     MAX_CLIENT_KEY_CHARS,
     MAX_ERROR_CHARS,
@@ -50,7 +51,7 @@ PRIORITY_STEP_S = 300.0  # one priority level counts as five minutes of waiting
 _LANG = re.compile(r"[a-z]{2,3}")  # ISO 639-1 (or -3): the prompt names the language by it
 
 
-class QuestionError(ValueError):
+class QuestionError(DocsragError, ValueError):
     """A question cannot be queued as given."""
 
 

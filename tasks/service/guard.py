@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from docsrag.tasks.core.errors import DocsragError
 from docsrag.tasks.core.settings import Settings
 
 LOCAL_OWNER = ""  # the machine's own questions: the CLI's, and the API's in loopback mode
@@ -48,7 +49,7 @@ def owner_of(token: str) -> str:
     return "t-" + hashlib.sha256(b"docsrag-api-owner\0" + token.encode()).hexdigest()[:24]
 
 
-class Refused(Exception):
+class Refused(DocsragError):
     """A call the API does not serve: ``status`` (401, 403, 429), ``reason``, and for 429 ``retry_after_s``."""
 
     def __init__(self, status: int, reason: str, retry_after_s: int | None = None):

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
+from docsrag.tasks.core.errors import DocsragError
 from docsrag.tasks.core.language import DEFAULT as DEFAULT_LANGUAGE
 from docsrag.tasks.core.records import QueueStats
 from docsrag.tasks.core.redaction import redact_text
@@ -40,11 +41,11 @@ WORKER_GRACE_S = 30.0  # with a server, a worker started by the question's event
 Announce = Callable[[int, "str | None"], None]
 
 
-class UnknownQuestion(LookupError):
+class UnknownQuestion(DocsragError, LookupError):
     """No question has this id, or none the caller may see (the same answer: ids are not probed)."""
 
 
-class NotServed(LookupError):
+class NotServed(DocsragError, LookupError):
     """No collection serves the docs version or language asked for."""
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from docsrag.tasks.answer.generate import Generator, numbered_sources, searched_as
 from docsrag.tasks.answer.retrieve import Retriever, covered
 from docsrag.tasks.core import language
+from docsrag.tasks.core.records import Hit
 from docsrag.tasks.core.settings import Settings, settings_for_run
 from docsrag.tasks.core.summaries import EvaluationSummary
 from docsrag.tasks.ops.evaluate import aggregate, by_language, load_gold, score
@@ -18,13 +19,13 @@ from prefect.cache_policies import NONE
 
 @task(name="retrieve-gold", cache_policy=NONE, persist_result=False)
 def retrieve_all(settings: Settings, questions: list[str], k: int, version: str | None,
-                 docs_lang: str | None) -> list[list[dict]]:
+                 docs_lang: str | None) -> list[list[Hit]]:
     """As the answer flow retrieves: questions not in English searched in their translation."""
     return Retriever(settings).search(searched_as(settings, questions), k, version, docs_lang)
 
 
 @task(name="answer-gold", cache_policy=NONE, persist_result=False)
-def answer_all(settings: Settings, items: list[dict], hits: list[list[dict]]) -> list[dict]:
+def answer_all(settings: Settings, items: list[dict], hits: list[list[Hit]]) -> list[dict]:
     """Ask the model with the retrieved sources, in the language the answer flow would detect;
     does the answer cite a gold document?"""
     sources = [numbered_sources(h[: settings.top_k]) for h in hits]

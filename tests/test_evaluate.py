@@ -6,13 +6,14 @@ import json
 import pytest
 from docsrag.flows.cli import main
 from docsrag.tasks.answer.retrieve import covered
+from docsrag.tasks.core.records import Hit
 from docsrag.tasks.ops.evaluate import aggregate, by_language, first_gold_rank, load_gold, score
 
 from docsrag.testing.llm_emulator import Emulator
 
 
 def hits(*docs, relevance=0.8):
-    return [{"doc_path": d, "text": f"text of {d}", "relevance": relevance} for d in docs]
+    return [Hit(d, d, "", "", "1.0.x", f"text of {d}", 1.0, relevance) for d in docs]
 
 
 def test_rank_counts_distinct_documents():
@@ -76,7 +77,7 @@ def test_eval_runs_end_to_end_on_the_faq_release(faq_home, tmp_path, capsys, mon
 
 def test_weak_matches_count_only_when_dense_and_bm25_agree():
     def found(relevance, agreement):
-        return [{"doc_path": "a.md", "text": "", "relevance": relevance, "agreement": agreement}]
+        return [Hit("a", "a.md", "", "", "1.0.x", "", 1.0, relevance, agreement)]
 
     assert covered(found(0.5, False), 0.3, 0.4)  # close enough on meaning alone
     assert covered(found(0.35, True), 0.3, 0.4)  # weak, but both searches point at the same doc

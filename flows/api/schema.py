@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_type_hints
 
+from docsrag.tasks.core import records
 from docsrag.tasks.core.records import MAX_CLIENT_KEY_CHARS, MAX_PRIORITY
 from docsrag.tasks.queue.feedback import MAX_COMMENT_CHARS
 from pydantic import BaseModel, ConfigDict, Field, create_model
@@ -44,11 +45,15 @@ class Submitted(BaseModel):
     repeat_of: int | None = Field(None, description="answered at submit from this question's answer")
 
 
-class Source(BaseModel):
-    n: int
-    doc_path: str
-    heading: str
-    score: float
+def _model_of(record: type, fields: tuple[str, ...]) -> type[BaseModel]:
+    """A response model with the named fields of a record, their types read off the record: the
+    API says what the pipeline stores and shows, declared once."""
+    hints = get_type_hints(record)
+    return create_model(record.__name__, **{name: (hints[name], ...) for name in fields})
+
+
+Source = _model_of(records.Source, records.Source.CITED)
+Hit = _model_of(records.Hit, records.Hit.SHOWN)
 
 
 class Timings(BaseModel):
@@ -74,15 +79,6 @@ class Question(BaseModel):
     last_error: str | None
     repeat_of: int | None
     collection: str | None
-
-
-class Hit(BaseModel):
-    doc_path: str
-    heading: str
-    score: float
-    relevance: float | None
-    text: str
-    version: str | None
 
 
 class SearchResults(BaseModel):

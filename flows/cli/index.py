@@ -91,8 +91,8 @@ def _search(args, settings: Settings) -> int:
     if found.searched_as != found.query:
         print(printable(f"(searched as: {found.searched_as})"))
     for n, hit in enumerate(found.results, 1):
-        print(printable(f"{n}. {hit['doc_path']} — {hit['heading']} ({hit['score']:.4f})"))
-        print("   " + printable(" ".join(hit["text"].split())[:300]))
+        print(printable(f"{n}. {hit.doc_path} — {hit.heading} ({hit.score:.4f})"))
+        print("   " + printable(" ".join(hit.text.split())[:300]))
     return 0
 
 

@@ -86,7 +86,7 @@ def _ask(args, settings: Settings) -> int:
     if args.json:
         shown = {"id": view.id, "status": view.status, "lang": view.lang, "repeat_of": view.repeat_of}
         if view.status == "answered":
-            shown.update(answer=view.answer, sources=view.sources)
+            shown.update(answer=view.answer, sources=[source.cited for source in view.sources])
         print(json.dumps(shown))
     elif view.status == "answered":
         _print_view(view, reasoning=False)
@@ -133,7 +133,7 @@ def _print_view(view: QuestionView, reasoning: bool) -> None:
     if view.answer:
         print(f"\n{printable(view.answer)}\n")
     for source in view.sources:
-        print(printable(f"  [{source['n']}] {source['doc_path']} — {source['heading']}"))
+        print(printable(f"  [{source.n}] {source.doc_path} — {source.heading}"))
     if view.last_error:
         print(printable(f"last error: {view.last_error}"))
     if reasoning and view.reasoning:

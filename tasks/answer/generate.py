@@ -25,7 +25,7 @@ import httpx2
 from docsrag.tasks.answer.llm_transport import CappedTransport, ResponseTooLarge
 from docsrag.tasks.core import language
 from docsrag.tasks.core.errors import DocsragError
-from docsrag.tasks.core.records import Source, Usage, clean
+from docsrag.tasks.core.records import Hit, Source, Usage, clean
 from docsrag.tasks.core.redaction import redact_url
 from docsrag.tasks.core.settings import Settings
 from openai import APIConnectionError, APIStatusError, DefaultAsyncHttpxClient
@@ -104,7 +104,7 @@ def overloaded(exc: BaseException) -> bool:
                                       and exc.status_code != 503)
 
 
-def numbered_sources(hits: list[dict]) -> list[Source]:
+def numbered_sources(hits: list[Hit]) -> list[Source]:
     return [Source.of(h, n) for n, h in enumerate(hits, 1)]
 
 
@@ -152,11 +152,11 @@ def instructions(lang: str | None = None) -> str:
     return text
 
 
-def prompt(question: str, sources: list[dict], lang: str | None = None) -> list[dict]:
+def prompt(question: str, sources: list[Source], lang: str | None = None) -> list[dict]:
     """Sources fenced in tags the text cannot close or forge (attributes escaped), then the question;
     the answer asked for in ``lang`` (ISO 639-1, English when None)."""
     blocks = []
-    for s in map(Source.of, sources):
+    for s in sources:
         doc, heading = html.escape(s.doc_path, quote=True), html.escape(s.heading, quote=True)
         blocks.append(f'<source n="{s.n}" doc="{doc}" heading="{heading}">\n{fenced(s.text)}\n</source>')
     return [

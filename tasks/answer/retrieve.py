@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from docsrag.tasks.core.language import DEFAULT as DEFAULT_LANGUAGE
+from docsrag.tasks.core.records import Hit
 from docsrag.tasks.core.settings import Settings
 from docsrag.tasks.embed import embedding
 from docsrag.tasks.index import store
@@ -51,11 +52,11 @@ class Retriever:
         return vectors
 
     def search(self, queries: list[str], k: int = 5, version: str | None = None,
-               docs_lang: str | None = None) -> list[list[dict]]:
+               docs_lang: str | None = None) -> list[list[Hit]]:
         return self.search_vectors(queries, self.embed(queries), k, version, docs_lang)
 
     def search_vectors(self, queries: list[str], vectors: dict[str, list[list[float]]], k: int = 5,
-                       version: str | None = None, docs_lang: str | None = None) -> list[list[dict]]:
+                       version: str | None = None, docs_lang: str | None = None) -> list[list[Hit]]:
         name = self.collection(version, docs_lang)
         fields = self._fields[name]
         if not fields.multilingual:  # an index built without it (or a query embedder without it)
@@ -73,7 +74,7 @@ class Fields:
 
 
 def search(client, collection: str, vectors: dict[str, list[list[float]]], texts: list[str], k: int, *,
-           hybrid: bool, rrf_k: int, timeout: float | None = None) -> list[list[dict]]:
+           hybrid: bool, rrf_k: int, timeout: float | None = None) -> list[list[Hit]]:
     """Top-k rows per query: the multilingual dense field (where given), the English dense field
     and BM25 (where the collection has it), fused by RRF in that order; each Milvus call within
     ``timeout`` seconds (DOCSRAG_MILVUS_TIMEOUT_S when serving: a hung Milvus fails the call)."""
@@ -97,13 +98,13 @@ def search(client, collection: str, vectors: dict[str, list[list[float]]], texts
 
 
 def agree(rankings: list[list[dict]]) -> bool:
-    """Whether the rankings share a document in their top AGREEMENT_DEPTH."""
+    """Whether the rankings (Milvus's rows, as it returns them) share a document in their top AGREEMENT_DEPTH."""
     top_docs = [{found["entity"]["doc_path"] for found in ranking[:AGREEMENT_DEPTH]} for ranking in rankings]
     return bool(set.intersection(*top_docs))
 
 
 def fuse(rankings: list[list[dict]], query: dict[str, list[float]], k: int, rrf_k: int,
-         agreement: bool | None = None) -> list[dict]:
+         agreement: bool | None = None) -> list[Hit]:
     """Reciprocal rank fusion, here rather than in Milvus's ranker so that ties (a chunk first
     in one list only vs. another first in the other only) go to the earlier ranking, the
     semantic match: +0.02 MRR@10 on the dev set (bench/retrieval.py). Each hit also says whether
@@ -117,28 +118,27 @@ def fuse(rankings: list[list[dict]], query: dict[str, list[float]], k: int, rrf_
             rows.setdefault(found["id"], found)
     best = sorted(scores, key=scores.get, reverse=True)[:k]
     agreement = agree(rankings) if agreement is None else agreement
-    return [{**hit(rows[key], query, scores[key]), "agreement": agreement} for key in best]
+    return [hit(rows[key], query, scores[key], agreement) for key in best]
 
 
-def hit(found: dict, query: dict[str, list[float]], score: float) -> dict:
+def hit(found: dict, query: dict[str, list[float]], score: float, agreement: bool | None = None) -> Hit:
     """A result row; ``relevance`` is the cosine to the query in the English model's space
     (vectors are normalized), comparable across queries, unlike RRF scores. Not the multilingual
     field's: its cosines run higher for unrelated text, and with them the "not covered" rule
     caught 0 of the 3 unanswerable dev questions instead of 2 (bench/retrieval.py). A question in
     another language is translated before it is searched for an answer, so it is judged in English."""
-    entity = dict(found["entity"])
-    entity.pop(MULTILINGUAL, None)
-    dense = entity.pop("dense")
-    relevance = sum(a * float(b) for a, b in zip(query["dense"], dense))
-    return {**entity, "id": found["id"], "score": float(score), "relevance": round(relevance, 4)}
+    entity = found["entity"]
+    relevance = sum(a * float(b) for a, b in zip(query["dense"], entity["dense"]))
+    return Hit(found["id"], entity["doc_path"], entity["title"], entity["heading"], entity["version"], entity["text"],
+               float(score), round(relevance, 4), agreement)
 
 
-def covered(hits: list[dict], min_relevance: float, weak_relevance: float) -> bool:
+def covered(hits: list[Hit], min_relevance: float, weak_relevance: float) -> bool:
     """Whether the docs cover a question, from its hits: the best cosine reaches
     ``min_relevance``, and where it stays under ``weak_relevance`` the dense and BM25 searches
     agree on a document. Questions about another product (MongoDB's $lookup, Weaviate modules)
     land near Milvus pages by meaning, but the words lead elsewhere."""
     if not hits:
         return False
-    best = max(h["relevance"] for h in hits)
-    return best >= min_relevance and (best >= weak_relevance or hits[0].get("agreement") is not False)
+    best = max(h.relevance for h in hits)
+    return best >= min_relevance and (best >= weak_relevance or hits[0].agreement is not False)

@@ -76,22 +76,51 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class Hit:
+    """One search result: a chunk of a served document. ``score`` ranks the list (RRF where rankings
+    were fused, else the cosine); ``relevance`` is the cosine to the query in the English model's
+    space, comparable across queries; ``agreement``: whether the dense and BM25 rankings share a
+    document in their top 5 (None where there was one ranking)."""
+
+    id: str
+    doc_path: str
+    title: str
+    heading: str
+    version: str
+    text: str
+    score: float
+    relevance: float
+    agreement: bool | None = None
+
+    SHOWN = ("doc_path", "heading", "score", "relevance", "text", "version")
+
+    def shown(self) -> dict:
+        """What a reader is shown of it (the CLI's and the API's results: the API's schema is built from SHOWN)."""
+        return {name: getattr(self, name) for name in self.SHOWN}
+
+
+@dataclass(frozen=True)
 class Source:
-    """A search hit as numbered in the prompt; ``cited`` is what an answer stores of it."""
+    """A search hit as numbered in the prompt; ``cited`` is what an answer stores of it (no text),
+    and what a stored answer's sources come back as (``stored``)."""
 
     n: int
     doc_path: str
     heading: str
     score: float
-    text: str
+    text: str = ""
     relevance: float | None = None
 
     @classmethod
-    def of(cls, hit: Source | dict, n: int | None = None) -> Source:
-        if isinstance(hit, Source):
-            return hit
-        return cls(n if n is not None else int(hit["n"]), hit["doc_path"], hit["heading"],
-                   round(float(hit.get("score", 0.0)), 4), hit["text"], hit.get("relevance"))
+    def of(cls, hit: Hit, n: int) -> Source:
+        return cls(n, hit.doc_path, hit.heading, round(float(hit.score), 4), hit.text, hit.relevance)
+
+    @classmethod
+    def stored(cls, cited: dict) -> Source:
+        """A citation as the queue keeps it (``cited``), back as a record."""
+        return cls(int(cited["n"]), str(cited["doc_path"]), str(cited["heading"]), float(cited.get("score") or 0.0))
+
+    CITED = ("n", "doc_path", "heading", "score")  # what an answer stores; the API's schema is built from it
 
     @property
     def cited(self) -> dict:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from docsrag.tasks.core.records import Hit
+
 KS = (1, 3, 5, 10)
 
 
@@ -32,20 +34,20 @@ def load_gold(path: Path) -> list[dict]:
     return items
 
 
-def first_gold_rank(gold: list[str], hits: list[dict]) -> int | None:
+def first_gold_rank(gold: list[str], hits: list[Hit]) -> int | None:
     """1-based rank of the first gold doc among the distinct docs retrieved."""
     distinct: list[str] = []
     for hit in hits:
-        if hit["doc_path"] not in distinct:
-            distinct.append(hit["doc_path"])
+        if hit.doc_path not in distinct:
+            distinct.append(hit.doc_path)
     return next((rank for rank, doc in enumerate(distinct, 1) if doc in gold), None)
 
 
-def score(item: dict, hits: list[dict], not_covered: bool) -> dict:
+def score(item: dict, hits: list[Hit], not_covered: bool) -> dict:
     """One question: rank of the first gold doc, gold text found, and whether the system would
     say "not covered" (decided by the caller, as the answer flow decides it)."""
-    text = "\n".join(h["text"] for h in hits)
-    best = max((h.get("relevance", 1.0) for h in hits), default=-1.0)
+    text = "\n".join(h.text for h in hits)
+    best = max((h.relevance for h in hits), default=-1.0)
     return {
         "id": item["id"], "question": item["question"], "lang": item.get("lang", "en"),
         "answerable": bool(item["gold_sources"]),
@@ -53,7 +55,7 @@ def score(item: dict, hits: list[dict], not_covered: bool) -> dict:
         "rank": first_gold_rank(item["gold_sources"], hits) if item["gold_sources"] else None,
         "contains": any(s in text for s in item["must_contain_any"]) if item["must_contain_any"] else None,
         "not_covered": not_covered, "best_relevance": round(best, 4),
-        "retrieved": ", ".join(dict.fromkeys(h["doc_path"] for h in hits[:5])),
+        "retrieved": ", ".join(dict.fromkeys(h.doc_path for h in hits[:5])),
     }
 
 

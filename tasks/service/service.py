@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 
 from docsrag.tasks.core.errors import DocsragError
 from docsrag.tasks.core.language import DEFAULT as DEFAULT_LANGUAGE
-from docsrag.tasks.core.records import QueueStats
+from docsrag.tasks.core.records import Hit, QueueStats, Source
 from docsrag.tasks.core.redaction import redact_text
 from docsrag.tasks.core.settings import Settings
 from docsrag.tasks.index import store
@@ -68,7 +68,7 @@ class QuestionView:
     version: str | None
     docs_lang: str | None
     answer: str | None
-    sources: list[dict]
+    sources: list[Source]
     model: str | None
     reasoning_effort: str | None
     usage: dict | None
@@ -86,7 +86,7 @@ class QuestionView:
         return self.status in FINAL
 
     def as_dict(self, reasoning: bool = False) -> dict:
-        shown = asdict(self)
+        shown = asdict(self) | {"sources": [source.cited for source in self.sources]}
         if not reasoning:
             del shown["reasoning"]
         return shown
@@ -96,10 +96,10 @@ class QuestionView:
 class SearchResults:
     query: str
     searched_as: str
-    results: list[dict]
+    results: list[Hit]
 
     def as_dict(self) -> dict:
-        shown = {"query": self.query, "results": self.results}
+        shown = {"query": self.query, "results": [hit.shown() for hit in self.results]}
         return shown | ({"searched_as": self.searched_as} if self.searched_as != self.query else {})
 
 
@@ -115,7 +115,6 @@ class ServiceStats:
                 "feedback": self.feedback.as_dict(), "coverage_gaps": [g.as_dict() for g in self.coverage_gaps]}
 
 
-RESULT_FIELDS = ("doc_path", "heading", "score", "relevance", "text", "version")
 
 
 class Service:
@@ -267,7 +266,7 @@ class Service:
             hits = retriever.search([searched], k, version, docs_lang)[0]
         except MilvusException as exc:
             raise store.StoreError(f"Milvus failed a search: {redact_text(exc.message)}") from None
-        return SearchResults(query, searched, [{name: hit[name] for name in RESULT_FIELDS} for hit in hits])
+        return SearchResults(query, searched, hits)
 
     def served(self, version: str | None, docs_lang: str | None) -> str | None:
         """The collection the alias for ``version`` / ``docs_lang`` serves now (None: none or no Milvus)."""
@@ -306,7 +305,7 @@ class Service:
         except Exception as exc:  # noqa: BLE001 - no index served: gaps are listed without a document
             log.warning("coverage gaps not searched: %s", exc)
             return None
-        return [Closest(hits[0]["doc_path"], hits[0]["heading"], hits[0]["score"]) if hits else None
+        return [Closest(hits[0].doc_path, hits[0].heading, hits[0].score) if hits else None
                 for hits in found]
 
 
@@ -314,7 +313,7 @@ def _view(record: dict, asked: Asked) -> QuestionView:
     return QuestionView(
         id=record["id"], question=record["question"], status=record["status"], lang=record["lang"],
         version=record["version"], docs_lang=record["docs_lang"], answer=record["answer"],
-        sources=record["sources"] or [], model=record["model"], reasoning_effort=record["reasoning_effort"],
+        sources=[Source.stored(cited) for cited in record["sources"] or []], model=record["model"], reasoning_effort=record["reasoning_effort"],
         usage=record["usage"], latency_ms=record["latency_ms"], attempts=record["attempts"],
         last_error=record["last_error"], created_at=record["created_at"], answered_at=record["answered_at"],
         repeat_of=asked.repeat_of, collection=asked.collection, reasoning=record["reasoning"])

@@ -40,10 +40,10 @@ def main() -> int:
     args = parser.parse_args()
 
     import hypothesis.core
-    from docsrag.tasks.index import store
     from hypothesis import HealthCheck, settings
     from pymilvus import MilvusClient
 
+    from docsrag.tasks.index import store
     from docsrag.testing.lifecycle_machine import run_machine
 
     home = Path(tempfile.mkdtemp(prefix="docsrag-lifecycle-"))

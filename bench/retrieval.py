@@ -223,7 +223,6 @@ def translated_as_searched(ko_id: list[dict], settings) -> list[dict]:
     (``searched_as``), the emulated LLM translating each into its English original: the bound a
     real model's translation approaches, through the same code."""
     from docsrag.tasks.answer.generate import searched_as
-
     from docsrag.testing.llm_emulator import Emulator
 
     emulator = Emulator().start()

@@ -14,15 +14,6 @@ import time
 import uuid
 from typing import Annotated
 
-from docsrag.tasks.answer.drain import Drain, DrainSummary, ServingOutage
-from docsrag.tasks.answer.retrieve import Retriever
-from docsrag.tasks.core.records import QueueStats
-from docsrag.tasks.core.settings import Settings, settings_for_run
-from docsrag.tasks.embed import embedding
-from docsrag.tasks.ingest.report import name_run
-from docsrag.tasks.queue.questions import Queue
-from docsrag.tasks.service.coverage import CoverageGap
-from docsrag.tasks.service.service import Service
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (
     create_markdown_artifact,
@@ -35,6 +26,17 @@ from prefect.events import emit_event
 from prefect.events.worker import EventsWorker
 from prefect.runtime import flow_run
 from pydantic import Field
+
+from docsrag.tasks.answer.drain import Drain, ServingOutage
+from docsrag.tasks.answer.retrieve import Retriever
+from docsrag.tasks.core.records import QueueStats
+from docsrag.tasks.core.settings import Settings, settings_for_run
+from docsrag.tasks.core.summaries import DrainSummary
+from docsrag.tasks.embed import embedding
+from docsrag.tasks.ingest.report import name_run
+from docsrag.tasks.queue.questions import Queue
+from docsrag.tasks.service.coverage import CoverageGap
+from docsrag.tasks.service.service import Service
 
 QUESTION_SUBMITTED = "docsrag.question.submitted"
 

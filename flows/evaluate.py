@@ -5,6 +5,10 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NONE
+
 from docsrag.tasks.answer.generate import Generator, numbered_sources, searched_as
 from docsrag.tasks.answer.retrieve import Retriever, covered
 from docsrag.tasks.core import language
@@ -12,9 +16,6 @@ from docsrag.tasks.core.records import Hit
 from docsrag.tasks.core.settings import Settings, settings_for_run
 from docsrag.tasks.core.summaries import EvaluationSummary
 from docsrag.tasks.ops.evaluate import aggregate, by_language, load_gold, score
-from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.cache_policies import NONE
 
 
 @task(name="retrieve-gold", cache_policy=NONE, persist_result=False)

@@ -15,25 +15,6 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from urllib.parse import urlparse
 
-from docsrag.tasks.core import language
-from docsrag.tasks.core.objectstore import ObjectStore, open_store
-from docsrag.tasks.core.settings import MAX_EMBEDDING_CONCURRENCY, Settings, settings_for_run
-from docsrag.tasks.embed import embedding
-from docsrag.tasks.index import build, lineage, store, writer_lock
-from docsrag.tasks.index import publish as publishing
-from docsrag.tasks.index import schema as index
-from docsrag.tasks.index.build import BuildPlan, batched
-from docsrag.tasks.index.schema import Corpus
-from docsrag.tasks.ingest import chunking, markdown
-from docsrag.tasks.ingest.release import Release, ReleaseError, TransientFetchError, extract_release, fetch_release
-from docsrag.tasks.ingest.report import (
-    IngestSummary,
-    StageClock,
-    log_problems,
-    name_run,
-    progress_bar,
-    publish_artifacts,
-)
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.assets import Asset, AssetProperties
@@ -42,6 +23,20 @@ from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
+
+from docsrag.tasks.core import language
+from docsrag.tasks.core.objectstore import ObjectStore, open_store
+from docsrag.tasks.core.settings import MAX_EMBEDDING_CONCURRENCY, Settings, settings_for_run
+from docsrag.tasks.core.summaries import IngestSummary
+from docsrag.tasks.embed import embedding
+from docsrag.tasks.index import build, lineage, store, writer_lock
+from docsrag.tasks.index import publish as publishing
+from docsrag.tasks.index import schema as index
+from docsrag.tasks.index.build import BuildPlan, batched
+from docsrag.tasks.index.schema import Corpus
+from docsrag.tasks.ingest import chunking, markdown
+from docsrag.tasks.ingest.release import Release, ReleaseError, TransientFetchError, extract_release, fetch_release
+from docsrag.tasks.ingest.report import StageClock, log_problems, name_run, progress_bar, publish_artifacts
 
 # Task results stay in memory, never in result storage: they are local paths, clients or vectors
 # (never persisted), and a retried run resumes from its staging collection instead (README).

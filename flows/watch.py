@@ -7,6 +7,10 @@ defaults (no server, no automations), ``ingest=True`` runs the ingest flow here 
 
 from __future__ import annotations
 
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NONE
+from prefect.events import emit_event
+
 from docsrag.flows.ingest import ingest_release
 from docsrag.tasks.core.objectstore import open_store
 from docsrag.tasks.core.settings import Settings, settings_for_run
@@ -14,9 +18,6 @@ from docsrag.tasks.core.summaries import RefusedAsset, WatchSummary
 from docsrag.tasks.ingest.feed import MalformedFeed, PublishedAsset, RateLimited, SeenReleases, read_feed
 from docsrag.tasks.ingest.release import version_order
 from docsrag.tasks.ingest.report import name_run
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NONE
-from prefect.events import emit_event
 
 EVENT = "docsrag.release.published"
 

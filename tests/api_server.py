@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass
 
 import uvicorn
+
 from docsrag.flows.api.app import _announcer, create_app
 from docsrag.tasks.core.settings import Settings
 from docsrag.tasks.service.service import Service

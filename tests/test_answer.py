@@ -8,11 +8,11 @@ import time
 from datetime import datetime, timezone
 
 import pytest
+
 from docsrag.flows.cli import main
 from docsrag.tasks.answer.generate import NOT_COVERED, TRANSLATE, not_covered
 from docsrag.tasks.core.settings import load_settings
 from docsrag.tasks.queue.questions import Queue
-
 from docsrag.testing.llm_emulator import Emulator
 
 from .conftest import DOCSRAG, ROOT, api_env

@@ -9,11 +9,11 @@ import uuid
 
 import httpx
 import pytest
+
 from docsrag.flows.cli import main
 from docsrag.tasks.answer.generate import NOT_COVERED
 from docsrag.tasks.core.settings import load_settings
 from docsrag.tasks.service.guard import LOCAL_OWNER, Loopback, Refused, Request
-
 from docsrag.testing.llm_emulator import Emulator
 
 from .api_server import start_api
@@ -33,6 +33,7 @@ def queue_url(request, tmp_path):
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'questions.db'}"
     import sqlalchemy
+
     from docsrag.tasks.queue.api_tables import metadata as api_tables
     from docsrag.tasks.queue.questions import metadata as queue_tables
 
@@ -244,8 +245,9 @@ def test_the_openapi_schema_is_served_at_docs(api, client):
 
 
 def test_a_submitted_question_is_announced_as_docsrag_ask_announces_it(api, client):
-    from docsrag.flows.answer import QUESTION_SUBMITTED
     from prefect.settings import PREFECT_API_URL
+
+    from docsrag.flows.answer import QUESTION_SUBMITTED
 
     version = f"9.{uuid.uuid4().hex[:8]}"  # ids repeat across the queue variants; this run's event is unique
     question_id = client.post("/v1/questions", json={"question": QUESTION, "version": version}).json()["id"]

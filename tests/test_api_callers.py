@@ -10,6 +10,7 @@ import time
 
 import httpx
 import pytest
+
 from docsrag.flows.cli import main
 from docsrag.tasks.service.guard import Caller, RateLimit
 

@@ -11,7 +11,6 @@ import itertools
 import httpx
 import pytest
 import schemathesis
-from docsrag.tasks.core.settings import load_settings
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
@@ -22,6 +21,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from docsrag.tasks.core.settings import load_settings
 from docsrag.testing.llm_emulator import Emulator
 
 from .api_server import start_api

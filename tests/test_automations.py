@@ -7,6 +7,7 @@ import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
+
 from docsrag.flows.cli import main
 
 
@@ -94,7 +95,7 @@ def test_the_failure_notification_names_the_run_not_its_parameters_or_error(webh
 
 def test_dead_lettered_questions_reach_the_webhook(webhook):
     from docsrag.flows.answer import _announce_dead
-    from docsrag.tasks.answer.drain import DrainSummary
+    from docsrag.tasks.core.summaries import DrainSummary
 
     assert main(["automations"]) == 0
     summary = DrainSummary(dead=1, problems=[{"id": 7, "question": "q", "status": "dead",

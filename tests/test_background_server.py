@@ -17,8 +17,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from docsrag.flows.cli.local_server import free_port
 
+from docsrag.flows.cli.local_server import free_port
 from tests.conftest import FAQ, servers_with_home
 
 BIN = Path(sys.executable).parent

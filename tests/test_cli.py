@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from docsrag.flows.cli import main, parser
 from docsrag.tasks.core.records import STATUSES
 

@@ -14,10 +14,10 @@ import threading
 import time
 
 import pytest
+
 from docsrag.flows.cli import main
 from docsrag.tasks.core.settings import load_settings
 from docsrag.tasks.queue.questions import Queue
-
 from docsrag.testing.llm_emulator import Emulator
 from docsrag.testing.milvus_server import CuttingProxy, MilvusServer
 

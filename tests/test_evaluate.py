@@ -4,11 +4,11 @@ import asyncio
 import json
 
 import pytest
+
 from docsrag.flows.cli import main
 from docsrag.tasks.answer.retrieve import covered
 from docsrag.tasks.core.records import Hit
 from docsrag.tasks.ops.evaluate import aggregate, by_language, first_gold_rank, load_gold, score
-
 from docsrag.testing.llm_emulator import Emulator
 
 

@@ -5,10 +5,10 @@ import asyncio
 import time
 
 import pytest
+
 from docsrag.tasks.answer.generate import BadResponse, Generator, RequestDeadline
 from docsrag.tasks.core.records import Source
 from docsrag.tasks.core.settings import Settings
-
 from docsrag.testing.llm_emulator import Emulator
 
 SOURCES = [Source(1, "en/faq/a.md", "Storage", 0.5, "Milvus stores data in object storage.")]

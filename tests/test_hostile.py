@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from docsrag.tasks.core.records import Source
 from docsrag.flows.cli import main
 from docsrag.tasks.answer.generate import prompt
+from docsrag.tasks.core.records import Source
 from docsrag.tasks.core.settings import load_settings
 from docsrag.tasks.index import schema as index
 from docsrag.tasks.index import store

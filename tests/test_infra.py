@@ -16,9 +16,9 @@ from urllib.parse import urlparse
 import kubernetes_validate
 import pytest
 import yaml
-from docsrag.tasks.core.settings import TOOLING_VARIABLES, Settings
 from prefect.utilities.templating import apply_values
 
+from docsrag.tasks.core.settings import TOOLING_VARIABLES, Settings
 from tests.conftest import ROOT
 
 INFRA = ROOT / "infra"

@@ -5,6 +5,7 @@ import json
 import zipfile
 
 import pytest
+
 from docsrag.flows.cli import main
 from docsrag.tasks.core.settings import load_settings
 from docsrag.tasks.index import store
@@ -112,6 +113,7 @@ def test_hostile_release_is_refused_before_anything_changes(faq_ingested, tmp_pa
 def test_dask_task_runner_gives_the_same_ids_and_vectors(tmp_path, prefect_server, releases, capsys, monkeypatch):
     """Embedding batches on an existing Dask cluster (local worker processes) build the same index."""
     from distributed import Client, LocalCluster
+
     from docsrag.tasks.embed import embedding
 
     monkeypatch.setenv("DOCSRAG_EMBEDDING_BATCH_SIZE", "8")  # several batches, spread over the workers

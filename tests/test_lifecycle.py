@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pymilvus import MilvusClient
+
 from docsrag.flows.cli import main
 from docsrag.tasks.core.settings import load_settings
 from docsrag.tasks.embed import embedding
 from docsrag.tasks.index import build, store
 from docsrag.tasks.ingest import chunking, markdown
-from pymilvus import MilvusClient
-
 from docsrag.testing.milvus_server import MilvusServer
 
 from .conftest import DOCSRAG, ROOT, api_env

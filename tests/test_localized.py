@@ -5,10 +5,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
+
 from docsrag.flows.cli import main
 from docsrag.tasks.core.settings import load_settings
 from docsrag.tasks.index import store
-
 from docsrag.testing.llm_emulator import Emulator
 
 from .conftest import FAQ, ingest_into

@@ -3,8 +3,9 @@
 import json
 from pathlib import Path
 
-from docsrag.tasks.ingest.markdown import html_text, parse_document, parse_release
 from unstructured.documents.elements import CodeSnippet, ListItem, NarrativeText, Table, Title
+
+from docsrag.tasks.ingest.markdown import html_text, parse_document, parse_release
 
 
 def write(root: Path, files: dict[str, str | bytes]) -> Path:

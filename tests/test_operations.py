@@ -4,14 +4,15 @@ import json
 import os
 import time
 
-from docsrag.flows.cli import main
-from docsrag.tasks.core.settings import load_settings
-from docsrag.tasks.index import lineage
 from prefect import get_client
 from prefect.client.schemas.filters import FlowRunFilter, LogFilter
 from prefect.client.schemas.sorting import FlowRunSort
 from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
 from prefect.logging.handlers import APILogWorker
+
+from docsrag.flows.cli import main
+from docsrag.tasks.core.settings import load_settings
+from docsrag.tasks.index import lineage
 
 
 def test_an_ingest_run_is_named_logged_and_leaves_lineage(home, prefect_server, releases, capsys):

@@ -9,9 +9,9 @@ import re
 from pathlib import Path
 
 import pytest
-from docsrag.tasks.core.settings import load_settings
 from playwright.sync_api import expect
 
+from docsrag.tasks.core.settings import load_settings
 from docsrag.testing.llm_emulator import Emulator
 
 from .api_server import start_api

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from docsrag.tasks.core.settings import load_settings
 from docsrag.tasks.embed import embedding, precision
 from docsrag.tasks.embed.precision import Measured

@@ -4,6 +4,7 @@ import threading
 import time
 
 import pytest
+
 from docsrag.tasks.queue.questions import QuestionError, Queue
 
 
@@ -12,8 +13,9 @@ def queue_url(request, tmp_path):
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'q.db'}"
     url = request.getfixturevalue("postgres_url")
-    from docsrag.tasks.queue.questions import metadata
     from sqlalchemy import create_engine
+
+    from docsrag.tasks.queue.questions import metadata
 
     metadata.drop_all(create_engine(url.replace("postgresql://", "postgresql+psycopg://")))
     return url
@@ -228,8 +230,9 @@ def test_timestamps_come_back_utc_aware(queue_url):
 
 def test_a_queue_with_a_global_client_key_is_migrated_to_one_per_owner(queue_url):
     """A queue as schema 2 made it (``UNIQUE (client_key)``, no owner) keeps its rows and keys."""
-    from docsrag.tasks.queue.schema import questions, schema
     from sqlalchemy import MetaData, Table, create_engine
+
+    from docsrag.tasks.queue.schema import questions, schema
 
     old = MetaData()
     columns = [column._copy() for column in questions.columns if column.name != "owner"]

@@ -6,8 +6,9 @@ import threading
 import time
 
 import pytest
-from docsrag.tasks.queue.questions import QuestionError, Queue, metadata
 from sqlalchemy import create_engine, event, text
+
+from docsrag.tasks.queue.questions import QuestionError, Queue, metadata
 
 
 def _engine_url(url: str) -> str:

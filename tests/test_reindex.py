@@ -9,6 +9,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+
 from docsrag.flows.cli import main
 from docsrag.tasks.core.settings import load_settings
 from docsrag.tasks.embed import embedding

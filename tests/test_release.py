@@ -9,6 +9,7 @@ from functools import partial
 from pathlib import Path
 
 import pytest
+
 from docsrag.tasks.core.objectstore import LocalStore
 from docsrag.tasks.ingest.release import Release, ReleaseError, extract_release, fetch_release, release_version
 

@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+
 from docsrag.tasks.core.settings import DEFAULT_RELEASE_URL, SettingsError, load_settings
 
 

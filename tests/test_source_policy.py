@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from docsrag.tasks.core.settings import Settings
 from docsrag.tasks.ingest.source_policy import RefusedSource, check_redirect, check_source, check_version, policy_for
-
 from tests.conftest import ROOT
 
 FAQ = "milvus_docs_faq_2.4.x_en.zip"
@@ -247,9 +247,10 @@ def ingest_deployment(prefect_server):
 
 def run_from_deployment(deployment_id, **parameters):
     """A flow run created from the deployment on the server and executed as a worker does."""
-    from docsrag.flows.ingest import ingest_release
     from prefect.client.orchestration import get_client
     from prefect.flow_engine import run_flow
+
+    from docsrag.flows.ingest import ingest_release
 
     async def create():
         async with get_client() as client:

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import boto3
 import pytest
-from docsrag.tasks.index import store
 from pymilvus import MilvusClient
 from pymilvus.exceptions import MilvusException
 
+from docsrag.tasks.index import store
 from tests import triggers
 from tests.conftest import DOCSRAG, ROOT
 from tests.test_source_policy import Watched

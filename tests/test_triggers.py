@@ -13,8 +13,8 @@ import os
 import subprocess
 
 import pytest
-from docsrag.flows.cli.local_server import free_port
 
+from docsrag.flows.cli.local_server import free_port
 from tests import triggers
 from tests.conftest import DOCSRAG, ROOT
 

@@ -12,14 +12,14 @@ import unicodedata
 
 import pytest
 
-from docsrag.tasks.core.records import Source
 from docsrag.tasks.answer.generate import prompt
 from docsrag.tasks.core.escaping import for_markdown, for_terminal
+from docsrag.tasks.core.records import Source
 from docsrag.tasks.core.redaction import Secrets, redact_text, redact_url
 from docsrag.tasks.core.settings import Settings
+from docsrag.tasks.core.summaries import IngestSummary
 from docsrag.tasks.index import lineage
-from docsrag.tasks.ingest.report import IngestSummary, log_problems, summary_markdown
-
+from docsrag.tasks.ingest.report import log_problems, summary_markdown
 from docsrag.testing.milvus_server import MilvusServer
 from tests.conftest import DOCSRAG, FAQ, ROOT, api_env
 

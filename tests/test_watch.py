@@ -11,6 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+
 from docsrag.flows.cli import main
 
 from .conftest import ROOT, api_env

@@ -10,10 +10,10 @@ import os
 import subprocess
 
 import pytest
-from docsrag.tasks.core.settings import SettingsError, load_settings
-from docsrag.tasks.index import writer_lock
 from pymilvus import MilvusClient
 
+from docsrag.tasks.core.settings import SettingsError, load_settings
+from docsrag.tasks.index import writer_lock
 from docsrag.testing.milvus_server import MilvusServer
 
 from .conftest import DOCSRAG, FAQ, ROOT
@@ -75,8 +75,9 @@ def test_a_rollback_on_a_milvus_server_with_no_shared_prefect_is_refused(tmp_pat
 
 def test_a_rollback_on_a_milvus_server_takes_the_writer_slot_of_the_shared_prefect(prefect_server, home,
                                                                                    monkeypatch, capsys):
-    from docsrag.flows.cli import main
     from prefect.concurrency.sync import concurrency
+
+    from docsrag.flows.cli import main
 
     monkeypatch.setenv("DOCSRAG_MILVUS_URI", "http://127.0.0.1:9")
     settings = load_settings()

@@ -20,6 +20,13 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import Annotated
 
+from fastapi import APIRouter, Body, Depends, FastAPI, HTTPException, Query, Request
+from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
 from docsrag.flows.api import schema
 from docsrag.flows.api.worker import AnswerHere
 from docsrag.tasks.core.settings import Settings
@@ -28,12 +35,6 @@ from docsrag.tasks.queue.questions import QuestionError
 from docsrag.tasks.service.guard import Caller, Guard, Refused
 from docsrag.tasks.service.guard import Request as Asked
 from docsrag.tasks.service.service import NotServed, QuestionView, Service, UnknownQuestion
-from fastapi import APIRouter, Body, Depends, FastAPI, HTTPException, Query, Request
-from fastapi import Path as PathParam
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
 PAGE = Path(__file__).with_name("page.html")

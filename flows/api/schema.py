@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Literal, get_type_hints
 
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
 from docsrag.tasks.core import records
 from docsrag.tasks.core.records import MAX_CLIENT_KEY_CHARS, MAX_PRIORITY
 from docsrag.tasks.queue.feedback import MAX_COMMENT_CHARS
-from pydantic import BaseModel, ConfigDict, Field, create_model
 
 Lang = Field(None, pattern=r"^[a-z]{2,3}$", description="ISO 639-1 code, e.g. 'ko'")
 Status = Literal["pending", "claimed", "answered", "failed", "dead"]

@@ -31,8 +31,10 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import partial
+
+from sqlalchemy.exc import SQLAlchemyError
 
 from docsrag.tasks.answer.generate import (
     BadResponse,
@@ -50,9 +52,9 @@ from docsrag.tasks.core.errors import DocsragError
 from docsrag.tasks.core.records import Source, StoredAnswer
 from docsrag.tasks.core.redaction import Secrets, redact_text
 from docsrag.tasks.core.settings import Settings
+from docsrag.tasks.core.summaries import DrainSummary
 from docsrag.tasks.index.store import StoreError
 from docsrag.tasks.queue.questions import Claimed, Queue
-from sqlalchemy.exc import SQLAlchemyError
 
 CLAIM_BATCH = 64  # questions claimed, embedded and searched together
 POLL_S = 0.5  # how often an otherwise idle feeder looks for new questions while answers are in flight
@@ -67,35 +69,6 @@ class Prepared:
     sources: list[Source] = field(default_factory=list)  # numbered; empty: the docs do not cover it
     error: str | None = None  # the question's own failure before generation (e.g. an unknown version)
     lang: str = language.DEFAULT  # the language to answer in
-
-
-@dataclass
-class DrainSummary:
-    claimed: int = 0
-    answered: int = 0
-    not_covered: int = 0
-    failed: int = 0  # the question's fault, back after a backoff
-    dead: int = 0
-    released: int = 0  # put back without spending an attempt
-    lost: int = 0  # its lease went to another worker, which answers it
-    prompt_tokens: int = 0
-    output_tokens: int = 0
-    languages: dict[str, int] = field(default_factory=dict)  # answered, by the language answered in
-    seconds: float = 0.0
-    stopped: str = ""
-    outage: str | None = None
-    problems: list[dict] = field(default_factory=list)  # {id, question, status, reason} of what was not answered
-
-    @property
-    def answers_per_s(self) -> float:
-        return round(self.answered / self.seconds, 2) if self.seconds else 0.0
-
-    def as_dict(self) -> dict:
-        return {**asdict(self), "answers_per_s": self.answers_per_s}
-
-    def to_dict(self) -> dict:
-        """What ``docsrag answer --json`` prints: the counts, without the per-question problems."""
-        return {k: v for k, v in self.as_dict().items() if k != "problems"}
 
 
 class ServingOutage(DocsragError, RuntimeError):

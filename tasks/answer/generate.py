@@ -22,14 +22,15 @@ import time
 from dataclasses import dataclass, field
 
 import httpx2
+from openai import APIConnectionError, APIStatusError, DefaultAsyncHttpxClient
+from openai.types.chat import ChatCompletion
+
 from docsrag.tasks.answer.llm_transport import CappedTransport, ResponseTooLarge
 from docsrag.tasks.core import language
 from docsrag.tasks.core.errors import DocsragError
 from docsrag.tasks.core.records import Hit, Source, Usage, clean
 from docsrag.tasks.core.redaction import redact_url
 from docsrag.tasks.core.settings import Settings
-from openai import APIConnectionError, APIStatusError, DefaultAsyncHttpxClient
-from openai.types.chat import ChatCompletion
 
 NOT_COVERED = "The documentation does not cover this question."
 # The same sentence in the reader's language, where we have it: it is the whole answer when

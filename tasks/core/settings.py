@@ -15,9 +15,10 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Literal
 
-from docsrag.tasks.core.errors import DocsragError
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from docsrag.tasks.core.errors import DocsragError
 
 ENV_PREFIX = "DOCSRAG_"
 DEFAULT_RELEASE_URL = (

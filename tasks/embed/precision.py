@@ -126,6 +126,7 @@ def measure(folder: Path, cache: Path, variants: list[str], tokens: int, threads
     """Time each variant on the calibration texts (rounds interleaved, best round kept: the
     machine may be shared) and compare its vectors with fp32's; write and return the choice."""
     import numpy as np
+
     from docsrag.tasks.embed.embedding import OnnxEmbedder
 
     texts = calibration_texts()

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from pymilvus import MilvusClient
+
 from docsrag.tasks.core.errors import DocsragError
 from docsrag.tasks.core.settings import Settings
 from docsrag.tasks.index import publish, store
@@ -30,7 +32,6 @@ from docsrag.tasks.ingest.chunking import Chunk
 from docsrag.tasks.ingest.diff import ReleaseDiff
 from docsrag.tasks.ingest.markdown import Budgets
 from docsrag.tasks.ingest.release import Release
-from pymilvus import MilvusClient
 
 _BUILD_TIME = "%Y%m%dT%H%M%S%f"
 # Served vectors copied per task: task overhead (~33 ms) stays small, a gRPC message stays far

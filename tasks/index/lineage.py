@@ -8,10 +8,11 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from docsrag.tasks.core.redaction import redact_url
-from docsrag.tasks.index import store
 from prefect.assets import Asset, AssetProperties, materialize
 from prefect.cache_policies import NONE
+
+from docsrag.tasks.core.redaction import redact_url
+from docsrag.tasks.index import store
 
 # Characters Prefect refuses in an asset key (a URI); a path holding one is still named.
 _UNSAFE = re.compile(r"[\s#?&%\"'<>\[\]{}|\\^`]")

@@ -31,11 +31,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from pymilvus import MilvusClient
+
 from docsrag.tasks.index import schema as index
 from docsrag.tasks.index import store
 from docsrag.tasks.index.schema import BuildInfo, Corpus
 from docsrag.tasks.ingest.release import version_order
-from pymilvus import MilvusClient
 
 MainPolicy = Literal["always", "never", "if-newer"]
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Literal
 
+from pymilvus import DataType, Function, FunctionType, MilvusClient
+
 from docsrag.tasks.core.language import DEFAULT as DEFAULT_LANGUAGE
 from docsrag.tasks.index import store
 from docsrag.tasks.ingest.chunking import FIELD_MAX, Chunk
 from docsrag.tasks.ingest.release import version_slug
-from pymilvus import DataType, Function, FunctionType, MilvusClient
 
 SCHEMA_VERSION = 2  # 2: BM25 over search_text (doc path words, headings, text)
 TEXT_MAX = 65_535  # bytes; chunks are far below, but a VARCHAR needs a bound

@@ -14,11 +14,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from pymilvus import DataType, MilvusClient
+from pymilvus.exceptions import MilvusException
+
 from docsrag.tasks.core.errors import DocsragError
 from docsrag.tasks.core.redaction import redact_text, redact_url
 from docsrag.tasks.core.settings import Settings
-from pymilvus import DataType, MilvusClient
-from pymilvus.exceptions import MilvusException
 
 INFO_PROPERTY = "docsrag.info"
 # A connection pymilvus shares within the process can be cut by the server just as it is reused

@@ -9,9 +9,10 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
+from unstructured.chunking.title import chunk_by_title
+
 from docsrag.tasks.core.errors import DocsragError
 from docsrag.tasks.ingest.markdown import Document, ParsedRelease
-from unstructured.chunking.title import chunk_by_title
 
 # Bounds of the row fields (UTF-8 bytes); the store's schema is declared with them, and a chunk is
 # cut to fit here, before embedding, rather than refused by Milvus after it.

@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from urllib.parse import urlparse, urlsplit
 
 import httpx
+
 from docsrag.tasks.core.errors import DocsragError
 from docsrag.tasks.core.escaping import for_terminal
 from docsrag.tasks.core.objectstore import ObjectStore

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import yaml
-from docsrag.tasks.core.errors import DocsragError
 from markdown_it import MarkdownIt
 from unstructured.documents.elements import (
     CodeSnippet,
@@ -26,6 +25,8 @@ from unstructured.documents.elements import (
     Table,
     Title,
 )
+
+from docsrag.tasks.core.errors import DocsragError
 
 if TYPE_CHECKING:
     from docsrag.tasks.core.settings import Settings

@@ -21,6 +21,7 @@ from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlparse, urlsplit
 
 import httpx
+
 from docsrag.tasks.core.errors import DocsragError
 from docsrag.tasks.core.objectstore import ObjectStore, S3Store
 from docsrag.tasks.core.redaction import redact_url

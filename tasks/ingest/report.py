@@ -5,51 +5,18 @@ from __future__ import annotations
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
 
-from docsrag.tasks.core.escaping import for_markdown, for_terminal
-from docsrag.tasks.core.redaction import redact_text
-from docsrag.tasks.core.terminal import current
 from prefect import get_client
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 from tqdm import tqdm
 
+from docsrag.tasks.core.escaping import for_markdown, for_terminal
+from docsrag.tasks.core.redaction import redact_text
+from docsrag.tasks.core.summaries import IngestSummary
+from docsrag.tasks.core.terminal import current
+
 SHOWN_PROBLEMS = 50  # files named one by one in the log; the artifact and the JSON hold them all
-
-
-@dataclass
-class IngestSummary:
-    """What an ingest did: the one contract of the flow's return value, the run's artifacts, the
-    report archived in the object store, ``docsrag ingest --json`` and the benchmarks."""
-
-    release: str  # the URL, credentials redacted
-    version: str
-    sha256: str
-    size: int
-    archived: str  # object-store key of the raw zip
-    alias: str  # the main alias of the docs' language
-    version_alias: str
-    lang: str  # the docs' language: the release tree's top folder (en/, ko/...)
-    named_version: bool  # False: served on its own alias only, unless --publish-main
-    documents: int
-    chunks: int
-    document_changes: dict[str, int]  # added, changed, removed, unchanged
-    deleted: int
-    collection: str | None = None  # the collection served now
-    previous_collection: str | None = None
-    unchanged: bool = False
-    embedded: int = 0
-    reused: int = 0
-    search: str | None = None
-    seconds_saved: float = 0.0
-    skipped: list[dict] = field(default_factory=list)  # [{path, reason}]
-    warnings: list[dict] = field(default_factory=list)
-    stages: dict[str, float] = field(default_factory=dict)  # stage -> seconds, in the order they ran
-    seconds: float = 0.0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def progress_bar(total: int, desc: str) -> tqdm:

@@ -11,12 +11,13 @@ from pathlib import Path
 from uuid import UUID
 
 import yaml
-from docsrag.tasks.core.errors import DocsragError
-from docsrag.tasks.core.settings import Settings
 from prefect.automations import Automation
 from prefect.blocks.core import Block
 from prefect.blocks.notifications import CustomWebhookNotificationBlock
 from prefect.exceptions import ObjectNotFound
+
+from docsrag.tasks.core.errors import DocsragError
+from docsrag.tasks.core.settings import Settings
 
 AUTOMATIONS_FILE = Path(__file__).resolve().parents[2] / "infra" / "prefect" / "automations.yaml"
 WEBHOOK_BLOCK = "docsrag-notify"

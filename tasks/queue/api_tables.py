@@ -9,9 +9,10 @@ fresh database do not both create them.
 
 from __future__ import annotations
 
-from docsrag.tasks.queue.schema import utc_now
 from sqlalchemy import Boolean, Column, DateTime, Float, Index, Integer, MetaData, String, Table, Text, inspect, text
 from sqlalchemy.engine import Engine
+
+from docsrag.tasks.queue.schema import utc_now
 
 _LOCK_KEY = 0x646F63617069  # "docapi": distinct from the queue's migration lock
 

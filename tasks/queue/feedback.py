@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from docsrag.tasks.core.records import clean
-from docsrag.tasks.queue.api_tables import feedback
 from sqlalchemy import func, insert, select
 from sqlalchemy.engine import Engine
+
+from docsrag.tasks.core.records import clean
+from docsrag.tasks.queue.api_tables import feedback
 
 MAX_COMMENT_CHARS = 2000
 

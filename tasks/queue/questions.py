@@ -29,6 +29,10 @@ import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
+from sqlalchemy import case, create_engine, event, func, insert, or_, select, update
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, StatementError
+
 from docsrag.tasks.core import language
 from docsrag.tasks.core.errors import DocsragError
 from docsrag.tasks.core.records import (
@@ -43,9 +47,6 @@ from docsrag.tasks.core.records import (
 )
 from docsrag.tasks.core.settings import Settings
 from docsrag.tasks.queue.schema import metadata, open_schema, questions  # noqa: F401 - metadata: tests drop the tables
-from sqlalchemy import case, create_engine, event, func, insert, or_, select, update
-from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, StatementError
 
 PRIORITY_STEP_S = 300.0  # one priority level counts as five minutes of waiting
 _LANG = re.compile(r"[a-z]{2,3}")  # ISO 639-1 (or -3): the prompt names the language by it

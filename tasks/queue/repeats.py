@@ -15,11 +15,12 @@ import re
 import unicodedata
 from dataclasses import dataclass
 
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.engine import Engine
+
 from docsrag.tasks.queue.api_tables import repeats
 from docsrag.tasks.queue.questions import now
 from docsrag.tasks.queue.schema import questions
-from sqlalchemy import func, insert, select, update
-from sqlalchemy.engine import Engine
 
 _SPACES = re.compile(r"\s+")
 _TRAILING = re.compile(r"[\s?!.。？！،؟]+$")  # "Where is data stored?" == "where is data stored"

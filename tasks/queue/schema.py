@@ -12,7 +12,6 @@ old database do not both create or alter, and a worker on an up-to-date one read
 
 from __future__ import annotations
 
-from docsrag.tasks.core.records import MAX_CLIENT_KEY_CHARS, MAX_OWNER_CHARS
 from sqlalchemy import (
     JSON,
     Column,
@@ -33,6 +32,8 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import FunctionElement
+
+from docsrag.tasks.core.records import MAX_CLIENT_KEY_CHARS, MAX_OWNER_CHARS
 
 # 1: the table as first released (columns added on open); 2: database-side defaults;
 # 3: ``owner`` (the API token that asked), ``client_key`` unique per owner instead of globally

@@ -7,9 +7,10 @@ from __future__ import annotations
 import asyncio
 from collections import defaultdict
 
-from docsrag.tasks.queue.schema import questions
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
+
+from docsrag.tasks.queue.schema import questions
 
 FINAL = ("answered", "dead")
 

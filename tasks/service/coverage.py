@@ -11,12 +11,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from docsrag.tasks.answer.generate import NOT_COVERED_IN
-from docsrag.tasks.queue.api_tables import nearest
-from docsrag.tasks.queue.schema import questions
 from sqlalchemy import insert, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
+
+from docsrag.tasks.answer.generate import NOT_COVERED_IN
+from docsrag.tasks.queue.api_tables import nearest
+from docsrag.tasks.queue.schema import questions
 
 MAX_EXAMPLES = 3
 UNKNOWN = "(nothing close)"

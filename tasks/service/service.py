@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
+from pymilvus.exceptions import MilvusException
+
 from docsrag.tasks.core.errors import DocsragError
 from docsrag.tasks.core.language import DEFAULT as DEFAULT_LANGUAGE
 from docsrag.tasks.core.records import Hit, QueueStats, Source
@@ -29,7 +31,6 @@ from docsrag.tasks.queue.questions import Queue
 from docsrag.tasks.queue.repeats import Asked, RepeatKey, Repeats
 from docsrag.tasks.queue.waiting import FINAL, AnswerWatch
 from docsrag.tasks.service.coverage import Closest, CoverageGap, gaps
-from pymilvus.exceptions import MilvusException
 
 log = logging.getLogger(__name__)
 

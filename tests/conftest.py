@@ -131,6 +131,24 @@ def postgres_url():
     engine.dispose()
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def queue_url(request, tmp_path) -> str:
+    """A question queue on SQLite and on PostgreSQL (the session's database, emptied for each test)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'questions.db'}"
+    import sqlalchemy
+
+    from docsrag.tasks.queue.api_tables import metadata as api_tables
+    from docsrag.tasks.queue.questions import metadata as queue_tables
+
+    url = request.getfixturevalue("postgres_url")
+    engine = sqlalchemy.create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
+    api_tables.drop_all(engine)
+    queue_tables.drop_all(engine)
+    engine.dispose()
+    return url
+
+
 @pytest.fixture
 def gpu_embeddings(monkeypatch):
     """Whole releases are embedded by an OpenAI-compatible embeddings server (the emulator's, at a

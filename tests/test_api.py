@@ -28,23 +28,6 @@ def llm():
     emulator.stop()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def queue_url(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'questions.db'}"
-    import sqlalchemy
-
-    from docsrag.tasks.queue.api_tables import metadata as api_tables
-    from docsrag.tasks.queue.questions import metadata as queue_tables
-
-    url = request.getfixturevalue("postgres_url")
-    engine = sqlalchemy.create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
-    api_tables.drop_all(engine)  # each test starts from an empty queue on the session's database
-    queue_tables.drop_all(engine)
-    engine.dispose()
-    return url
-
-
 def api_for(monkeypatch, faq_home, queue_url, llm, **settings):
     for name, value in {"QUEUE_URL": queue_url, "LLM_BASE_URL": llm.url, "RETRY_BACKOFF_S": "0", **settings}.items():
         monkeypatch.setenv(f"DOCSRAG_{name}", str(value))

@@ -14,7 +14,7 @@ import pytest
 from docsrag.flows.cli import main
 from docsrag.tasks.service.guard import Caller, RateLimit
 
-from .test_api import QUESTION, api_for, llm, queue_url  # noqa: F401 - fixtures shared with the API's own tests
+from .test_api import QUESTION, api_for, llm  # noqa: F401 - fixtures shared with the API's own tests
 
 A, B, OPERATOR = "token-a-secret", "token-b-secret", "operator-secret"
 

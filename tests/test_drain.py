@@ -35,13 +35,6 @@ def milvus(tmp_path_factory, prefect_server, releases):
     server.kill()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def queue_url(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'questions.db'}"
-    return request.getfixturevalue("postgres_url")
-
-
 @pytest.fixture
 def llm(milvus, tmp_path, monkeypatch):
     """A small GPU: 8 sequences at once, 40 tokens per answer, 2-6 ms per step."""

@@ -8,19 +8,6 @@ import pytest
 from docsrag.tasks.queue.questions import QuestionError, Queue
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def queue_url(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'q.db'}"
-    url = request.getfixturevalue("postgres_url")
-    from sqlalchemy import create_engine
-
-    from docsrag.tasks.queue.questions import metadata
-
-    metadata.drop_all(create_engine(url.replace("postgresql://", "postgresql+psycopg://")))
-    return url
-
-
 def make(url, **options) -> Queue:
     return Queue(url, **{"lease_s": 60, "backoff_s": 0, **options})
 

@@ -15,15 +15,6 @@ def _engine_url(url: str) -> str:
     return url.replace("postgresql://", "postgresql+psycopg://")
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def queue_url(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'q.db'}"
-    url = request.getfixturevalue("postgres_url")
-    metadata.drop_all(create_engine(_engine_url(url)))
-    return url
-
-
 def make(url, **options) -> Queue:
     return Queue(url, **{"lease_s": 60, "backoff_s": 0, **options})
 

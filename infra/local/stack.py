@@ -413,7 +413,7 @@ def worker_name(pool: str) -> str:
 
 def start_workers(stack: Path, state: dict) -> None:
     """A process worker per pool of prefect.yaml, so every deployment's runs are taken here (the
-    answer runs too, with the LLM named by the caller's DOCSRAG_LLM_* settings)."""
+    answer runs too, with the LLM the caller's DOCSRAG_LLM_BASE_URL names)."""
     env = {**prefect_env(stack, state), **stack_env(stack.parent, state)}
     for pool in work_pools():
         name = worker_name(pool)

@@ -73,9 +73,36 @@ def test_the_api_keeps_its_schema(running, api_schema):
 
 def test_every_operation_refuses_a_call_without_a_token(running, api_schema):
     operations = [(op.method.upper(), op.path) for op in (result.ok() for result in api_schema.get_all_operations())]
-    assert len(operations) == 5
+    assert len(operations) == 6
     with httpx.Client(base_url=running.url, timeout=30) as client:
         for method, path in operations:
             response = client.request(method, path.replace("{question_id}", "1"), json={"question": "x"})
             assert response.status_code == 401, (method, path, response.text)
             assert "bearer token" in response.json()["reason"]
+
+
+def test_versions_are_listed_and_an_unknown_one_is_refused_at_submit(running):
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    with httpx.Client(base_url=running.url, headers=headers, timeout=30) as client:
+        [corpus] = client.get("/v1/versions").json()["corpora"]
+        assert (corpus["alias"], corpus["serves_version"]) == ("milvus_docs", "2.4.x")
+        assert [v["version"] for v in corpus["versions"]] == ["2.4.x"]
+        refused = client.post("/v1/questions", json={"question": "Where does Milvus store data?", "version": "2.9.x"})
+        assert refused.status_code == 404, refused.text  # at once: never queued, failed and retried
+        assert "served: 2.4.x" in refused.json()["reason"]
+        assert client.get("/v1/search", params={"q": "x", "version": "2.9.x"}).json()["reason"] == \
+            refused.json()["reason"], "one answer for one mistake"
+        accepted = client.post("/v1/questions", json={"question": "Where does Milvus store data?", "version": "2.4.x"})
+        assert accepted.status_code == 202
+
+
+def test_sources_and_hits_carry_the_url_of_their_page(running):
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    with httpx.Client(base_url=running.url, headers=headers, timeout=30) as client:
+        results = client.get("/v1/search", params={"q": "Where does Milvus store data?", "k": 5}).json()["results"]
+        assert results[0]["url"].startswith("https://milvus.io/docs/v2.4.x/product_faq.md#")
+        assert len({hit["doc_path"] for hit in results}) == len(results), "each document once"
+        sources = client.get("/v1/questions/1").json()["sources"]
+        assert sources and all(s["url"].startswith("https://milvus.io/docs/v2.4.x/") for s in sources)
+        assert all(s["version"] == "2.4.x" for s in sources)
+        assert len({(s["doc_path"], s["heading"]) for s in sources}) == len(sources), "each heading once"

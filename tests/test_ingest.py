@@ -135,3 +135,44 @@ def test_dask_task_runner_gives_the_same_ids_and_vectors(tmp_path, prefect_serve
     assert built["dask"].keys() == built["threads"].keys() and len(built["dask"]) == summary["chunks"]
     drift = max(abs(a - b) for key, vector in built["dask"].items() for a, b in zip(vector, built["threads"][key]))
     assert drift < 1e-5  # the same model in other processes: equal up to float rounding
+
+
+def test_versions_lists_what_is_served(faq_ingested, capsys):
+    listed = cli_json(capsys, "versions")
+    [corpus] = listed["corpora"]
+    collection = faq_ingested["collection"]
+    assert (corpus["lang"], corpus["alias"], corpus["serves"], corpus["serves_version"]) == \
+        ("en", "milvus_docs", collection, "2.4.x")
+    [version] = corpus["versions"]
+    assert (version["version"], version["alias"], version["collection"], version["rows"]) == \
+        ("2.4.x", "milvus_docs_2_4_x", collection, faq_ingested["chunks"])
+    assert version["built_at"].startswith("20") and version["built_at"].endswith("+00:00")
+    assert version["rollback_targets"] == [] and corpus["rollback_to"] is None
+    assert main(["versions"]) == 0
+    shown = capsys.readouterr().out
+    assert "2.4.x" in shown and "milvus_docs_2_4_x" in shown and "nothing to roll back to" in shown
+
+
+def test_an_unknown_version_is_refused_naming_what_is_served(faq_ingested, capsys):
+    assert main(["search", "where is data stored", "--version", "2.4"]) == 1
+    err = capsys.readouterr().err
+    assert "served: 2.4.x" in err and "did you mean 2.4.x?" in err and len(err.splitlines()) == 1
+    assert main(["ask", "where is data stored", "--version", "2.9.x"]) == 1
+    assert "served: 2.4.x" in capsys.readouterr().err
+    assert main(["questions", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == [], "nothing was queued"
+
+
+def test_human_search_names_the_version_links_and_shows_each_document_once(faq_ingested, capsys):
+    assert main(["search", "Where does Milvus store data?", "-k", "4"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0].startswith("docs 2.4.x") and "relevance" in lines[0], "which docs, and what the % means"
+    ranked = [line for line in lines if line[:1].isdigit()]
+    assert len(ranked) == 4 and all(line.endswith("%)") for line in ranked), ranked
+    docs = [line.split(" — ")[0].split(". ", 1)[1] for line in ranked]
+    assert len(set(docs)) == 4, f"a document twice: {docs}"
+    assert "https://milvus.io/docs/v2.4.x/product_faq.md#" in out
+    assert "milvus_docs_" not in out, "versions, never collection names"
+    found = cli_json(capsys, "search", "Where does Milvus store data?", "-k", "4")
+    assert found["results"][0]["url"].startswith("https://milvus.io/docs/v2.4.x/product_faq.md#")

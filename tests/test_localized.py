@@ -61,7 +61,7 @@ def test_search_takes_english_by_default_and_the_localized_docs_with_lang(both_i
 
 def test_a_language_nobody_ingested_says_what_to_do(both_ingested, capsys):
     assert main(["search", "Where does Milvus store data?", "--lang", "id"]) == 1
-    assert "nothing is served as 'milvus_docs_id': ingest docs (id) first" in capsys.readouterr().err
+    assert "no id docs are served yet: run `docsrag ingest` first" in capsys.readouterr().err
 
 
 def test_a_question_asked_for_the_korean_docs_is_answered_from_them(both_ingested, capsys, monkeypatch):

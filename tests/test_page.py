@@ -68,7 +68,11 @@ def test_a_reader_asks_sees_the_cited_answer_and_gives_feedback(api, browser, tm
     sources = page.locator("#sources li")
     assert sources.count() >= 2
     first = sources.nth(0).inner_text()
-    assert first.startswith("en/faq/") and " — " in first and "(docs newest, milvus_docs" in first
+    assert first.startswith("en/faq/") and " — " in first and first.endswith("(docs 2.4.x)")
+    assert "milvus_docs" not in sources.all_inner_texts()[1], "versions, never collection names"
+    link = sources.nth(0).locator("a")
+    assert link.get_attribute("href").startswith("https://milvus.io/docs/v2.4.x/"), "a citation links to its page"
+    assert link.get_attribute("rel") == "noopener noreferrer"
     citations = page.locator("#answer a.cite")
     assert [citations.nth(i).inner_text() for i in range(citations.count())] == ["[1]", "[2]"]
 
@@ -105,4 +109,16 @@ def test_a_refused_question_says_why(api, browser):
     # expect() polls from Playwright's own script: a string predicate would be an eval the page's
     # Content-Security-Policy refuses.
     expect(page.locator("#status")).to_have_text(re.compile(r"^Error.*at most 2000 characters"))
+    page.close()
+
+
+def test_only_a_web_address_becomes_a_link(api, browser):
+    page = browser.new_page()
+    page.goto(api.url + "/")
+    page.evaluate("""showAnswer({answer: "x [1] [2]", version: null, sources: [
+        {n: 1, doc_path: "a.md", heading: "A", version: "2.4.x", url: "javascript:document.title='owned'"},
+        {n: 2, doc_path: "b.md", heading: "B", version: "2.4.x", url: "https://milvus.io/docs/v2.4.x/b.md#B"}]})""")
+    items = page.locator("#sources li")
+    assert items.nth(0).locator("a").count() == 0 and items.nth(0).inner_text() == "a.md — A (docs 2.4.x)"
+    assert items.nth(1).locator("a").get_attribute("href") == "https://milvus.io/docs/v2.4.x/b.md#B"
     page.close()

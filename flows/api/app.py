@@ -80,10 +80,12 @@ def create_app(settings: Settings, service: Service | None = None, answer_here: 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(admitted)], responses=_ERRORS)
     QuestionRequest = schema.question_request(settings.max_question_chars)
 
-    @v1.post("/questions", status_code=202, response_model=schema.Submitted, tags=["questions"])
+    @v1.post("/questions", status_code=202, response_model=schema.Submitted, responses=_NOT_FOUND,
+             tags=["questions"])
     def submit(body: Annotated[QuestionRequest, Body()], caller: Admitted) -> schema.Submitted:
         """Queue a question, owned by the token that asks it. A repeat of one already answered from
-        the served docs is answered at once."""
+        the served docs is answered at once; a version or language nothing serves is a 404 at once,
+        naming what is served."""
         done = service.submit(body.question, version=body.version, docs_lang=body.lang, answer_in=body.answer_in,
                               priority=body.priority, client_key=body.client_key, owner=caller.owner)
         if worker and done.status == "pending":
@@ -115,6 +117,12 @@ def create_app(settings: Settings, service: Service | None = None, answer_here: 
                lang: Annotated[str | None, Query(pattern=r"^[a-z]{2,3}$")] = None) -> schema.SearchResults:
         """The hybrid search results `docsrag search` prints."""
         return schema.SearchResults(**service.search(q, k, version, lang).as_dict())
+
+    @v1.get("/versions", response_model=schema.Versions, tags=["index"])
+    def versions() -> schema.Versions:
+        """What is served, per language of the docs: each version's alias, collection, rows and build
+        time, what the main alias serves, and the rollback targets (`docsrag versions --json`)."""
+        return schema.Versions(corpora=service.versions())
 
     @v1.get("/stats", response_model=schema.Stats, tags=["operations"])
     def stats(caller: Admitted) -> schema.Stats:

@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from docsrag.tasks.core import records
 from docsrag.tasks.core.records import MAX_CLIENT_KEY_CHARS, MAX_PRIORITY
+from docsrag.tasks.index import served
 from docsrag.tasks.queue.feedback import MAX_COMMENT_CHARS
 
 Lang = Field(None, pattern=r"^[a-z]{2,3}$", description="ISO 639-1 code, e.g. 'ko'")
@@ -86,6 +87,12 @@ class SearchResults(BaseModel):
     query: str
     searched_as: str | None = None
     results: list[Hit]
+
+
+class Versions(BaseModel):
+    """What `docsrag versions --json` prints: per language of the docs, its versions and what each alias serves."""
+
+    corpora: list[served.ServedCorpus]
 
 
 class FeedbackRequest(Strict):

@@ -41,6 +41,10 @@ def add_commands(commands) -> None:
     evaluate.add_argument("--answers", action="store_true", help="also ask the LLM; check answers cite a gold doc")
     evaluate.set_defaults(run=_eval)
 
+    versions = commands.add_parser("versions", parents=[out],
+                                   help="list what is served: versions, aliases, collections, rollback targets")
+    versions.set_defaults(run=_versions)
+
     rollback = commands.add_parser("rollback", parents=[out], help="serve the previous collection again")
     rollback.add_argument("--lang", help="roll back the localized docs in this language (default English)")
     rollback.set_defaults(run=_rollback)
@@ -88,12 +92,51 @@ def _search(args, settings: Settings) -> int:
     if args.json:
         print(json.dumps(found.as_dict()))
         return 0
+    _print_results(found, args.version)
+    return 0
+
+
+def _print_results(found, version: str | None) -> None:
+    """Ranked as the hybrid search fused them (RRF, whose score says nothing outside its list); the
+    percentage is the relevance a person can compare: the passage's cosine similarity to the question."""
+    searched = sorted({hit.version for hit in found.results}) or [version or "newest"]
+    print(printable(f"docs {', '.join(searched)}{'' if version else ' (newest)'}: best match first; "
+                    "relevance = similarity of the passage to the question"))
     if found.searched_as != found.query:
         print(printable(f"(searched as: {found.searched_as})"))
     for n, hit in enumerate(found.results, 1):
-        print(printable(f"{n}. {hit.doc_path} — {hit.heading} ({hit.score:.4f})"))
+        print(printable(f"{n}. {hit.doc_path} — {hit.heading} (relevance {max(0.0, hit.relevance):.0%})"))
+        if hit.url:
+            print("   " + printable(hit.url))
         print("   " + printable(" ".join(hit.text.split())[:300]))
+
+
+def _versions(args, settings: Settings) -> int:
+    from dataclasses import asdict
+
+    from docsrag.tasks.index import served, store
+
+    with store.damage_reported(settings.milvus_uri):
+        corpora = served.corpora(store.connect(settings), settings.collection)
+    if args.json:
+        print(json.dumps({"corpora": [asdict(corpus) for corpus in corpora]}))
+        return 0
+    if not corpora:
+        print("nothing is served yet: run `docsrag ingest` first")
+    for corpus in corpora:
+        print(_corpus_text(corpus))
     return 0
+
+
+def _corpus_text(corpus) -> str:
+    """One corpus as a person reads it: what the main alias serves, then a line per version."""
+    back = f"rollback serves {corpus.rollback_to}" if corpus.rollback_to else "nothing to roll back to"
+    main = f"{corpus.serves_version or 'nothing'} ({corpus.serves or 'no collection'})"
+    lines = [f"{corpus.alias} ({corpus.lang}): the newest, {main}; {back}"]
+    for v in corpus.versions:
+        earlier = f", then {', '.join(v.rollback_targets)}" if v.rollback_targets else ""
+        lines.append(f"  {v.version:<10} {v.alias}  {v.collection}  {v.rows} rows, built {v.built_at}{earlier}")
+    return "\n".join(lines)
 
 
 @runs_flows

@@ -134,6 +134,8 @@ def _print_view(view: QuestionView, reasoning: bool) -> None:
         print(f"\n{printable(view.answer)}\n")
     for source in view.sources:
         print(printable(f"  [{source.n}] {source.doc_path} — {source.heading}"))
+        if source.url:
+            print(printable(f"      {source.url}"))
     if view.last_error:
         print(printable(f"last error: {view.last_error}"))
     if reasoning and view.reasoning:

@@ -106,7 +106,14 @@ def overloaded(exc: BaseException) -> bool:
 
 
 def numbered_sources(hits: list[Hit]) -> list[Source]:
-    return [Source.of(h, n) for n, h in enumerate(hits, 1)]
+    """The hits as the prompt numbers them, one source per heading of a document: chunks of one
+    section are merged (their texts in rank order, at the place of the best), so an answer never
+    cites the same heading twice and the model still reads every passage found."""
+    sections: dict[tuple[str, str], list[Hit]] = {}
+    for hit in hits:
+        sections.setdefault((hit.doc_path, hit.heading), []).append(hit)
+    return [Source.of(same[0], n, "\n\n".join(h.text for h in same))
+            for n, same in enumerate(sections.values(), 1)]
 
 
 _SOURCE_TAG = re.compile(r"<(\s*/?\s*source)", re.IGNORECASE)

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from docsrag.tasks.core.language import DEFAULT as DEFAULT_LANGUAGE
+from docsrag.tasks.core.links import page_url
 from docsrag.tasks.core.records import Hit
 from docsrag.tasks.core.settings import Settings
 from docsrag.tasks.embed import embedding
-from docsrag.tasks.index import store
-from docsrag.tasks.index.schema import MULTILINGUAL, aliases_for
+from docsrag.tasks.index import served, store
+from docsrag.tasks.index.schema import MULTILINGUAL, Corpus, aliases_for
 
 OUTPUT_FIELDS = ["doc_path", "title", "heading", "version", "text"]
 # Each ranking fused is this many times deeper than the results kept, so a chunk ranked low in
@@ -36,9 +37,8 @@ class Retriever:
         name = aliases_for(self.settings.collection, version, docs_lang or DEFAULT_LANGUAGE)
         if name not in self._fields:
             if store.served_collection(self.client, name) is None:
-                wanted = " ".join(filter(None, [version, docs_lang and f"({docs_lang})"]))
-                hint = f"ingest docs {wanted} first" if wanted else "run `docsrag ingest` first"
-                raise store.StoreError(f"nothing is served as {name!r}: {hint}")
+                corpus = Corpus(self.settings.collection, docs_lang or DEFAULT_LANGUAGE)
+                raise store.StoreError(served.not_served(self.client, corpus, version))
             store.loaded(self.client, name)
             self._fields[name] = Fields(bm25=store.has_bm25(self.client, name),
                                         multilingual=MULTILINGUAL in store.vector_fields(self.client, name))
@@ -61,8 +61,23 @@ class Retriever:
         fields = self._fields[name]
         if not fields.multilingual:  # an index built without it (or a query embedder without it)
             vectors = {"dense": vectors["dense"]}
-        return search(self.client, name, vectors, queries, k, hybrid=fields.bm25, rrf_k=self.settings.rrf_k,
-                      timeout=self.settings.milvus_timeout_s)
+        found = search(self.client, name, vectors, queries, k, hybrid=fields.bm25, rrf_k=self.settings.rrf_k,
+                       timeout=self.settings.milvus_timeout_s)
+        return [[self.linked(h) for h in hits] for hits in found]
+
+    def linked(self, hit: Hit) -> Hit:
+        """The hit with the URL of its published page (DOCSRAG_DOCS_URL; none when it is empty)."""
+        url = page_url(self.settings.docs_url, hit.version, hit.doc_path, hit.heading, hit.title)
+        return replace(hit, url=url) if url else hit
+
+
+def one_per_document(hits: list[Hit], k: int) -> list[Hit]:
+    """A result list a person reads: each document once, at the rank of its best chunk, which stands
+    for it (its other chunks would only push other documents off the list)."""
+    seen: dict[str, Hit] = {}
+    for hit in hits:
+        seen.setdefault(hit.doc_path, hit)
+    return list(seen.values())[:k]
 
 
 @dataclass(frozen=True)

@@ -91,8 +91,9 @@ class Hit:
     score: float
     relevance: float
     agreement: bool | None = None
+    url: str = ""  # its page on the published docs site, at the heading (tasks/core/links.py); "": none configured
 
-    SHOWN = ("doc_path", "heading", "score", "relevance", "text", "version")
+    SHOWN = ("doc_path", "heading", "score", "relevance", "text", "version", "url")
 
     def shown(self) -> dict:
         """What a reader is shown of it (the CLI's and the API's results: the API's schema is built from SHOWN)."""
@@ -110,23 +111,30 @@ class Source:
     score: float
     text: str = ""
     relevance: float | None = None
+    version: str = ""  # the docs version it was found in (2.4.x); "" in answers stored before it was kept
+    url: str = ""  # its published page at the heading (Hit.url)
 
     @classmethod
-    def of(cls, hit: Hit, n: int) -> Source:
-        return cls(n, hit.doc_path, hit.heading, round(float(hit.score), 4), hit.text, hit.relevance)
+    def of(cls, hit: Hit, n: int, text: str | None = None) -> Source:
+        """``text``: the passage given to the model, where it merges several chunks of one heading."""
+        return cls(n, hit.doc_path, hit.heading, round(float(hit.score), 4), hit.text if text is None else text,
+                   hit.relevance, hit.version, hit.url)
 
     @classmethod
     def stored(cls, cited: dict) -> Source:
         """A citation as the queue keeps it (``cited``), back as a record."""
-        return cls(int(cited["n"]), str(cited["doc_path"]), str(cited["heading"]), float(cited.get("score") or 0.0))
+        return cls(int(cited["n"]), str(cited["doc_path"]), str(cited["heading"]), float(cited.get("score") or 0.0),
+                   version=str(cited.get("version") or ""), url=str(cited.get("url") or ""))
 
-    CITED = ("n", "doc_path", "heading", "score")  # what an answer stores; the API's schema is built from it
+    # What an answer stores; the API's schema is built from it.
+    CITED = ("n", "doc_path", "heading", "score", "version", "url")
 
     @property
     def cited(self) -> dict:
         score = self.score if self.score == self.score else 0.0  # NaN is not JSON PostgreSQL accepts
         return {"n": self.n, "doc_path": clean(self.doc_path, MAX_NAME_CHARS * 5),
-                "heading": clean(self.heading, MAX_NAME_CHARS * 5), "score": score}
+                "heading": clean(self.heading, MAX_NAME_CHARS * 5), "score": score,
+                "version": clean(self.version, MAX_NAME_CHARS), "url": clean(self.url, MAX_NAME_CHARS * 10)}
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_vali
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from docsrag.tasks.core.errors import DocsragError
+from docsrag.tasks.core.links import template_problem
 
 ENV_PREFIX = "DOCSRAG_"
 DEFAULT_RELEASE_URL = (
@@ -154,6 +155,11 @@ class Settings(BaseSettings):
     translate_questions: bool = Field(
         True, description="Translate questions not in English into English (the LLM, low reasoning effort) before "
                           "retrieval; the answer is still asked in the question's language.")
+    docs_url: str = Field(
+        "https://milvus.io/docs/v{version}/{doc_id}",
+        description="Where each cited page is published: a template with {version} (2.4.x), {doc_id} (the file name, "
+                    "product_faq.md) and {doc_path} (en/faq/product_faq.md); the heading's anchor is added "
+                    "(tasks/core/links.py). Empty: sources carry no URL.")
     top_k: int = Field(5, ge=1, le=50, description="Sources retrieved per question.")
     rrf_k: int = Field(5, ge=1, le=1000, description="Reciprocal rank fusion constant: lower favors top ranks.")
     min_relevance: float = Field(0.3, ge=-1, le=1, description="Below this cosine, the docs do not cover it.")
@@ -195,6 +201,13 @@ class Settings(BaseSettings):
         if value and not value.startswith(("sqlite:", "postgresql:", "postgresql+psycopg:")):
             raise ValueError("must be a sqlite:/// or postgresql:// URL")
         return value
+
+    @field_validator("docs_url")
+    @classmethod
+    def _docs_template(cls, value: str) -> str:
+        if problem := template_problem(value.strip()):
+            raise ValueError(problem)
+        return value.strip()
 
     @field_validator("object_store", "release_url", "milvus_uri")
     @classmethod

@@ -33,7 +33,6 @@ from docsrag.tasks.ingest.diff import ReleaseDiff
 from docsrag.tasks.ingest.markdown import Budgets
 from docsrag.tasks.ingest.release import Release
 
-_BUILD_TIME = "%Y%m%dT%H%M%S%f"
 # Served vectors copied per task: task overhead (~33 ms) stays small, a gRPC message stays far
 # under its 64 MB limit (1,000 rows of 384 floats and text is a few MB).
 COPY_BATCH_ROWS = 1000
@@ -159,7 +158,7 @@ def staging_collection(client: MilvusClient, plan: BuildPlan, rel: Release, embe
         for part in batched(stale, COPY_BATCH_ROWS):
             store.delete_ids(client, plan.target, part)
         return plan.target
-    stamp = datetime.now(timezone.utc).strftime(_BUILD_TIME)
+    stamp = datetime.now(timezone.utc).strftime(index.BUILD_TIME)
     name = index.build_name(plan.alias, rel.version, stamp)
     index.create_collection(client, name, dim, bm25=store.capabilities(client).bm25, multilingual_dim=multilingual_dim,
                             info=BuildInfo(build_key=plan.key, version=rel.version, lang=plan.lang,

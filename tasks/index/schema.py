@@ -9,6 +9,7 @@ none of them imports another for these words.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
+from datetime import datetime, timezone
 from typing import Literal
 
 from pymilvus import DataType, Function, FunctionType, MilvusClient
@@ -26,6 +27,7 @@ ROW_FIELDS = [*VARCHAR_FIELDS, "dense"]
 MULTILINGUAL = "dense_multilingual"  # the second dense field, where it is configured
 BM25_INPUT = "search_text"
 BUILD_SEPARATOR = "__"  # <alias>__<version slug>__<utc time>
+BUILD_TIME = "%Y%m%dT%H%M%S%f"  # the <utc time> of a build's name: names sort by it
 
 BuildState = Literal["building", "ready"]
 
@@ -136,3 +138,12 @@ def builds_of(client: MilvusClient, alias: str) -> list[str]:
     """Physical collections built for an alias, oldest first (names sort by build time)."""
     return sorted((c for c in client.list_collections() if c.startswith(f"{alias}{BUILD_SEPARATOR}")),
                   key=lambda c: c.rsplit(BUILD_SEPARATOR, 1)[-1])
+
+
+def built_at(name: str) -> str | None:
+    """When a build was started, from its name (ISO 8601, UTC); None for a name that holds no time."""
+    try:
+        stamp = datetime.strptime(name.rsplit(BUILD_SEPARATOR, 1)[-1], BUILD_TIME)
+    except ValueError:
+        return None
+    return stamp.replace(tzinfo=timezone.utc).isoformat(timespec="seconds")

@@ -23,8 +23,9 @@ from docsrag.tasks.core.language import DEFAULT as DEFAULT_LANGUAGE
 from docsrag.tasks.core.records import Hit, QueueStats, Source
 from docsrag.tasks.core.redaction import redact_text
 from docsrag.tasks.core.settings import Settings
+from docsrag.tasks.index import served as serving
 from docsrag.tasks.index import store
-from docsrag.tasks.index.schema import aliases_for
+from docsrag.tasks.index.schema import Corpus, aliases_for
 from docsrag.tasks.queue.api_tables import open_tables
 from docsrag.tasks.queue.feedback import Feedback, FeedbackTotals
 from docsrag.tasks.queue.questions import Queue
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 # Polling a database for one question: quick at first (answers often land within a second),
 # then once a second at most.
 POLL_FIRST_S, POLL_MAX_S = 0.1, 1.0
+SEARCH_DEPTH = 10  # a search for k documents reads 10k chunks, so k documents remain once each is shown once
 WORKER_GRACE_S = 30.0  # with a server, a worker started by the question's event should claim it well within this
 
 Announce = Callable[[int, "str | None"], None]
@@ -158,7 +160,11 @@ class Service:
                owner: str = "") -> Submitted:
         """Queue a question (QuestionError when it cannot be), answered at once when it repeats one
         already answered from the collection served now; announced otherwise. ``owner``: who asks
-        (an API token's hash; "" the machine's own); a client key names that owner's questions only."""
+        (an API token's hash; "" the machine's own); a client key names that owner's questions only.
+        Docs asked for by name (a version, a language) that nothing serves are refused before
+        anything is queued (NotServed), instead of failing and being retried by a worker."""
+        if version or docs_lang:
+            self.check_served(version, docs_lang)
         question_id, created = self.queue.submit(question, version=version, client_key=client_key, priority=priority,
                                                  lang=answer_in, docs_lang=docs_lang, owner=owner)
         if not created:
@@ -254,6 +260,7 @@ class Service:
 
     def search(self, query: str, k: int = 5, version: str | None = None, docs_lang: str | None = None) -> SearchResults:
         from docsrag.tasks.answer.generate import searched_as
+        from docsrag.tasks.answer.retrieve import one_per_document
 
         retriever = self.retriever()
         try:
@@ -263,11 +270,28 @@ class Service:
         except MilvusException as exc:  # the index is there but damaged, or Milvus failed: not the caller's doing
             raise store.StoreError(f"Milvus failed to open the index: {redact_text(exc.message)}") from None
         [searched] = searched_as(self.settings, [query])
-        try:
-            hits = retriever.search([searched], k, version, docs_lang)[0]
+        try:  # deeper than k: a document's further chunks give way to other documents
+            hits = retriever.search([searched], k * SEARCH_DEPTH, version, docs_lang)[0]
         except MilvusException as exc:
             raise store.StoreError(f"Milvus failed a search: {redact_text(exc.message)}") from None
-        return SearchResults(query, searched, hits)
+        return SearchResults(query, searched, one_per_document(hits, k))
+
+    def versions(self) -> list[serving.ServedCorpus]:
+        """What is served, per language: versions, aliases, collections, rows, rollback targets."""
+        return serving.corpora(self._milvus(), self.settings.collection)
+
+    def check_served(self, version: str | None, docs_lang: str | None) -> None:
+        """NotServed, naming what is served, when no alias serves these docs. A Milvus that cannot be
+        asked refuses nothing: the queue keeps the question, and its worker says what it finds."""
+        if self.served(version, docs_lang) is not None:
+            return
+        try:
+            reason = serving.not_served(self._milvus(), Corpus(self.settings.collection, docs_lang or DEFAULT_LANGUAGE),
+                                       version)
+        except (store.StoreError, MilvusException) as exc:
+            log.warning("the docs asked for were not checked: Milvus unavailable (%s)", exc)
+            return
+        raise NotServed(reason)
 
     def served(self, version: str | None, docs_lang: str | None) -> str | None:
         """The collection the alias for ``version`` / ``docs_lang`` serves now (None: none or no Milvus)."""

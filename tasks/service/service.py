@@ -23,6 +23,7 @@ from docsrag.tasks.core.language import DEFAULT as DEFAULT_LANGUAGE
 from docsrag.tasks.core.records import Hit, QueueStats, Source
 from docsrag.tasks.core.redaction import redact_text
 from docsrag.tasks.core.settings import Settings
+from docsrag.tasks.core.summaries import DrainSummary
 from docsrag.tasks.index import store
 from docsrag.tasks.index.schema import aliases_for
 from docsrag.tasks.queue.api_tables import open_tables
@@ -98,10 +99,12 @@ class SearchResults:
     query: str
     searched_as: str
     results: list[Hit]
+    note: str | None = None  # why a question not in English was searched as asked
 
     def as_dict(self) -> dict:
         shown = {"query": self.query, "results": [hit.shown() for hit in self.results]}
-        return shown | ({"searched_as": self.searched_as} if self.searched_as != self.query else {})
+        return shown | ({"searched_as": self.searched_as} if self.searched_as != self.query else {}) | (
+            {"note": self.note} if self.note else {})
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,15 @@ class ServiceStats:
                 "feedback": self.feedback.as_dict(), "coverage_gaps": [g.as_dict() for g in self.coverage_gaps]}
 
 
+
+
+def _said_if_down(drained: DrainSummary, question_id: int) -> None:
+    """A drain stopped by an outage (the LLM server down or misconfigured, Milvus failing) will not
+    answer by waiting longer: said now, the question left queued for when the server is back."""
+    if drained.outage:
+        from docsrag.tasks.answer.drain import ServingOutage
+
+        raise ServingOutage(f"question {question_id} stays queued: {drained.outage}")
 
 
 class Service:
@@ -203,7 +215,7 @@ class Service:
         while not view.final and (waited := time.monotonic() - started) < wait_s:
             grace = min(WORKER_GRACE_S, wait_s / 2)
             if answer_here and view.status == "pending" and (not worker_expected or waited > grace):
-                self.drain(max_seconds=max(1.0, wait_s - waited))
+                _said_if_down(self.drain(max_seconds=max(1.0, wait_s - waited)), question_id)
             else:
                 time.sleep(min(pause, max(0.0, wait_s - waited)))
                 pause = min(pause * 2, POLL_MAX_S)
@@ -267,7 +279,17 @@ class Service:
             hits = retriever.search([searched], k, version, docs_lang)[0]
         except MilvusException as exc:
             raise store.StoreError(f"Milvus failed a search: {redact_text(exc.message)}") from None
-        return SearchResults(query, searched, hits)
+        return SearchResults(query, searched, hits, self._untranslated(query, searched))
+
+    def _untranslated(self, query: str, searched: str) -> str | None:
+        """A question not in English searches English docs poorly: the reader is told when it went as asked."""
+        from docsrag.tasks.core import language
+
+        if searched != query or language.detect(query) == language.DEFAULT:
+            return None
+        why = "no LLM to translate" if self.settings.translate_questions else "translation is off " \
+            "(DOCSRAG_TRANSLATE_QUESTIONS)"
+        return f"searched as asked: {why}"
 
     def served(self, version: str | None, docs_lang: str | None) -> str | None:
         """The collection the alias for ``version`` / ``docs_lang`` serves now (None: none or no Milvus)."""

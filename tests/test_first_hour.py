@@ -17,7 +17,6 @@ import signal
 import subprocess
 import sys
 import time
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -65,8 +64,9 @@ def test_inputs_are_checked_before_a_flow_starts(argv, says, home, prefect_serve
 def test_a_missing_release_reads_as_one_line(home, prefect_server):
     done = docsrag("ingest", "--release", "nope.zip")
     assert done.returncode == 1
-    assert short(done.stderr) == ["docsrag ingest: release file not found: nope.zip (no such file here; pass "
-                                  "--release with the path or URL of a docs release zip)"]
+    said = ("docsrag ingest: release file not found: nope.zip (no such file here; pass --release with the path or "
+            "URL of a docs release zip)")
+    assert short(done.stderr) == [said]
 
 
 @pytest.mark.parametrize("content", [b"this is not a zip\n", b"truncated"])

@@ -143,7 +143,7 @@ class TemporaryApi(_Started):
         # the command spent two minutes retrying to say so). It still ends with the command.
         self.process = subprocess.Popen(_uvicorn(self.port, "--log-level", "error", "--lifespan", "on"),
                                         env=env, stdout=subprocess.DEVNULL, start_new_session=True,
-                                        preexec_fn=_ends_with_parent)
+                                        preexec_fn=_ends_with_parent)  # noqa: PLW1509 - one prctl call
 
     def _where_errors_are(self) -> str:
         return "its errors are above"

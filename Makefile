@@ -47,13 +47,19 @@ SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 $(CHROMIUM):
 	$(SUDO) apt-get install -y chromium || ($(SUDO) apt-get update && $(SUDO) apt-get install -y chromium)
 
-test: $(BIN)/.installed $(CHROMIUM)
+# The terminal test (tests/test_first_hour.py) runs `docsrag ingest` in a real terminal: tmux.
+TMUX_BIN ?= /usr/bin/tmux
+
+$(TMUX_BIN):
+	$(SUDO) apt-get install -y tmux || ($(SUDO) apt-get update && $(SUDO) apt-get install -y tmux)
+
+test: $(BIN)/.installed $(CHROMIUM) $(TMUX_BIN)
 	$(BIN)/python -m pytest
 
 # The suite against the newest versions pyproject.toml's ranges allow, in a venv of its own: run it
 # weekly and before `make lock`, so the next upstream break is found here, not by a user.
 LATEST := $(VENV)-latest/bin
-test-latest: $(CHROMIUM)
+test-latest: $(CHROMIUM) $(TMUX_BIN)
 	test -x $(LATEST)/python || $(PYTHON) -m venv $(VENV)-latest
 	$(LATEST)/python -m pip install --quiet --upgrade pip
 	$(LATEST)/python -m pip install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))

@@ -27,7 +27,7 @@ from prefect.events.worker import EventsWorker
 from prefect.runtime import flow_run
 from pydantic import Field
 
-from docsrag.tasks.answer.drain import Drain, ServingOutage
+from docsrag.tasks.answer.drain import Drain, ServingOutage, put_back
 from docsrag.tasks.answer.retrieve import Retriever
 from docsrag.tasks.core.records import QueueStats
 from docsrag.tasks.core.settings import Settings, settings_for_run
@@ -96,8 +96,8 @@ def answer_questions(max_seconds: Annotated[float, Field(gt=0)] = 3600,
                 summary.answers_per_s, summary.not_covered, summary.failed, summary.dead, summary.released,
                 summary.lost, summary.outage or summary.stopped)
     if summary.outage:
-        raise ServingOutage(f"{summary.outage}. {summary.released} claimed questions went back to the queue "
-                            "without spending an attempt; they are answered once the server is back")
+        raise ServingOutage(f"{summary.outage.rstrip('.')}. {put_back(summary)}; they are answered once the server "
+                            "is back")
     return summary
 
 

@@ -28,6 +28,7 @@ from docsrag.tasks.core import language
 from docsrag.tasks.core.objectstore import ObjectStore, open_store
 from docsrag.tasks.core.settings import MAX_EMBEDDING_CONCURRENCY, Settings, settings_for_run
 from docsrag.tasks.core.summaries import IngestSummary
+from docsrag.tasks.core.terminal import current
 from docsrag.tasks.embed import embedding
 from docsrag.tasks.index import build, lineage, store, writer_lock
 from docsrag.tasks.index import publish as publishing
@@ -35,7 +36,14 @@ from docsrag.tasks.index import schema as index
 from docsrag.tasks.index.build import BuildPlan, batched
 from docsrag.tasks.index.schema import Corpus
 from docsrag.tasks.ingest import chunking, markdown
-from docsrag.tasks.ingest.release import Release, ReleaseError, TransientFetchError, extract_release, fetch_release
+from docsrag.tasks.ingest.release import (
+    Release,
+    ReleaseError,
+    ReleaseUnreachable,
+    TransientFetchError,
+    extract_release,
+    fetch_release,
+)
 from docsrag.tasks.ingest.report import StageClock, log_problems, name_run, progress_bar, publish_artifacts
 
 # Task results stay in memory, never in result storage: they are local paths, clients or vectors
@@ -75,6 +83,7 @@ def ingest_release(release: str | None = None, version: str | None = None, force
             if not planned.unchanged:
                 clock.run("validate", validate, client, target, planned.diff.new_ids)
                 summary.embedded, summary.reused = len(planned.diff.to_embed()), len(planned.diff.reusable())
+                summary.resumed = planned.resumed
                 summary.seconds_saved = _seconds_saved(clock, summary.embedded, summary.reused)
             summary.previous_collection = clock.run("publish", publish, client, settings, planned, rel, target,
                                                     objects.uri(rel.archive_key))
@@ -91,7 +100,12 @@ def _run_name(parameters: dict) -> str:
 
 
 def _transient(task, task_run, state) -> bool:
-    return isinstance(state.result(raise_on_failure=False), TransientFetchError)
+    """A server that may answer on the next try. One that cannot be reached at all is retried in a
+    deployment's run (a network blip); a person at the terminal is told at once what to do."""
+    failure = state.result(raise_on_failure=False)
+    if isinstance(failure, ReleaseUnreachable):
+        return current() is None
+    return isinstance(failure, TransientFetchError)
 
 
 @task(retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=_transient, **IN_MEMORY)
@@ -146,8 +160,9 @@ def plan(client, settings: Settings, rel: Release, chunks: list[chunking.Chunk],
     build.check_guard_rails(planned, force)
     diff = planned.diff
     log = get_run_logger()
-    log.info("Compared with %s: %s chunks new, %s served already, %s deleted", planned.base or "nothing served",
-             f"{len(diff.to_embed()):,}", f"{len(diff.reusable()):,}", f"{diff.deleted:,}")
+    carried = f", {planned.resumed:,} carried over from an interrupted build" if planned.resumed else ""
+    log.info("Compared with %s: %s chunks new, %s served already, %s deleted%s", planned.base or "nothing served",
+             f"{len(diff.to_embed()):,}", f"{len(diff.reusable()):,}", f"{diff.deleted:,}", carried)
     if planned.unchanged:
         log.info("Release %s unchanged: %s stays on %s", rel.version, planned.alias, planned.base)
     return planned
@@ -247,10 +262,16 @@ def publish(client, settings: Settings, plan: BuildPlan, rel: Release, target: s
         lineage.materializing(lambda: None, "serve-main-alias", [lineage.milvus_asset(
             uri, alias, "the newest docs")], [collection])()
     log = get_run_logger()
-    log.info("%s serves %s (was %s); %s serves %s", alias, done.main_after, done.main_before, plan.version_alias, target)
+    log.info("%s; %s serves %s", _main_alias_line(alias, done.main_before, done.main_after), plan.version_alias, target)
     if done.dropped:
         log.info("Dropped %d builds no alias or rollback needs: %s", len(done.dropped), ", ".join(done.dropped))
     return done.main_before
+
+
+def _main_alias_line(alias: str, before: str | None, after: str | None) -> str:
+    if after == before:
+        return f"{alias} still serves {after}" if after else f"{alias} serves nothing yet"
+    return f"{alias} serves {after} (was {before})" if before else f"{alias} serves {after} (its first build)"
 
 
 def report(summary: IngestSummary, plan: BuildPlan, objects: ObjectStore) -> None:

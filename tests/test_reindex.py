@@ -159,12 +159,14 @@ def test_second_concurrent_ingest_exits_with_a_clear_message(home, prefect_serve
 
 def test_killed_ingest_resumes_without_re_embedding_finished_batches(home, prefect_server, releases, capsys):
     env = api_env(DOCSRAG_EMBEDDING_BATCH_SIZE="4", DOCSRAG_EMBEDDING_CONCURRENCY="1")
-    proc = subprocess.Popen([DOCSRAG, "ingest", "--release", str(releases / "milvus_docs_faq_2.4.x_en.zip")],
+    proc = subprocess.Popen([DOCSRAG, "ingest", "--verbose", "--release",
+                             str(releases / "milvus_docs_faq_2.4.x_en.zip")],
                             stderr=subprocess.PIPE, env=env, cwd=ROOT, start_new_session=True)
     seen = b""
     while proc.poll() is None:
         seen += proc.stderr.read1(4096)
-        # The progress bar is drawn on a terminal only: count the written batches in the run's log.
+        # The progress bar is drawn on a terminal only: count the written batches in the run's log
+        # (task states: --verbose).
         if len(re.findall(rb"Task run 'write-batch-\w+' - Finished in state Completed", seen)) >= 3:
             os.killpg(proc.pid, signal.SIGKILL)  # mid-embedding, no chance to clean up
             break
@@ -183,4 +185,5 @@ def test_killed_ingest_resumes_without_re_embedding_finished_batches(home, prefe
         resumed = ingest(capsys, "--release", str(releases / "milvus_docs_faq_2.4.x_en.zip"))
     assert resumed["collection"] == staging[0]
     assert resumed["embedded"] == resumed["chunks"] - written
+    assert resumed["resumed"] == written, "the rows carried over are said (they were neither embedded nor reused)"
     assert store.count(client, staging[0]) == resumed["chunks"] == len(served_ids())

@@ -86,6 +86,7 @@ class Question(BaseModel):
 class SearchResults(BaseModel):
     query: str
     searched_as: str | None = None
+    note: str | None = None  # "searched as asked: no LLM to translate" for a question not in English
     results: list[Hit]
 
 

@@ -69,9 +69,11 @@ def runs_flows(command):
 
     @functools.wraps(command)
     def with_api(args, settings: Settings) -> int:
+        from docsrag.flows.cli import console
         from docsrag.flows.cli.local_server import prefect_api
 
-        with prefect_api(settings.prefect_server, on_wait=_api_wait_begins, announce=_kept_server_started) as wait:
+        with prefect_api(settings.prefect_server, on_wait=_api_wait_begins, announce=_kept_server_started) as wait, \
+                console.view(getattr(args, "console", "default")):
             return command(args, settings, _noting_private_server(wait))
 
     return with_api

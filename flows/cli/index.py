@@ -50,8 +50,21 @@ def add_commands(commands) -> None:
     rollback.set_defaults(run=_rollback)
 
 
+def _ingest(args, settings: Settings) -> int:
+    """What can be checked at the door is, before Prefect starts: no Failed run in the UI for a typo."""
+    from docsrag.tasks.ingest.release import ReleaseUnreachable, check_source
+
+    check_source(settings.release_url, args.version)
+    try:
+        return _run_ingest(args, settings)
+    except ReleaseUnreachable as exc:
+        hint = "check the URL and the network" if args.release else \
+            "no network? pass --release PATH to ingest a docs release zip on disk"
+        raise ReleaseUnreachable(f"{exc}; {hint}") from None
+
+
 @runs_flows
-def _ingest(args, settings: Settings, wait_for_api) -> int:
+def _run_ingest(args, settings: Settings, wait_for_api) -> int:
     # The flow loads the model in the background from its first stage; loaded here too, beside the
     # imports, it took the GIL from them: an unchanged run started 0.3-0.4 s later (kept server).
     from docsrag.flows.ingest import ingest_release, task_runner
@@ -71,8 +84,9 @@ def _ingest(args, settings: Settings, wait_for_api) -> int:
         state = "unchanged" if s.unchanged else f"published {s.collection}"
         served = s.alias if s.named_version or args.publish_main else (
             f"{s.version_alias} only (no version in its name: --version or --publish-main serves it as {s.alias})")
+        resumed = f", {s.resumed} resumed" if s.resumed else ""
         print(f"{s.version}: {state} as {served} — {s.documents} documents, {s.chunks} chunks ({s.embedded} "
-              f"embedded, {s.reused} reused, {s.deleted} deleted), {len(s.skipped)} skipped, {s.seconds} s")
+              f"embedded, {s.reused} reused{resumed}, {s.deleted} deleted), {len(s.skipped)} skipped, {s.seconds} s")
     return 0
 
 
@@ -104,6 +118,8 @@ def _print_results(found, version: str | None) -> None:
                     "relevance = similarity of the passage to the question"))
     if found.searched_as != found.query:
         print(printable(f"(searched as: {found.searched_as})"))
+    elif found.note:
+        print(f"({found.note})")
     for n, hit in enumerate(found.results, 1):
         print(printable(f"{n}. {hit.doc_path} — {hit.heading} (relevance {max(0.0, hit.relevance):.0%})"))
         if hit.url:

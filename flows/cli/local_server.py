@@ -138,11 +138,25 @@ class TemporaryApi(_Started):
         env = _server_env(PREFECT_UI_ENABLED="0", PREFECT__SERVER_EPHEMERAL="1", PREFECT__SERVER_FINAL="1")
         # stdout stays the command's own (``--json``); the server's errors reach the terminal as
         # Prefect's own temporary server's do (a pipe nobody reads could fill and stall it).
+        # Its own session: Ctrl-C at the terminal reaches the command alone, which marks its run
+        # crashed on a server still up and then stops it (in the group, the server died first and
+        # the command spent two minutes retrying to say so). It still ends with the command.
         self.process = subprocess.Popen(_uvicorn(self.port, "--log-level", "error", "--lifespan", "on"),
-                                        env=env, stdout=subprocess.DEVNULL)
+                                        env=env, stdout=subprocess.DEVNULL, start_new_session=True,
+                                        preexec_fn=_ends_with_parent)  # noqa: PLW1509 - one prctl call
 
     def _where_errors_are(self) -> str:
         return "its errors are above"
+
+
+def _ends_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the command that started it dies (even killed)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG (Linux)
+    except (OSError, AttributeError):
+        pass
 
 
 class KeptServer(_Started):

@@ -79,6 +79,12 @@ class QueueFailure(DocsragError, RuntimeError):
     """The queue's database failed a write; what the run held went back (or waits for its lease)."""
 
 
+def put_back(summary: DrainSummary) -> str:
+    """What an outage did to the questions a run held, for the person who started it."""
+    n = summary.released
+    return f"{n} claimed question{'s' if n != 1 else ''} went back to the queue without spending an attempt"
+
+
 class RunOutOfTime(Exception):
     """A request was cut at the run's end (max_seconds + grace)."""
 
@@ -132,7 +138,7 @@ class Drain:
             try:  # whatever the writer did: what is still held goes back
                 reason = (f"{self.summary.outage}{NO_ATTEMPT_SPENT}" if self.summary.outage
                           else "the answer run stopped before answering it")
-                self.summary.released += await self._db(self._release_held, reason)
+                await self._db(self._release_held, reason)
             except SQLAlchemyError as exc:
                 failed = failed or exc
             finally:
@@ -159,7 +165,9 @@ class Drain:
     def _release_held(self, reason: str) -> int:
         """In the queue's thread, so a claim still running there when the run stopped has finished
         and what it claimed is put back too (reading `held` before it lands would strand those)."""
-        return self.queue.release(sorted(self.held), self.owner, reason)
+        released = self.queue.release(sorted(self.held), self.owner, reason)
+        self.summary.released += released
+        return released
 
     async def _db(self, call, *args):
         return await asyncio.get_running_loop().run_in_executor(self.db, partial(call, *args))
@@ -307,7 +315,8 @@ class Drain:
         reason = self._shown(f"the LLM server at {self.settings.llm_base_url} failed: {type(exc).__name__}: {exc}")
         within = self.deadline + self.grace - time.monotonic()
         if self.last_success < sent and (trouble := await self.generator.probe(within)) is not None:
-            return await self._outage(item, f"{reason}; a probe request failed too: {trouble}")
+            return await self._outage(item, f"{reason.rstrip('.')}; a probe request failed too: {trouble.rstrip('.')}. Start "
+                                            "the server, or point DOCSRAG_LLM_BASE_URL at one that runs")
         if not overloaded(exc):
             return await self.settled.put(("failed", item, f"{type(exc).__name__}: {exc}"))
         if item.put_backs >= self.settings.max_attempts:
@@ -326,19 +335,21 @@ class Drain:
 
     async def _release(self, items: list[Claimed], reason: str, retry_after_s: float = 0, busy: bool = False) -> None:
         ids = [i.id for i in items if i.id in self.held]
-        # Shielded, and forgotten only once done: a run stopping meanwhile releases them again, harmlessly.
-        self.summary.released += await asyncio.shield(
-            self._db(self._put_back, ids, reason, retry_after_s, busy))
-        for _ in ids:
-            self.permits.release()
         self.summary.problems += [{"id": i.id, "question": i.question[:120], "status": "released", "reason": reason}
                                   for i in items]
+        # Shielded, and forgotten only once done: a run stopping meanwhile releases them again, harmlessly.
+        # Counted where it is done (_put_back): a worker cancelled meanwhile (an outage stops them all)
+        # would not come back here to count it.
+        await asyncio.shield(self._db(self._put_back, ids, reason, retry_after_s, busy))
+        for _ in ids:
+            self.permits.release()
 
     def _put_back(self, ids: list[int], reason: str, retry_after_s: float, busy: bool) -> int:
         """In the queue's thread, so the questions are forgotten before the next claim runs there: a
         claim that takes one of them again (due at once) holds it anew, and is not forgotten with it."""
         released = self.queue.release(ids, self.owner, reason, retry_after_s, busy)
         self.held.difference_update(ids)
+        self.summary.released += released
         return released
 
     def _stop_if_failed(self, task: asyncio.Task) -> None:

@@ -29,6 +29,7 @@ DEFAULT_RELEASE_URL = (
 # Variables with our prefix that belong to the tooling, not to the pipeline.
 TOOLING_VARIABLES = {"DOCSRAG_TEST_DATA", "DOCSRAG_TEST_POSTGRES_URL", "DOCSRAG_TEST_LATEST", "DOCSRAG_STACK_POSTGRES"}
 MAX_EMBEDDING_CONCURRENCY = 64
+_WEB_URL = re.compile(r"^https?://[^/\s:]+", re.IGNORECASE)
 _MILVUS_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,200}$")
 
 
@@ -46,6 +47,7 @@ class Settings(BaseSettings):
                             "next commands (UI at the address the first one prints; `docsrag server stop`), or start "
                             "a temporary one per command.")
     release_url: str = Field(DEFAULT_RELEASE_URL, description="Release zip: https://, s3://, file:// or a path.")
+    debug: bool = Field(False, description="Print tracebacks of expected errors too (as `docsrag ... --debug`).")
 
     milvus_uri: str = Field("", description="Milvus Lite file or server URI (default: <home>/milvus.db).")
     milvus_token: SecretStr | None = Field(None, description="Milvus token (user:password or API key).")
@@ -208,6 +210,15 @@ class Settings(BaseSettings):
         if problem := template_problem(value.strip()):
             raise ValueError(problem)
         return value.strip()
+
+    @field_validator("llm_base_url", "embedding_base_url", "s3_endpoint_url", "releases_api")
+    @classmethod
+    def _web_address(cls, value: str | None) -> str | None:
+        """A base URL without its scheme (``localhost:8000``) is taken by the HTTP clients as
+        something else and fails late, as an outage: refused here, by name, before anything runs."""
+        if value and not _WEB_URL.match(value.strip()):
+            raise ValueError("must start with http:// or https:// and name a host (e.g. http://localhost:8000/v1)")
+        return value.strip() if value else value
 
     @field_validator("object_store", "release_url", "milvus_uri")
     @classmethod

@@ -44,6 +44,7 @@ class IngestSummary(Summary):
     unchanged: bool = False
     embedded: int = 0
     reused: int = 0
+    resumed: int = 0  # rows an interrupted run of this build left, carried over (neither embedded nor reused)
     search: str | None = None
     seconds_saved: float = 0.0
     skipped: list[dict] = field(default_factory=list)  # [{path, reason}]

@@ -17,6 +17,7 @@ class Terminal:
     process_started: float  # time.perf_counter() at the process's start
     api_wait_from: float | None = None  # when the command started waiting for Prefect's API
     counted: bool = False  # only the first flow of a command pays for its start
+    quiet: bool = False  # --quiet: the result only, no progress bar
 
 
 _TERMINAL: ContextVar[Terminal | None] = ContextVar("docsrag_terminal", default=None)

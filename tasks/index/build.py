@@ -77,6 +77,7 @@ class BuildPlan:
     diff: ReleaseDiff
     base_version: str | None  # the version the base was built from
     main_served: dict[str, str]  # id -> doc path the main alias serves now, where it moves
+    resumed: int = 0  # rows an interrupted build of this release left, kept: not embedded again
 
     @property
     def unchanged(self) -> bool:
@@ -105,7 +106,8 @@ def plan_build(client: MilvusClient, corpus: Corpus, rel: Release, chunks: list[
         target = None  # its version alias serves it: unchanged, nothing to build
     target = target and store.loaded(client, target)
     built = frozenset(store.doc_of_ids(client, target)) if target else frozenset()
-    if target and index.info_of(client, target).state == "ready" and built != {c.id for c in chunks}:
+    finished = bool(target) and index.info_of(client, target).state == "ready"
+    if finished and built != {c.id for c in chunks}:
         target, built = None, frozenset()  # a finished build is served again only as it is
     diff = ReleaseDiff(chunks, store.doc_of_ids(client, base) if base else {}, built)
     base_version = index.info_of(client, base).version if base else None
@@ -113,8 +115,9 @@ def plan_build(client: MilvusClient, corpus: Corpus, rel: Release, chunks: list[
     main_now = served.get(alias)
     main_served = {} if not (moves_main and main_now) else diff.served_ids if main_now == base \
         else store.doc_of_ids(client, store.loaded(client, main_now))
+    resumed = 0 if finished else len(built & diff.new_ids)
     return BuildPlan(alias, versioned, rel.version, corpus.lang, key, main, moves_main, base, target, diff, base_version,
-                     main_served)
+                     main_served, resumed)
 
 
 def kept_build(client: MilvusClient, alias: str, key: str) -> str | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import time
 from contextlib import contextmanager
@@ -48,14 +49,52 @@ def connect(settings: Settings) -> MilvusClient:
     # falls back by itself). Real errors still surface as exceptions.
     logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
     logging.getLogger("grpc._server").setLevel(logging.CRITICAL)
+    # Milvus Lite logs its own traceback when another process holds the folder: said below, in one line.
+    logging.getLogger("milvus_lite").setLevel(logging.CRITICAL)
     try:
         return _client(uri, token)
     except MilvusException as exc:
+        if lite and (holder := lite_holder(Path(uri))):
+            raise StoreError(f"the Milvus Lite folder {uri} is held by {holder}: Milvus Lite serves one process at a "
+                             "time; stop it and run this again, or use a Milvus server "
+                             "(DOCSRAG_MILVUS_URI=http://host:19530) for concurrent readers and writers") from None
         if lite:
             raise StoreError(f"cannot open the Milvus Lite file {uri}: {redact_text(exc.message)}. Milvus Lite serves one "
                              "process at a time: is another docsrag command using it? Use a Milvus server "
                              "(DOCSRAG_MILVUS_URI=http://host:19530) for concurrent readers and writers") from None
         raise StoreError(f"cannot reach Milvus at {redact_url(uri)}: {redact_text(exc.message)}") from None
+
+
+def lite_holder(folder: Path) -> str | None:
+    """The process holding a Milvus Lite folder (the flock on its LOCK file, read from /proc/locks):
+    ``pid 123 (docsrag api --port 8000)``; None when none does or Linux cannot say."""
+    try:
+        lock = (folder / "LOCK").stat()
+        rows = Path("/proc/locks").read_text().split("\n")
+    except OSError:
+        return None
+    wanted = (os.major(lock.st_dev), os.minor(lock.st_dev), lock.st_ino)
+    for row in rows:  # "6: FLOCK  ADVISORY  WRITE 5609 fe:00:2155553 0 EOF"
+        fields = row.split()
+        if len(fields) > 5 and fields[1] == "FLOCK" and _device_inode(fields[5]) == wanted:
+            return f"pid {fields[4]} ({_command_line(fields[4])})"
+    return None
+
+
+def _device_inode(text: str) -> tuple[int, int, int] | None:
+    try:
+        major, minor, inode = text.split(":")
+        return int(major, 16), int(minor, 16), int(inode)
+    except ValueError:
+        return None
+
+
+def _command_line(pid: str) -> str:
+    try:
+        words = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "its command line unreadable"
+    return " ".join(w.decode(errors="replace") for w in words if w)[:160] or "no command line"
 
 
 SQLITE_HEADER = b"SQLite format 3\x00"

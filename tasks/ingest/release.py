@@ -48,6 +48,11 @@ class TransientFetchError(ReleaseError):
     """A network failure worth retrying (timeouts, resets, 429, 5xx)."""
 
 
+class ReleaseUnreachable(TransientFetchError):
+    """The release's server could not be reached at all (no network, no such host, refused): a
+    deployment's run retries it like a TransientFetchError, a person at the terminal is told at once."""
+
+
 @dataclass(frozen=True)
 class Release:
     url: str  # redacted: safe to show and store
@@ -104,6 +109,29 @@ def _asset_name_of(url: str) -> str:
     return PurePosixPath(parts.path if scheme == "s3" else url).name
 
 
+def check_source(url: str, version: str | None = None) -> None:
+    """What can be told about a release before a run starts: its version (given or in the asset
+    name), its URL's scheme, and, for a local path, that the file is there."""
+    named = version or release_version(url)
+    if named:
+        checked_version(named)
+    _local_path(url)
+
+
+def _local_path(url: str) -> Path | None:
+    """The release's file on this machine (a path or file:// URL), None for a remote URL."""
+    parsed = urlparse(url)
+    if parsed.scheme in ("http", "https", "s3"):
+        return None
+    if len(parsed.scheme) > 1 and parsed.scheme != "file":  # one letter: a Windows drive, a path
+        raise ReleaseError(f"unsupported release URL {redact_url(url)}: use https, http, s3, file or a path")
+    path = Path(unquote(parsed.path) if parsed.scheme == "file" else url).expanduser()
+    if not path.is_file():
+        raise ReleaseError(f"release file not found: {path} (no such file here; pass --release with the path or "
+                           "URL of a docs release zip)")
+    return path
+
+
 def fetch_release(url: str, *, home: Path, store: ObjectStore, version: str | None = None,
                   timeout_s: float = 60.0, s3_endpoint_url: str | None = None, max_bytes: int = 512 * 1024**2,
                   deadline_s: float = 1800.0, check_redirect: RedirectCheck | None = None) -> Release:
@@ -137,12 +165,7 @@ def _local_copy(url: str, downloads: Path, timeout_s: float, s3_endpoint_url: st
         return _download(url, _scratch(downloads), timeout_s, max_bytes, deadline_s, check_redirect), True
     if parsed.scheme == "s3":
         return _s3_copy(url, _scratch(downloads), s3_endpoint_url, max_bytes), True
-    if len(parsed.scheme) > 1 and parsed.scheme != "file":  # one letter: a Windows drive, a path
-        raise ReleaseError(f"unsupported release URL {redact_url(url)}: use https, http, s3, file or a path")
-    path = Path(unquote(parsed.path) if parsed.scheme == "file" else url).expanduser()
-    if not path.is_file():
-        raise ReleaseError(f"release file not found: {path}")
-    return path, False
+    return _local_path(url), False
 
 
 def _scratch(folder: Path) -> Path:
@@ -200,6 +223,9 @@ def _download(url: str, target: Path, timeout_s: float, max_bytes: int, deadline
     except httpx.UnsupportedProtocol:
         partial.unlink(missing_ok=True)
         raise ReleaseError(f"download of {shown} redirected to a URL that is not http(s): refused") from None
+    except httpx.ConnectError as exc:
+        partial.unlink(missing_ok=True)
+        raise ReleaseUnreachable(f"download of {shown} failed: could not reach its server ({exc})") from None
     except httpx.TransportError as exc:
         partial.unlink(missing_ok=True)
         # httpx puts the full URL in some messages: name the redacted one instead.

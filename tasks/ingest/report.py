@@ -23,7 +23,8 @@ def progress_bar(total: int, desc: str) -> tqdm:
     """A bar on a terminal only: in a log (stderr to a file or a pipe) each redraw is a line of its
     own and the final one was written twice (the last update, then close). On a terminal the bar is
     cleared when done (``leave=False``): the flow's "Embedded N chunks" line states the result once."""
-    shown = current() is not None and total and sys.stderr.isatty()
+    terminal = current()
+    shown = terminal is not None and not terminal.quiet and total and sys.stderr.isatty()
     return tqdm(total=total, unit="chunk", desc=desc, disable=not shown, leave=False)
 
 
@@ -106,7 +107,7 @@ def summary_markdown(s: IngestSummary) -> str:
         f"| sha256 | `{s.sha256}` ({s.size:,} bytes) |",
         f"| documents | {s.documents} (added {docs['added']}, changed {docs['changed']}, "
         f"removed {docs['removed']}, unchanged {docs['unchanged']}) |",
-        f"| chunks | {s.chunks} (embedded {s.embedded}, reused {s.reused}, deleted {s.deleted}) |",
+        f"| chunks | {s.chunks} (embedded {s.embedded}, reused {s.reused}, resumed {s.resumed}, deleted {s.deleted}) |",
         f"| collection | `{s.collection}` served as `{s.alias}` and `{s.version_alias}` |",
         f"| previous collection | `{s.previous_collection}` |",
         f"| search | {s.search} |",

@@ -23,6 +23,7 @@ from docsrag.tasks.core.language import DEFAULT as DEFAULT_LANGUAGE
 from docsrag.tasks.core.records import Hit, QueueStats, Source
 from docsrag.tasks.core.redaction import redact_text
 from docsrag.tasks.core.settings import Settings
+from docsrag.tasks.core.summaries import DrainSummary
 from docsrag.tasks.index import served as serving
 from docsrag.tasks.index import store
 from docsrag.tasks.index.schema import Corpus, aliases_for
@@ -100,10 +101,12 @@ class SearchResults:
     query: str
     searched_as: str
     results: list[Hit]
+    note: str | None = None  # why a question not in English was searched as asked
 
     def as_dict(self) -> dict:
         shown = {"query": self.query, "results": [hit.shown() for hit in self.results]}
-        return shown | ({"searched_as": self.searched_as} if self.searched_as != self.query else {})
+        return shown | ({"searched_as": self.searched_as} if self.searched_as != self.query else {}) | (
+            {"note": self.note} if self.note else {})
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,15 @@ class ServiceStats:
                 "feedback": self.feedback.as_dict(), "coverage_gaps": [g.as_dict() for g in self.coverage_gaps]}
 
 
+
+
+def _said_if_down(drained: DrainSummary, question_id: int) -> None:
+    """A drain stopped by an outage (the LLM server down or misconfigured, Milvus failing) will not
+    answer by waiting longer: said now, the question left queued for when the server is back."""
+    if drained.outage:
+        from docsrag.tasks.answer.drain import ServingOutage
+
+        raise ServingOutage(f"question {question_id} stays queued: {drained.outage}")
 
 
 class Service:
@@ -209,7 +221,7 @@ class Service:
         while not view.final and (waited := time.monotonic() - started) < wait_s:
             grace = min(WORKER_GRACE_S, wait_s / 2)
             if answer_here and view.status == "pending" and (not worker_expected or waited > grace):
-                self.drain(max_seconds=max(1.0, wait_s - waited))
+                _said_if_down(self.drain(max_seconds=max(1.0, wait_s - waited)), question_id)
             else:
                 time.sleep(min(pause, max(0.0, wait_s - waited)))
                 pause = min(pause * 2, POLL_MAX_S)
@@ -274,7 +286,7 @@ class Service:
             hits = retriever.search([searched], k * SEARCH_DEPTH, version, docs_lang)[0]
         except MilvusException as exc:
             raise store.StoreError(f"Milvus failed a search: {redact_text(exc.message)}") from None
-        return SearchResults(query, searched, one_per_document(hits, k))
+        return SearchResults(query, searched, one_per_document(hits, k), self._untranslated(query, searched))
 
     def versions(self) -> list[serving.ServedCorpus]:
         """What is served, per language: versions, aliases, collections, rows, rollback targets."""
@@ -292,6 +304,16 @@ class Service:
             log.warning("the docs asked for were not checked: Milvus unavailable (%s)", exc)
             return
         raise NotServed(reason)
+
+    def _untranslated(self, query: str, searched: str) -> str | None:
+        """A question not in English searches English docs poorly: the reader is told when it went as asked."""
+        from docsrag.tasks.core import language
+
+        if searched != query or language.detect(query) == language.DEFAULT:
+            return None
+        why = "no LLM to translate" if self.settings.translate_questions else "translation is off " \
+            "(DOCSRAG_TRANSLATE_QUESTIONS)"
+        return f"searched as asked: {why}"
 
     def served(self, version: str | None, docs_lang: str | None) -> str | None:
         """The collection the alias for ``version`` / ``docs_lang`` serves now (None: none or no Milvus)."""

@@ -102,3 +102,23 @@ def test_the_multilingual_field_tokenizes_as_the_wheel_does_and_cuts_where_told(
     assert len(whole) > 16 and cut == whole[:15] + whole[-1:]
     settings = load_settings(home=tmp_path, embedding_precision="fp32", multilingual_max_tokens=128)
     assert embedding.resolve(settings).id == "local:all-MiniLM-L6-v2:fp32+use:128t"
+
+
+def test_no_runtime_telemetry_is_written_or_queued(tmp_path):
+    """onnxruntime's first session wrote ~/.cache/Microsoft/DeveloperTools/.onnxruntime (a device id
+    and a queued event about the process) unless telemetry was off before its import."""
+    import subprocess
+    import sys
+
+    script = ("import docsrag.tasks.embed, onnx, onnxruntime\n"
+              "from onnx import TensorProto, helper\n"
+              "value = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, [1])\n"
+              "graph = helper.make_graph([helper.make_node('Identity', ['x'], ['y'])], 'g', [value('x')], [value('y')])\n"
+              "model = helper.make_model(graph, opset_imports=[helper.make_opsetid('', 17)])\n"
+              "model.ir_version = 8\n"
+              f"onnx.save(model, {str(tmp_path / 'm.onnx')!r})\n"
+              f"onnxruntime.InferenceSession({str(tmp_path / 'm.onnx')!r}, providers=['CPUExecutionProvider'])\n")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "ORT_DISABLE_TELEMETRY"} | {"HOME": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not (tmp_path / ".cache" / "Microsoft").exists()

@@ -27,6 +27,8 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from docsrag.tasks.core.errors import DocsragError
+
 STARTUP_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0
 STARTUP_FAILED = 3  # uvicorn's exit code for any failed start: a taken port, a database it cannot open...
@@ -51,6 +53,10 @@ def _uvicorn(port: int, *extra: str) -> list[str]:
     prefect_dir = Path(importlib.util.find_spec("prefect").origin).parent
     return [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect_dir.parent), "--factory", APP,
             "--host", "127.0.0.1", "--port", str(port), *extra]
+
+
+class PrefectServerError(DocsragError, RuntimeError):
+    """The local Prefect server could not start or be found: the message quotes its log."""
 
 
 class _Listening:
@@ -81,12 +87,12 @@ class _Server(_Listening):
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while time.monotonic() < deadline:
             if (code := self.exit_code()) is not None:
-                raise RuntimeError(f"{self.what} exited with code {code} ({self._where_errors_are()}); "
+                raise PrefectServerError(f"{self.what} exited with code {code} ({self._where_errors_are()}); "
                                    "set PREFECT_API_URL to a running Prefect server to use that instead")
             if _answers(self.url):
                 return self.url
             time.sleep(0.1)
-        raise RuntimeError(f"{self.what} did not answer within {STARTUP_TIMEOUT_S:.0f} s ({self._where_errors_are()})")
+        raise PrefectServerError(f"{self.what} did not answer within {STARTUP_TIMEOUT_S:.0f} s ({self._where_errors_are()})")
 
     def _where_errors_are(self) -> str:
         return f"its log: {prefect_home() / 'server.log'}"
@@ -231,7 +237,7 @@ def kept_server(announce=None) -> _Server:
         if announce:
             announce(server.ui)
         return server
-    raise RuntimeError(f"cannot start Prefect's background server: {pid_file} names no server that runs; "
+    raise PrefectServerError(f"cannot start Prefect's background server: {pid_file} names no server that runs; "
                        "`docsrag server stop` clears it")
 
 

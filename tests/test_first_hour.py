@@ -252,3 +252,53 @@ def test_ctrl_c_says_how_to_resume_and_the_rerun_says_it_resumed(home, prefect_s
     carried = int(re.search(r"(\d+) carried over from an interrupted build", resumed.stderr).group(1))
     assert carried >= 8
     assert f"{49 - carried} embedded, 0 reused, {carried} resumed" in resumed.stdout, resumed.stdout
+
+
+# -- 8. one process on the embedded tier ----------------------------------------------------------------
+
+def test_with_the_api_holding_milvus_lite_ask_show_and_search_go_through_it(faq_index, tmp_path):
+    """`docsrag api --answer` holds the Milvus Lite folder; the obvious next commands work beside it:
+    `ask --wait` is answered by the API's worker (it failed with a traceback after queueing, and
+    asking again made a duplicate), `show` reads the queue, `search` asks the running API."""
+    from docsrag.testing.llm_emulator import Emulator
+    from tests.api_server import free_port
+
+    home = tmp_path / "home"
+    shutil.copytree(faq_index.home, home)
+    llm, port = Emulator().start(), free_port()
+    env = {**os.environ, "DOCSRAG_HOME": str(home), "DOCSRAG_LLM_BASE_URL": llm.url}
+    env.pop("PREFECT_API_URL", None)
+    api = subprocess.Popen([DOCSRAG, "api", "--answer", "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not _answers(f"http://127.0.0.1:{port}/v1/versions"):
+            assert api.poll() is None and time.monotonic() < deadline, api.stderr.read()[-3000:]
+            time.sleep(0.5)
+        before = {q["id"] for q in json.loads(docsrag("questions", "--json", env=env).stdout)}
+        asked = docsrag("ask", "Where does Milvus store data?", "--wait", "60", "--json", env=env)
+        assert asked.returncode == 0 and not asked.stderr.strip(), asked.stderr[-3000:]
+        view = json.loads(asked.stdout)
+        assert view["status"] == "answered", view
+        shown = docsrag("show", str(view["id"]), "--json", env=env)
+        assert shown.returncode == 0 and json.loads(shown.stdout)["status"] == "answered", shown.stderr[-3000:]
+        listed = docsrag("questions", "--json", env=env)
+        assert {q["id"] for q in json.loads(listed.stdout)} - before == {view["id"]}  # one question, no duplicate
+        found = docsrag("search", "Where does Milvus store data?", "--json", env=env)
+        assert found.returncode == 0, found.stderr[-3000:]
+        assert json.loads(found.stdout)["results"][0]["doc_path"] == "en/faq/product_faq.md"
+        human = docsrag("search", "Where does Milvus store data?", env=env)
+        assert human.returncode == 0 and "en/faq/product_faq.md" in human.stdout, human.stderr[-3000:]
+    finally:
+        os.killpg(api.pid, signal.SIGTERM)
+        api.wait(timeout=60)
+        llm.stop()
+
+
+def _answers(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False

@@ -7,6 +7,7 @@ import argparse
 import functools
 import sys
 import time
+from dataclasses import dataclass
 
 from docsrag.tasks.core.escaping import for_terminal
 from docsrag.tasks.core.settings import Settings
@@ -128,3 +129,31 @@ def service(settings: Settings, announce: bool = False):
     # server the repeat check costs one call; on Milvus Lite the API (one long-lived process) does it.
     server = store.is_server(settings.milvus_uri)
     return Service(settings, announce=announcer, check_repeats=server)
+
+
+def api_holding_index(settings: Settings) -> RunningApi | None:
+    """The `docsrag api` process that holds the Milvus Lite folder, when one does. The embedded tier
+    serves one process: beside it, `ask` leaves the answering to its worker and `search` asks it."""
+    from pathlib import Path
+
+    from docsrag.tasks.index import store
+
+    if store.is_server(settings.milvus_uri) or not (holder := store.lite_holder(Path(settings.milvus_uri))):
+        return None
+    argv = list(holder.argv)
+    if "api" not in argv or not any(word.endswith("docsrag") for word in argv[:argv.index("api")]):
+        return None
+
+    def option(name: str, default: str) -> str:
+        return argv[argv.index(name) + 1] if name in argv[:-1] else default
+
+    host = option("--host", "127.0.0.1")
+    host = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # listening everywhere: loopback reaches it
+    return RunningApi(holder.pid, f"http://{host}:{option('--port', '8080')}", answers="--answer" in argv)
+
+
+@dataclass(frozen=True)
+class RunningApi:
+    pid: int
+    url: str
+    answers: bool  # started with --answer: its worker answers the queue

@@ -4,9 +4,22 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import TYPE_CHECKING
 
-from docsrag.flows.cli.common import docs_choice, json_output, positive, printable, runs_flows, service
+from docsrag.flows.cli.common import (
+    RunningApi,
+    api_holding_index,
+    docs_choice,
+    json_output,
+    positive,
+    printable,
+    runs_flows,
+    service,
+)
 from docsrag.tasks.core.settings import Settings
+
+if TYPE_CHECKING:
+    from docsrag.tasks.service.service import SearchResults
 
 
 def add_commands(commands) -> None:
@@ -102,12 +115,44 @@ def _search(args, settings: Settings) -> int:
             found = questions.search(item["question"], args.k, args.version, args.lang)
             print(json.dumps({"id": item.get("id"), **found.as_dict()}))
         return 0
-    found = questions.search(args.query, args.k, args.version, args.lang)
+    found = questions.search(args.query, args.k, args.version, args.lang) if not (beside := api_holding_index(settings)) \
+        else _search_through(beside, settings, args)
     if args.json:
         print(json.dumps(found.as_dict()))
         return 0
     _print_results(found, args.version)
     return 0
+
+
+def _search_through(api: RunningApi, settings: Settings, args) -> SearchResults:
+    """The search, asked of the `docsrag api` that holds the Milvus Lite folder (one process per folder)."""
+    import httpx
+
+    from docsrag.tasks.core.errors import DocsragError
+    from docsrag.tasks.core.records import Hit
+    from docsrag.tasks.service.service import SearchResults
+
+    token = next(iter(_tokens(settings)), None)
+    params = {"q": args.query, "k": args.k, **{k: v for k, v in (("version", args.version), ("lang", args.lang)) if v}}
+    try:
+        answer = httpx.get(f"{api.url}/v1/search", params=params, timeout=120,
+                           headers={"Authorization": f"Bearer {token}"} if token else {})
+    except httpx.HTTPError as exc:
+        raise DocsragError(f"`docsrag api` (pid {api.pid}) holds the index but {api.url} does not answer ({exc}); "
+                           "stop it and search again") from None
+    if answer.status_code != 200:
+        reason = answer.json().get("reason") if "json" in answer.headers.get("content-type", "") else answer.text[:200]
+        raise DocsragError(f"the running `docsrag api` (pid {api.pid}) refused the search: {reason}")
+    body = answer.json()
+    hits = [Hit("", r["doc_path"], "", r["heading"], r["version"], r["text"], r["score"], r["relevance"],
+                url=r.get("url", "")) for r in body["results"]]
+    return SearchResults(body["query"], body.get("searched_as") or body["query"], hits, body.get("note"))
+
+
+def _tokens(settings: Settings) -> list[str]:
+    """The API tokens this machine's settings hold (an operator's first), for a call to its own API."""
+    held = [settings.api_operator_tokens, settings.api_tokens]
+    return [t.strip() for secret in held if secret for t in secret.get_secret_value().split(",") if t.strip()]
 
 
 def _print_results(found, version: str | None) -> None:

@@ -8,6 +8,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from docsrag.flows.cli.common import (
+    api_holding_index,
     bounded_int,
     docs_choice,
     json_output,
@@ -82,7 +83,12 @@ def _ask(args, settings: Settings) -> int:
     questions = service(settings, announce=True)
     submitted = questions.submit(args.question, version=args.version, docs_lang=args.lang, answer_in=args.answer_in,
                                  priority=args.priority, client_key=args.key)
-    view = questions.wait(submitted.id, args.wait, answer_here=True, worker_expected=bool(prefect_server()))
+    beside = api_holding_index(settings)  # it holds the index: its worker answers, not this process
+    view = questions.wait(submitted.id, args.wait, answer_here=beside is None,
+                          worker_expected=bool(prefect_server()) or beside is not None)
+    if beside and not beside.answers and not view.final:
+        print(f"docsrag ask: question {view.id} is queued; `docsrag api` (pid {beside.pid}) holds the index without "
+              "--answer: restart it with --answer, or run `docsrag answer` once it stops", file=sys.stderr)
     if args.json:
         shown = {"id": view.id, "status": view.status, "lang": view.lang, "repeat_of": view.repeat_of}
         if view.status == "answered":

@@ -65,9 +65,20 @@ def connect(settings: Settings) -> MilvusClient:
         raise StoreError(f"cannot reach Milvus at {redact_url(uri)}: {redact_text(exc.message)}") from None
 
 
-def lite_holder(folder: Path) -> str | None:
-    """The process holding a Milvus Lite folder (the flock on its LOCK file, read from /proc/locks):
-    ``pid 123 (docsrag api --port 8000)``; None when none does or Linux cannot say."""
+@dataclass(frozen=True)
+class LiteHolder:
+    """The process that holds a Milvus Lite folder, said as ``pid 123 (docsrag api --port 8000)``."""
+
+    pid: int
+    argv: tuple[str, ...]
+
+    def __str__(self) -> str:
+        return f"pid {self.pid} ({' '.join(self.argv)[:160] or 'its command line unreadable'})"
+
+
+def lite_holder(folder: Path) -> LiteHolder | None:
+    """The process holding a Milvus Lite folder (the flock on its LOCK file, read from /proc/locks);
+    None when none does or Linux cannot say."""
     try:
         lock = (folder / "LOCK").stat()
         rows = Path("/proc/locks").read_text().split("\n")
@@ -77,7 +88,7 @@ def lite_holder(folder: Path) -> str | None:
     for row in rows:  # "6: FLOCK  ADVISORY  WRITE 5609 fe:00:2155553 0 EOF"
         fields = row.split()
         if len(fields) > 5 and fields[1] == "FLOCK" and _device_inode(fields[5]) == wanted:
-            return f"pid {fields[4]} ({_command_line(fields[4])})"
+            return LiteHolder(int(fields[4]), _command_line(fields[4]))
     return None
 
 
@@ -89,12 +100,12 @@ def _device_inode(text: str) -> tuple[int, int, int] | None:
         return None
 
 
-def _command_line(pid: str) -> str:
+def _command_line(pid: str) -> tuple[str, ...]:
     try:
         words = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
-        return "its command line unreadable"
-    return " ".join(w.decode(errors="replace") for w in words if w)[:160] or "no command line"
+        return ()
+    return tuple(w.decode(errors="replace") for w in words if w)
 
 
 SQLITE_HEADER = b"SQLite format 3\x00"

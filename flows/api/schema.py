@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import fields as dataclass_fields
 from typing import Literal, get_type_hints
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
@@ -10,6 +11,7 @@ from docsrag.tasks.core import records
 from docsrag.tasks.core.records import MAX_CLIENT_KEY_CHARS, MAX_PRIORITY
 from docsrag.tasks.index import served
 from docsrag.tasks.queue.feedback import MAX_COMMENT_CHARS
+from docsrag.tasks.service.service import QuestionView
 
 Lang = Field(None, pattern=r"^[a-z]{2,3}$", description="ISO 639-1 code, e.g. 'ko'")
 Status = Literal["pending", "claimed", "answered", "failed", "dead"]
@@ -47,11 +49,12 @@ class Submitted(BaseModel):
     repeat_of: int | None = Field(None, description="answered at submit from this question's answer")
 
 
-def _model_of(record: type, fields: tuple[str, ...]) -> type[BaseModel]:
-    """A response model with the named fields of a record, their types read off the record: the
-    API says what the pipeline stores and shows, declared once."""
-    hints = get_type_hints(record)
-    return create_model(record.__name__, **{name: (hints[name], ...) for name in fields})
+def _model_of(record: type, fields: tuple[str, ...], name: str | None = None, **types: object) -> type[BaseModel]:
+    """A response model with the named fields of a record, their types read off the record (or given
+    in ``types``, which may add fields): the API says what the pipeline stores and shows, declared once."""
+    hints = get_type_hints(record) | types
+    chosen = (*fields, *(field for field in types if field not in fields))
+    return create_model(name or record.__name__, **{field: (hints[field], ...) for field in chosen})
 
 
 Source = _model_of(records.Source, records.Source.CITED)
@@ -64,23 +67,12 @@ class Timings(BaseModel):
     latency_ms: int | None = Field(None, description="the model's time to answer (0: answered from a repeat)")
 
 
-class Question(BaseModel):
-    id: int
-    question: str
-    status: Status
-    lang: str | None
-    version: str | None
-    docs_lang: str | None
-    answer: str | None
-    sources: list[Source]
-    model: str | None
-    reasoning_effort: str | None
-    usage: dict[str, int] | None
-    timings: Timings
-    attempts: int
-    last_error: str | None
-    repeat_of: int | None
-    collection: str | None
+TIMED = ("created_at", "answered_at", "latency_ms")  # a question's times, grouped under ``timings``
+# A question as a reader sees it (the service's QuestionView), less its reasoning (never served)
+# and with its times grouped; the statuses and sources typed as the API states them.
+SHOWN_QUESTION = tuple(f.name for f in dataclass_fields(QuestionView) if f.name not in (*TIMED, "reasoning"))
+Question = _model_of(QuestionView, SHOWN_QUESTION, "Question", status=Status, sources=list[Source],
+                     usage=dict[str, int] | None, timings=Timings)
 
 
 class SearchResults(BaseModel):

@@ -195,47 +195,42 @@ def test_a_version_that_contradicts_the_asset_name_is_refused():
 
 # ---------------------------------------------------------------- in the flow, from a deployment
 
-class Watched:
+class Recording:
+    """A loopback HTTP server that records the paths asked of it and answers each with ``status``
+    (and ``headers``)."""
+
+    def __init__(self, status: int, headers: dict[str, str] | None = None):
+        self.requests: list[str] = []
+        requests = self.requests
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                requests.append(self.path)
+                self.send_response(status)
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+class Watched(Recording):
     """An HTTP server that must see no request."""
 
     def __init__(self):
-        self.requests: list[str] = []
-        requests = self.requests
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                requests.append(self.path)
-                self.send_response(404)
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        super().__init__(404)
 
 
-class Redirecting:
+class Redirecting(Recording):
     """An HTTP server that answers every request with a redirect to ``target`` (and counts them)."""
 
     def __init__(self, target: str):
-        self.requests: list[str] = []
-        requests = self.requests
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                requests.append(self.path)
-                self.send_response(302)
-                self.send_header("Location", target)
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        super().__init__(302, {"Location": target})
 
 
 @pytest.fixture(scope="module")

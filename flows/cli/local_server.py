@@ -95,7 +95,8 @@ class _Server(_Listening):
         raise PrefectServerError(f"{self.what} did not answer within {STARTUP_TIMEOUT_S:.0f} s ({self._where_errors_are()})")
 
     def _where_errors_are(self) -> str:
-        return f"its log: {prefect_home() / 'server.log'}"
+        """The last lines the background server logged (the temporary one's errors reach the terminal)."""
+        return _last_words(prefect_home() / "server.log")
 
 
 class Running(_Server):
@@ -108,9 +109,6 @@ class Running(_Server):
     def exit_code(self) -> int | None:
         return None if _alive(self.found.pid) else -1
 
-    def _where_errors_are(self) -> str:
-        return _last_words(prefect_home() / "server.log")
-
 
 class _Started(_Server):
     """A server process this command started."""
@@ -122,7 +120,7 @@ class _Started(_Server):
 
     def exit_code(self) -> int | None:
         code = self.process.poll()
-        if code == STARTUP_FAILED and not _port_free(self.port):  # taken since it was found free: another port
+        if code == STARTUP_FAILED and not port_free(self.port):  # taken since it was found free: another port
             self._launch()
             return None
         return code
@@ -174,7 +172,7 @@ class KeptServer(_Started):
         self._launch()
 
     def _launch(self) -> None:
-        self.port = KEPT_PORT if _port_free(KEPT_PORT) else free_port()
+        self.port = KEPT_PORT if port_free(KEPT_PORT) else free_port()
         # The UI asks the API at PREFECT_SERVER_API_HOST/PORT: the port it really has.
         env = _server_env(PREFECT__SERVER_FINAL="1", PREFECT_SERVER_API_HOST="127.0.0.1",
                           PREFECT_SERVER_API_PORT=str(self.port), PREFECT_SERVER_LOGGING_LEVEL="WARNING")
@@ -190,9 +188,6 @@ class KeptServer(_Started):
     def stop(self) -> None:
         super().stop()
         self.pid_file.unlink(missing_ok=True)
-
-    def _where_errors_are(self) -> str:
-        return _last_words(self.pid_file.parent / "server.log")
 
 
 @dataclass(frozen=True)
@@ -397,7 +392,7 @@ def _server_configured() -> bool:
     return bool(PREFECT_API_URL.value()) or not PREFECT_SERVER_EPHEMERAL_ENABLED.value()
 
 
-def _port_free(port: int) -> bool:
+def port_free(port: int) -> bool:
     with socket.socket() as probe:
         # As uvicorn binds (and Prefect checks): a server stopped a moment ago leaves its port free.
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

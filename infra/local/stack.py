@@ -28,6 +28,8 @@ import urllib.request
 from contextlib import closing
 from pathlib import Path
 
+from docsrag.flows.cli import local_server
+
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 DEFAULT_PORTS = {"s3": 8333, "milvus": 19530, "prefect": 4200}
@@ -156,19 +158,9 @@ def check_ports(stack: Path, state: dict) -> None:
     would leave its port to whatever holds it (a user's own Prefect server would get our deployments)."""
     for name in DEFAULT_PORTS:
         port = state["ports"][name]
-        if not running(stack, name) and not port_free(port):
+        if not running(stack, name) and not local_server.port_free(port):
             raise StackError(f"port {port}, where the stack's {name} server should listen, {held_by(port)}. "
                              + FREE_PORTS_HINT)
-
-
-def port_free(port: int) -> bool:
-    with closing(socket.socket()) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def held_by(port: int) -> str:

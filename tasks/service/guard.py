@@ -84,7 +84,8 @@ class Request:
     origin: str | None  # the Origin header as sent
 
 
-def _split(configured: str | None) -> list[str]:
+def split_setting(configured: str | None) -> list[str]:
+    """The items of a comma-separated setting (tokens, host names)."""
     return [t.strip() for t in (configured or "").split(",") if t.strip()]
 
 
@@ -92,8 +93,8 @@ class Tokens:
     """DOCSRAG_API_TOKENS (callers) and DOCSRAG_API_OPERATOR_TOKENS (operators)."""
 
     def __init__(self, configured: str | None, operators: str | None = None):
-        self.callers = [(t.encode(), Caller(owner_of(t))) for t in _split(configured)]
-        self.operators = [(t.encode(), Caller(owner_of(t), operator=True)) for t in _split(operators)]
+        self.callers = [(t.encode(), Caller(owner_of(t))) for t in split_setting(configured)]
+        self.operators = [(t.encode(), Caller(owner_of(t), operator=True)) for t in split_setting(operators)]
 
     @property
     def configured(self) -> bool:
@@ -117,7 +118,7 @@ class Loopback:
     """Loopback mode's checks: the client address, the host name asked for, the page's origin."""
 
     def __init__(self, allowed_hosts: str = ""):
-        self.allowed = {name.lower().strip("[]") for name in _split(allowed_hosts)}
+        self.allowed = {name.lower().strip("[]") for name in split_setting(allowed_hosts)}
 
     def caller(self, request: Request) -> Caller:
         if not loopback(request.client_host):

@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,6 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from docsrag.flows.cli import local_server
 from docsrag.flows.cli.local_server import free_port
 from tests.conftest import FAQ, servers_with_home
 
@@ -119,6 +122,51 @@ def test_commands_starting_at_once_over_a_stale_pid_file_start_one_server(tmp_pa
     finally:
         home.stop()
     assert home.left() == []
+
+
+def test_a_stale_pid_file_seen_by_two_starters_at_once_gives_one_server(tmp_path, monkeypatch):
+    """The race behind the test above, made certain: both starters read the stale pid file before
+    either removes it. The one that removed it second used to remove the pid file of the server the
+    first had just started, and start a second server over it."""
+    home = tmp_path / "prefect"
+    home.mkdir()
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    (home / "server.pid").write_text(str(gone.pid))
+    monkeypatch.setenv("PREFECT_HOME", str(home))
+    both_read = threading.Barrier(2, timeout=5)
+    order = iter(["first", "second"])
+    real = local_server._being_written
+
+    def read_then_wait(pid_file):
+        seen = real(pid_file)
+        try:
+            both_read.wait()  # the two starters have both judged the stale pid file
+        except threading.BrokenBarrierError:
+            return seen  # only one starter judged it: the other waited its turn, as it should
+        if next(order) == "second":  # ... and acts on it after the first has started its server
+            deadline = time.monotonic() + 20
+            while _pid_in(pid_file) in ("", str(gone.pid)) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        return seen
+
+    monkeypatch.setattr(local_server, "_being_written", read_then_wait)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            servers = list(pool.map(lambda _: local_server.kept_server(), range(2)))
+        assert len(servers_with_home(home)) == 1, servers
+        assert len({s.url for s in servers}) == 1
+    finally:
+        for pid in servers_with_home(home):
+            os.kill(pid, signal.SIGKILL)
+    assert Home(tmp_path).left() == []
+
+
+def _pid_in(pid_file: Path) -> str:
+    try:
+        return pid_file.read_text()
+    except FileNotFoundError:
+        return ""
 
 
 def test_a_server_prefect_started_is_found_and_stopped(tmp_path):

@@ -16,6 +16,7 @@ Prefect (about a second), so its start overlaps the imports and the model's load
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import signal
@@ -215,25 +216,36 @@ def kept_server(announce=None) -> _Server:
     """The background server of this PREFECT_HOME: the one running, else one started now.
     ``announce(ui_url)`` is told when this call started it."""
     home = prefect_home()
+    home.mkdir(parents=True, exist_ok=True)
     pid_file = home / "server.pid"
-    for _ in range(50):
-        if found := background_server(home):
-            return Running(found)
-        try:
-            home.mkdir(parents=True, exist_ok=True)
-            os.close(os.open(pid_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-        except FileExistsError:
-            if _being_written(pid_file):
-                time.sleep(0.1)  # another command is starting it this instant
-            else:
-                pid_file.unlink(missing_ok=True)  # its server is gone
-            continue
-        server = KeptServer(pid_file)
-        if announce:
-            announce(server.ui)
-        return server
+    # Commands starting at once take turns: two that both judged a pid file stale used to both remove
+    # it, the second removing the one the first had just written, and start a second server.
+    with _turn(home / "server.pid.lock"):
+        for _ in range(50):
+            if found := background_server(home):
+                return Running(found)
+            try:
+                os.close(os.open(pid_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            except FileExistsError:
+                if _being_written(pid_file):
+                    time.sleep(0.1)  # `prefect server start --background` is starting it this instant
+                else:
+                    pid_file.unlink(missing_ok=True)  # its server is gone
+                continue
+            server = KeptServer(pid_file)
+            if announce:
+                announce(server.ui)
+            return server
     raise PrefectServerError(f"cannot start Prefect's background server: {pid_file} names no server that runs; "
-                       "`docsrag server stop` clears it")
+                             "`docsrag server stop` clears it")
+
+
+@contextmanager
+def _turn(lock_file: Path):
+    """An exclusive lock on ``lock_file`` while the block runs (released by the kernel if the process dies)."""
+    with open(lock_file, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        yield
 
 
 def stop_kept(home: Path | None = None) -> Background | None:

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from docsrag.tasks.answer.retrieve import covered, search  # noqa: E402
 from docsrag.tasks.core.objectstore import LocalStore  # noqa: E402
 from docsrag.tasks.core.settings import load_settings  # noqa: E402
-from docsrag.tasks.embed import embedding, precision
+from docsrag.tasks.embed import embedding
 from docsrag.tasks.index import build, store  # noqa: E402
 from docsrag.tasks.index import schema as index
 from docsrag.tasks.ingest import chunking, markdown, release
@@ -159,8 +159,7 @@ def minilm_at(settings, tokens: int, threads: int) -> embedding.OnnxEmbedder:
     """The English model in the variant measured on this CPU (the default embedder's), cut at ``tokens``."""
     folder = Path(embedding._local_model_path(settings.embedding_model))
     variant = embedding.local_variant(settings)
-    return embedding.OnnxEmbedder(folder, precision.exported(folder, variant, settings.model_cache), tokens, threads,
-                                  f"{variant}:{tokens}t")
+    return embedding.onnx_embedder(folder, variant, settings.model_cache, tokens, threads, f"{variant}:{tokens}t")
 
 
 def token_limits(client, root: Path, gold: list[dict], ko_id: list[dict], settings) -> dict:

@@ -57,8 +57,7 @@ def main() -> None:
     texts = chunk_texts(args.release, args.chunks)
     folder = Path(embedding._local_model_path(settings.embedding_model))
     variant = embedding.local_variant(settings)
-    minilm = embedding.OnnxEmbedder(folder, precision.exported(folder, variant, settings.model_cache),
-                                    embedding.max_tokens(settings), 1, variant)
+    minilm = embedding.onnx_embedder(folder, variant, settings.model_cache, embedding.max_tokens(settings), 1, variant)
     use = embedding.MultilingualEmbedder(threads=1)
     minilm.embed(texts[:16]), use.embed(texts[:16])  # first calls allocate
     batches = [texts[i:i + BATCH] for i in range(0, len(texts), BATCH)]

@@ -24,9 +24,11 @@ def cache(tmp_path_factory) -> Path:
     tests/test_first_run.py exports into an empty cache."""
     fresh = tmp_path_factory.mktemp("model-cache")
     shared = load_settings().model_cache
-    for variant in precision.CANDIDATES:
+    for variant in precision.candidates():
         exported = precision.exported(FOLDER, variant, shared)
-        shutil.copyfile(exported, fresh / exported.name)
+        for file in (exported, exported.with_suffix(".bin")):  # OpenVINO's IR keeps its weights beside
+            if file.exists():
+                shutil.copyfile(file, fresh / file.name)
     return fresh
 
 
@@ -38,8 +40,8 @@ def test_the_choice_is_measured_once_then_read_from_the_cache(cache):
     again = precision.chosen(FOLDER, cache, 256, 1)
     assert time.perf_counter() - started < 0.5
     assert again == first and path.stat().st_mtime_ns == written
-    assert set(first.measured) == set(precision.CANDIDATES)
-    assert first.variant in precision.CANDIDATES and first.cpu == precision.cpu()
+    assert set(first.measured) == set(precision.candidates())
+    assert first.variant in precision.candidates() and first.cpu == precision.cpu()
 
 
 def test_the_choice_meets_the_cosine_guard(cache):
@@ -122,3 +124,59 @@ def test_no_runtime_telemetry_is_written_or_queued(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert not (tmp_path / ".cache" / "Microsoft").exists()
+
+
+def test_openvino_is_measured_beside_onnxruntime_with_bf16_only_where_the_cpu_has_it():
+    offered = precision.candidates()
+    assert offered[:3] == precision.ONNXRUNTIME and "ov-int8" in offered
+    assert ("ov-bf16" in offered) == any(flag in precision.cpu().split() for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def test_openvinos_int8_is_fitted_on_texts_the_guard_does_not_measure_and_meets_the_guard(cache):
+    assert not set(precision.quantization_texts()) & set(precision.calibration_texts())
+    assert len(precision.quantization_texts()) >= 8
+    choice = precision.chosen(FOLDER, cache, 256, 1)
+    assert choice.measured["ov-int8"].min_cosine >= precision.MIN_COSINE, choice.describe()
+
+
+@pytest.mark.parametrize("variant", ["ov-int8", "int8"])
+def test_batches_embedded_at_once_on_one_model_get_the_vectors_of_one_at_a_time(cache, variant):
+    """The ingest embeds two batches at once on one loaded model: OpenVINO's requests are per thread."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = embedding.onnx_embedder(FOLDER, variant, cache, 256, 1, variant)
+    texts = precision.calibration_texts()
+    alone = np.array(model.embed(texts))
+    with ThreadPoolExecutor(2) as pool:
+        together = [np.array(v) for v in pool.map(model.embed, [texts[::-1], texts])]
+    assert np.allclose(together[1], alone, atol=1e-5) and np.allclose(together[0][::-1], alone, atol=1e-5)
+
+
+def test_quantizing_and_running_openvino_reaches_no_network_and_writes_no_telemetry(cache, tmp_path):
+    """OpenVINO and NNCF send usage events through openvino_telemetry (installed with them) and keep a
+    client id under ~/intel. The real export child, outside pytest (NNCF stubs its telemetry itself
+    under pytest): every socket call is recorded by an audit hook."""
+    import subprocess
+    import sys
+
+    fresh = tmp_path / "cache"
+    fresh.mkdir()
+    plain = precision.model_file(FOLDER, "raw", cache)
+    shutil.copyfile(plain, fresh / plain.name)
+    script = ("import sys\n"
+              "calls = []\n"
+              "sys.addaudithook(lambda event, args: event.startswith('socket.') and calls.append(event))\n"
+              "from docsrag.tasks.embed import model_export\n"
+              f"model_export.main([{str(FOLDER)!r}, {str(fresh)!r}, 'ov-int8'])\n"
+              "from docsrag.tasks.embed import embedding\n"
+              f"embedding.onnx_embedder(__import__('pathlib').Path({str(FOLDER)!r}), 'ov-int8', "
+              f"__import__('pathlib').Path({str(fresh)!r}), 256, 1, 'x').embed(['a text'])\n"
+              "loaded = [m for m, v in sys.modules.items() if v and m.startswith('openvino_telemetry')]\n"
+              "print('RESULT', loaded, sorted(set(calls)))\n")
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("NNCF")} | {"HOME": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    [result] = [line for line in done.stdout.splitlines() if line.startswith("RESULT")]
+    assert result == "RESULT [] []", result
+    assert precision.model_file(FOLDER, "ov-int8", fresh).exists()
+    assert not (tmp_path / "intel").exists() and not (tmp_path / ".cache" / "Microsoft").exists()

@@ -46,9 +46,9 @@ class Retriever:
 
     def embed(self, queries: list[str]) -> dict[str, list[list[float]]]:
         """The queries' vectors by field: ``dense``, and the multilingual field where configured."""
-        vectors = {"dense": self.embedder.embed(queries)}
+        vectors = {"dense": self.embedder.embed(queries, query=True)}
         if self.multilingual:
-            vectors[MULTILINGUAL] = self.multilingual.embed(queries)
+            vectors[MULTILINGUAL] = self.multilingual.embed(queries, query=True)
         return vectors
 
     def search(self, queries: list[str], k: int = 5, version: str | None = None,

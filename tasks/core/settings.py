@@ -71,10 +71,11 @@ class Settings(BaseSettings):
     embedding_model: str = Field(
         "all-MiniLM-L6-v2", description="Local: packaged model name or a sentence-transformers path; openai: model id."
     )
-    embedding_precision: Literal["auto", "int8", "int8r", "fp32", "torch"] = Field(
+    embedding_precision: Literal["auto", "int8", "int8r", "fp32", "ov-int8", "ov-bf16", "torch"] = Field(
         "auto", description="Local model: onnxruntime int8 (per-channel weights), int8r (the same, 7-bit "
-                            "reduce_range) or fp32, or sentence-transformers (torch, fp32); auto: the variant "
-                            "measured fastest on this CPU within a cosine guard to fp32, once (tasks/embed/precision.py).")
+                            "reduce_range) or fp32; OpenVINO ov-int8 (NNCF static int8) or ov-bf16; or "
+                            "sentence-transformers (torch, fp32); auto: the variant measured fastest on this CPU "
+                            "within a cosine guard to fp32, once (tasks/embed/precision.py).")
     embedding_max_tokens: int = Field(0, ge=0, le=512, description="Local model: where each text is cut, in "
                                       "tokens; 0: the model's own setting (256 for all-MiniLM-L6-v2).")
     model_cache: Path = Field(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "docsrag",

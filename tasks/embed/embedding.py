@@ -30,7 +30,7 @@ class Embedder(Protocol):
     id: str
     dim: int
 
-    def embed(self, texts: list[str]) -> list[list[float]]: ...
+    def embed(self, texts: list[str], query: bool = False) -> list[list[float]]: ...
 
 
 class LocalEmbedder:
@@ -46,48 +46,109 @@ class LocalEmbedder:
         self.model = SentenceTransformer(_local_model_path(model), device="cpu")
         self.dim = self.model.get_embedding_dimension()
 
-    def embed(self, texts: list[str]) -> list[list[float]]:
-        vectors = self.model.encode(texts, batch_size=32, normalize_embeddings=True, convert_to_numpy=True)
+    def embed(self, texts: list[str], query: bool = False) -> list[list[float]]:
+        prompt = "query" if query and "query" in self.model.prompts else None
+        vectors = self.model.encode(texts, batch_size=32, normalize_embeddings=True, convert_to_numpy=True,
+                                    prompt_name=prompt)
         return vectors.tolist()
 
 
+class TextEncoder:
+    """A model's texts as its graph takes them: the model's prompt put first (e5's ``query: `` and
+    ``passage: ``, from sentence-transformers' ``config_sentence_transformers.json``), tokenized,
+    cut at ``tokens``, padded to the batch's longest."""
+
+    def __init__(self, folder: Path, tokens: int):
+        from tokenizers import Tokenizer
+
+        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        self.tokenizer.enable_truncation(tokens)
+        pad = "<pad>" if self.tokenizer.token_to_id("<pad>") is not None else "[PAD]"  # XLM-R's, else BERT's
+        self.tokenizer.enable_padding(pad_id=self.tokenizer.token_to_id(pad) or 0, pad_token=pad)
+        config = folder / "config_sentence_transformers.json"
+        self.prompts = (json.loads(config.read_text()).get("prompts") if config.exists() else None) or {}
+
+    def __call__(self, texts: list[str], query: bool = False) -> dict:
+        import numpy as np
+
+        prompt = self.prompts.get("query" if query else "passage", "")
+        encoded = self.tokenizer.encode_batch([prompt + text for text in texts])
+        ids = np.array([e.ids for e in encoded], dtype=np.int64)
+        return {"input_ids": ids, "attention_mask": np.array([e.attention_mask for e in encoded], dtype=np.int64),
+                "token_type_ids": np.zeros_like(ids)}
+
+
 class OnnxEmbedder:
-    """A BERT sentence-transformers model in onnxruntime: mean pooling and normalization as
-    sentence-transformers does them, texts sorted by length so each batch pads little. Inputs are
-    cut at ``tokens``."""
+    """A BERT-family sentence-transformers model exported to ONNX, in onnxruntime: mean pooling and
+    normalization as sentence-transformers does them, texts sorted by length so each batch pads
+    little. Inputs are cut at ``tokens``."""
 
     BATCH = 32
 
     def __init__(self, folder: Path, model_file: Path, tokens: int, threads: int, id: str):
-        import onnxruntime
-        from tokenizers import Tokenizer
-
         self.id = id
         self.dim = json.loads((folder / "config.json").read_text())["hidden_size"]
-        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        self.tokenizer.enable_truncation(tokens)
-        self.tokenizer.enable_padding()
+        self.encode = TextEncoder(folder, tokens)
+        self._load(model_file, threads)
+
+    def _load(self, model_file: Path, threads: int) -> None:
+        import onnxruntime
+
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
         self.session = onnxruntime.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
 
-    def embed(self, texts: list[str]) -> list[list[float]]:
+    def _hidden(self, inputs: dict):
+        return self.session.run(None, inputs)[0]
+
+    def embed(self, texts: list[str], query: bool = False) -> list[list[float]]:
         import numpy as np
 
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         vectors: list = [None] * len(texts)
         for start in range(0, len(order), self.BATCH):
             batch = order[start:start + self.BATCH]
-            encoded = self.tokenizer.encode_batch([texts[i] for i in batch])
-            ids = np.array([e.ids for e in encoded], dtype=np.int64)
-            mask = np.array([e.attention_mask for e in encoded], dtype=np.int64)
-            hidden = self.session.run(None, {"input_ids": ids, "attention_mask": mask,
-                                             "token_type_ids": np.zeros_like(ids)})[0]
+            inputs = self.encode([texts[i] for i in batch], query)
+            mask = inputs["attention_mask"]
+            hidden = self._hidden(inputs)
             pooled = (hidden * mask[:, :, None]).sum(axis=1) / mask.sum(axis=1, keepdims=True)
             pooled /= np.linalg.norm(pooled, axis=1, keepdims=True)
             for row, i in enumerate(batch):
                 vectors[i] = pooled[row].tolist()
         return vectors
+
+
+class OpenVinoEmbedder(OnnxEmbedder):
+    """The same model in OpenVINO: the plain ONNX graph at bf16 (``ov-bf16``), or NNCF's static int8
+    (``ov-int8``, bf16 for what stays in floating point where the CPU has it). OpenVINO has bf16
+    matrix kernels on x86, which onnxruntime's CPU provider lacks.
+
+    One stream per concurrent embedding batch, each with the threads a batch gets, so two batches
+    at once run side by side as two onnxruntime sessions would; each thread has its own request."""
+
+    def _load(self, model_file: Path, threads: int) -> None:
+        import openvino
+
+        from docsrag.tasks.embed import precision
+
+        streams = max(1, (os.cpu_count() or 1) // threads)
+        hint = "bf16" if precision.cpu_has_bf16() else "f32"
+        self.compiled = openvino.Core().compile_model(str(model_file), "CPU", {
+            "INFERENCE_PRECISION_HINT": hint, "NUM_STREAMS": streams, "INFERENCE_NUM_THREADS": threads * streams})
+        self.requests = threading.local()
+
+    def _hidden(self, inputs: dict):
+        if not hasattr(self.requests, "request"):
+            self.requests.request = self.compiled.create_infer_request()
+        return self.requests.request.infer(inputs)[0]
+
+
+def onnx_embedder(folder: Path, variant: str, cache: Path, tokens: int, threads: int, id: str) -> OnnxEmbedder:
+    """The runtime that runs ``variant``: onnxruntime, or OpenVINO for the ``ov-`` variants."""
+    from docsrag.tasks.embed import precision
+
+    runtime = OpenVinoEmbedder if variant.startswith("ov-") else OnnxEmbedder
+    return runtime(folder, precision.exported(folder, variant, cache), tokens, threads, id)
 
 
 @dataclass(frozen=True)
@@ -128,9 +189,12 @@ def _measured_variant(model: str, cache: Path, tokens: int, threads: int) -> str
 
 def max_tokens(settings: Settings) -> int:
     """Where the local model's input is cut: the setting, else the model's own configuration."""
-    if settings.embedding_max_tokens:
-        return settings.embedding_max_tokens
-    config = Path(_local_model_path(settings.embedding_model)) / "sentence_bert_config.json"
+    return settings.embedding_max_tokens or max_tokens_of(Path(_local_model_path(settings.embedding_model)))
+
+
+def max_tokens_of(folder: Path) -> int:
+    """The model's own cut (sentence-transformers' ``max_seq_length``)."""
+    config = folder / "sentence_bert_config.json"
     return json.loads(config.read_text()).get("max_seq_length", 256) if config.exists() else 256
 
 
@@ -147,7 +211,7 @@ class OpenAIEmbedder:
                              timeout=timeout_s)
         self.dim = len(self.embed(["dimension probe"])[0])
 
-    def embed(self, texts: list[str]) -> list[list[float]]:
+    def embed(self, texts: list[str], query: bool = False) -> list[list[float]]:
         response = self.client.embeddings.create(model=self.model, input=texts)
         return [_normalized(item.embedding) for item in sorted(response.data, key=lambda d: d.index)]
 
@@ -173,7 +237,7 @@ class MultilingualEmbedder:
         self.model = NumpyBackend(str(resources / "weights.npz"), UseTokenizer(resources / "sp.model", tokens),
                                   threads=threads)
 
-    def embed(self, texts: list[str]) -> list[list[float]]:
+    def embed(self, texts: list[str], query: bool = False) -> list[list[float]]:
         return self.model.encode(texts).tolist() if texts else []
 
 
@@ -246,11 +310,8 @@ def _cached_embedder(kind: str, model: str, base_url: str | None, api_key: str |
         return OpenAIEmbedder(model, base_url, api_key, timeout_s, max_retries)
     if precision == "torch":
         return LocalEmbedder(model)
-    from docsrag.tasks.embed import precision as variants
-
-    folder = Path(_local_model_path(model))
-    return OnnxEmbedder(folder, variants.exported(folder, precision, cache), tokens, threads,
-                        embedder_id.split("+")[0])  # the English model's part of the id
+    return onnx_embedder(Path(_local_model_path(model)), precision, cache, tokens, threads,
+                         embedder_id.split("+")[0])  # the English model's part of the id
 
 
 @contextmanager

@@ -1,9 +1,16 @@
 """Which variant of the local ONNX model this CPU runs: measured once, cached beside the exports.
 
 The same int8 model is 2x faster than fp32 on an AVX-512 VNNI EPYC and no faster on an AVX2-only
-one (measured): a flag name cannot tell. At first use the candidates (fp32, int8 per-channel,
-int8 per-channel with ``reduce_range``) are exported and timed on the texts below with the
-threads an embedding batch gets; the fastest that meets the guard is kept:
+one (measured): a flag name cannot tell. At first use the candidates are exported and timed on the
+texts below with the threads an embedding batch gets; the fastest that meets the guard is kept.
+The candidates, in two runtimes:
+
+- onnxruntime: fp32 (the reference), int8 per-channel, int8 per-channel with ``reduce_range``;
+- OpenVINO (where it is installed): ``ov-bf16``, the plain graph at bf16, offered only where the
+  CPU has bf16 instructions; ``ov-int8``, NNCF's static int8 calibrated on other texts of the same
+  kind (``quantization_texts``), with bf16 for the rest where the CPU has it.
+
+The rule:
 
 - the guard: every text's cosine to the fp32 vector is at least ``MIN_COSINE`` (the per-text
   minimum, not the mean: one broken text is one wrong search);
@@ -15,9 +22,8 @@ The choice is a JSON file keyed by model, token limit and CPU (model name and th
 decide int8 and bf16 speed), so a cache shared by two machines does not hand one the other's
 choice. The variant is part of the embedder id (tasks/core/settings.py): another choice re-embeds.
 
-bf16: onnxruntime's CPU provider has no bf16 matrix kernels on x86; torch bf16 autocast (2.15x
-torch fp32 on the VNNI EPYC, measured) would load torch at every start (seconds, ~1 GB), so it
-is not a candidate for the default.
+bf16: onnxruntime's CPU provider has no bf16 matrix kernels on x86, OpenVINO's has; torch bf16
+autocast would load torch at every start (seconds, ~1 GB), so it is not a candidate.
 """
 
 from __future__ import annotations
@@ -39,9 +45,13 @@ MIN_GAIN = 1.10
 # Variants this close in speed are a tie (a shared machine's noise, measured: int8 and int8r swapped
 # places between two runs): the one nearer fp32 is kept, so two like machines keep the same one.
 TIE = 0.95
-CANDIDATES = ("fp32", "int8", "int8r")
+ONNXRUNTIME = ("fp32", "int8", "int8r")
 CALIBRATION_TEXTS = 48
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+# Files other than ``<key>-<variant>.onnx``: OpenVINO reads the plain (unfused) ONNX graph, since
+# onnxruntime's fused operators are its own; NNCF's int8 is saved as OpenVINO's IR.
+FILES = {"raw": "raw.onnx", "ov-bf16": "raw.onnx", "ov-int8": "ov-int8.xml"}
 
 
 @dataclass
@@ -90,21 +100,34 @@ def choose(measured: dict[str, Measured]) -> tuple[str, dict[str, str]]:
     return max(tied, key=lambda name: tied[name].min_cosine), rejected
 
 
+def candidates() -> tuple[str, ...]:
+    """What ``auto`` measures on this CPU: onnxruntime's variants, and OpenVINO's where it is installed."""
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return ONNXRUNTIME
+    return (*ONNXRUNTIME, *(("ov-bf16",) if cpu_has_bf16() else ()), "ov-int8")
+
+
+def cpu_has_bf16() -> bool:
+    return any(flag in cpu().split() for flag in BF16_FLAGS)
+
+
 def model_file(folder: Path, variant: str, cache: Path) -> Path:
-    return cache / f"{_model_key(folder)}-{variant}.onnx"
+    return cache / f"{_model_key(folder)}-{FILES.get(variant, f'{variant}.onnx')}"
 
 
 def choice_file(folder: Path, cache: Path, tokens: int) -> Path:
     return cache / f"{_model_key(folder)}-{tokens}t-{hashlib.sha256(cpu().encode()).hexdigest()[:12]}.choice.json"
 
 
-def chosen(folder: Path, cache: Path, tokens: int, threads: int, candidates=CANDIDATES) -> Choice:
+def chosen(folder: Path, cache: Path, tokens: int, threads: int, variants: tuple[str, ...] | None = None) -> Choice:
     """The cached choice, or measured now (once per model, token limit and CPU; tens of seconds)."""
     path = choice_file(folder, cache, tokens)
     if not path.exists():
         with _export_lock(cache):
             if not path.exists():
-                _run_export(folder, cache, list(candidates), ["--choose", str(tokens), str(threads)])
+                _run_export(folder, cache, list(variants or candidates()), ["--choose", str(tokens), str(threads)])
                 choice = Choice.from_dict(json.loads(path.read_text()))
                 # Once per machine: say what was measured and kept, and where it is cached.
                 print(f"docsrag: {choice.describe()} (cached in {path})", file=sys.stderr)
@@ -127,10 +150,10 @@ def measure(folder: Path, cache: Path, variants: list[str], tokens: int, threads
     machine may be shared) and compare its vectors with fp32's; write and return the choice."""
     import numpy as np
 
-    from docsrag.tasks.embed.embedding import OnnxEmbedder
+    from docsrag.tasks.embed.embedding import onnx_embedder
 
     texts = calibration_texts()
-    embedders = {v: OnnxEmbedder(folder, model_file(folder, v, cache), tokens, threads, v) for v in variants}
+    embedders = {v: onnx_embedder(folder, v, cache, tokens, threads, v) for v in variants}
     vectors = {v: np.array(e.embed(texts)) for v, e in embedders.items()}  # also the warm-up
     best = dict.fromkeys(variants, float("inf"))
     for _ in range(3):
@@ -152,6 +175,17 @@ def measure(folder: Path, cache: Path, variants: list[str], tokens: int, threads
 def calibration_texts() -> list[str]:
     """English technical prose of chunk size (~800 characters): this project's own docstrings,
     always at hand (the docs themselves are someone else's text and not shipped)."""
+    return _docstring_texts()[:CALIBRATION_TEXTS]
+
+
+def quantization_texts() -> list[str]:
+    """What NNCF calibrates its int8 scales on: the same kind of texts, none of those the guard
+    measures (a variant judged on the texts it was fitted to would be judged too kindly)."""
+    return _docstring_texts()[CALIBRATION_TEXTS:]
+
+
+@functools.cache
+def _docstring_texts() -> list[str]:
     pieces, current = [], ""
     modules = (path for path in Path(__file__).parents[1].glob("*/*.py") if path.name != "__init__.py")
     for path in sorted(modules, key=lambda path: path.name):  # every room's modules
@@ -163,8 +197,7 @@ def calibration_texts() -> list[str]:
                     pieces.append(current)
                     current = ""
     # A mix of lengths as a release has: whole pieces and their first sentences.
-    texts = [p if n % 3 else p[:200] for n, p in enumerate(pieces)]
-    return texts[:CALIBRATION_TEXTS]
+    return [p if n % 3 else p[:200] for n, p in enumerate(pieces)]
 
 
 def cpu() -> str:

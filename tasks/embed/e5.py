@@ -95,6 +95,8 @@ def build(source: Path, folder: Path) -> None:
     save_file(hf_weights(packed), str(folder / "model.safetensors"), metadata={"format": "pt"})
     os.chmod(folder / "model.safetensors", 0o644)  # written 0600; the cache may be shared
     tokenizer(packed).save(str(folder / "tokenizer.json"))
+    tokenizer(packed, translated=True).save(str(folder / "tokenizer.translated.json"))
+    _write_json(folder / "normalization.json", packed["normalization"])
     _write_json(folder / "config.json", config(packed))
     _write_json(folder / "tokenizer_config.json", {
         "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": MAX_TOKENS,
@@ -226,8 +228,10 @@ def config(packed: dict) -> dict:
     }
 
 
-def tokenizer(packed: dict):
-    """A ``tokenizers`` Tokenizer giving e5.c's ids (see the module's docstring)."""
+def tokenizer(packed: dict, translated: bool = False):
+    """A ``tokenizers`` Tokenizer giving e5.c's ids (see the module's docstring). ``translated``:
+    without the replacement passes, for text already put through ``normalization.json`` in one
+    ``str.translate`` (what docsrag's embedder does: ~35 ms a chunk less)."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
     pieces = packed["pieces"]
@@ -237,7 +241,8 @@ def tokenizer(packed: dict):
     for char, replacement in sorted(packed["normalization"].items()):
         by_output.setdefault(replacement, []).append(char)
     # One pass per replacement text; no replacement holds a replaced character, so the order is free.
-    steps = [normalizers.Replace(Regex(_char_class(chars)), replacement) for replacement, chars in by_output.items()]
+    steps = [] if translated else [normalizers.Replace(Regex(_char_class(chars)), replacement)
+                                   for replacement, chars in by_output.items()]
     steps.append(normalizers.Replace(Regex(" {2,}"), " "))
     known = sorted({piece for piece in pieces if len(piece) == 1})
     tok = Tokenizer(model)

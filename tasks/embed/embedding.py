@@ -62,7 +62,12 @@ class TextEncoder:
     def __init__(self, folder: Path, tokens: int):
         from tokenizers import Tokenizer
 
-        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        # A model whose tokenizer replaces thousands of characters (e5's, one pass per replacement
+        # text) also ships the table: one str.translate here, and its tokenizer without those passes.
+        table = folder / "normalization.json"
+        self.table = str.maketrans(json.loads(table.read_text(encoding="utf-8"))) if table.exists() else None
+        name = "tokenizer.translated.json" if self.table else "tokenizer.json"
+        self.tokenizer = Tokenizer.from_file(str(folder / name))
         self.tokenizer.enable_truncation(tokens)
         pad = "<pad>" if self.tokenizer.token_to_id("<pad>") is not None else "[PAD]"  # XLM-R's, else BERT's
         self.tokenizer.enable_padding(pad_id=self.tokenizer.token_to_id(pad) or 0, pad_token=pad)
@@ -73,7 +78,8 @@ class TextEncoder:
         import numpy as np
 
         prompt = self.prompts.get("query" if query else "passage", "")
-        encoded = self.tokenizer.encode_batch([prompt + text for text in texts])
+        texts = [prompt + text for text in texts]
+        encoded = self.tokenizer.encode_batch([text.translate(self.table) for text in texts] if self.table else texts)
         ids = np.array([e.ids for e in encoded], dtype=np.int64)
         return {"input_ids": ids, "attention_mask": np.array([e.attention_mask for e in encoded], dtype=np.int64),
                 "token_type_ids": np.zeros_like(ids)}
@@ -166,19 +172,28 @@ def resolve(settings: Settings) -> EmbedderChoice:
     onnx = settings.embedding == "local" and settings.embedding_precision != "torch"
     variant = local_variant(settings) if onnx else settings.embedding_precision
     local = f":{variant}" + (f":{settings.embedding_max_tokens}t" if settings.embedding_max_tokens else "") if onnx else ""
-    multilingual = "" if settings.multilingual == "off" else f"+{settings.multilingual}" + (
-        f":{settings.multilingual_max_tokens}t" if settings.multilingual_max_tokens else "")
-    return EmbedderChoice(f"{settings.embedding}:{settings.embedding_model}{local}{multilingual}", variant)
+    return EmbedderChoice(f"{settings.embedding}:{settings.embedding_model}{local}{_multilingual_id(settings)}", variant)
+
+
+def _multilingual_id(settings: Settings) -> str:
+    if settings.multilingual == "off":
+        return ""
+    e5_variant = f":{_variant_of(settings, e5.E5_MODEL, multilingual_tokens(settings))}" if settings.multilingual == "e5" else ""
+    cut = f":{settings.multilingual_max_tokens}t" if settings.multilingual_max_tokens else ""
+    return f"+{settings.multilingual}{e5_variant}{cut}"
 
 
 def local_variant(settings: Settings) -> str:
     """The ONNX variant the local model runs at: the setting, or for ``auto`` the one measured
     fastest on this CPU within the cosine guard (tasks/embed/precision.py; measured at first use)."""
+    return _variant_of(settings, settings.embedding_model, max_tokens(settings))
+
+
+def _variant_of(settings: Settings, model: str, tokens: int) -> str:
     if settings.embedding_precision != "auto":
         return settings.embedding_precision
     with _CHOOSING:
-        return _measured_variant(settings.embedding_model, settings.model_cache, max_tokens(settings),
-                                 _threads(settings))
+        return _measured_variant(model, settings.model_cache, tokens, _threads(settings))
 
 
 @functools.cache
@@ -260,10 +275,26 @@ class UseTokenizer:
 
 
 def multilingual_for(settings: Settings) -> Embedder | None:
+    """The second dense field's model: USE (numpy), or multilingual-e5-small in the runtime and
+    precision measured for it on this CPU, as the English model is."""
     if settings.multilingual == "off":
         return None
+    threads, tokens = _threads(settings), multilingual_tokens(settings)
+    if settings.multilingual == "use":
+        with _LOADING:
+            return _cached_multilingual(threads, settings.multilingual_max_tokens)
+    variant = _variant_of(settings, e5.E5_MODEL, tokens)
     with _LOADING:
-        return _cached_multilingual(_threads(settings), settings.multilingual_max_tokens)
+        return _cached_embedder("local", e5.E5_MODEL, None, None, variant, tokens, settings.model_cache, threads,
+                                settings.embedding_timeout_s, settings.embedding_max_retries,
+                                f"local:{e5.E5_MODEL}:{variant}")
+
+
+def multilingual_tokens(settings: Settings) -> int:
+    """Where the multilingual field cuts a chunk: the setting (0: the whole chunk, as far as e5's 512)."""
+    if settings.multilingual == "e5":
+        return min(settings.multilingual_max_tokens or 512, 512)
+    return settings.multilingual_max_tokens
 
 
 @functools.cache
@@ -284,7 +315,7 @@ def embedder_for(settings: Settings) -> Embedder:
     with _LOADING:  # a second caller waits for the model being loaded instead of loading it again
         return _cached_embedder(settings.embedding, settings.embedding_model, settings.embedding_base_url, key,
                                 choice.variant, tokens, settings.model_cache, threads, settings.embedding_timeout_s,
-                                settings.embedding_max_retries, choice.id)
+                                settings.embedding_max_retries, choice.id.split("+")[0])  # the English model's part
 
 
 def preload(settings: Settings) -> None:
@@ -312,8 +343,7 @@ def _cached_embedder(kind: str, model: str, base_url: str | None, api_key: str |
         return OpenAIEmbedder(model, base_url, api_key, timeout_s, max_retries)
     if precision == "torch":
         return LocalEmbedder(model, cache)
-    return onnx_embedder(Path(_local_model_path(model, cache)), precision, cache, tokens, threads,
-                         embedder_id.split("+")[0])  # the English model's part of the id
+    return onnx_embedder(Path(_local_model_path(model, cache)), precision, cache, tokens, threads, embedder_id)
 
 
 @contextmanager

@@ -117,17 +117,21 @@ def model_file(folder: Path, variant: str, cache: Path) -> Path:
     return cache / f"{_model_key(folder)}-{FILES.get(variant, f'{variant}.onnx')}"
 
 
-def choice_file(folder: Path, cache: Path, tokens: int) -> Path:
-    return cache / f"{_model_key(folder)}-{tokens}t-{hashlib.sha256(cpu().encode()).hexdigest()[:12]}.choice.json"
+def choice_file(folder: Path, cache: Path, tokens: int, variants: tuple[str, ...] | None = None) -> Path:
+    """Keyed by the candidates too: a choice made before a runtime was offered (OpenVINO, installed
+    later) is measured again with it, not kept for good."""
+    measured = f"{cpu()}|{','.join(variants or candidates())}"
+    return cache / f"{_model_key(folder)}-{tokens}t-{hashlib.sha256(measured.encode()).hexdigest()[:12]}.choice.json"
 
 
 def chosen(folder: Path, cache: Path, tokens: int, threads: int, variants: tuple[str, ...] | None = None) -> Choice:
     """The cached choice, or measured now (once per model, token limit and CPU; tens of seconds)."""
-    path = choice_file(folder, cache, tokens)
+    variants = variants or candidates()
+    path = choice_file(folder, cache, tokens, variants)
     if not path.exists():
         with _export_lock(cache):
             if not path.exists():
-                _run_export(folder, cache, list(variants or candidates()), ["--choose", str(tokens), str(threads)])
+                _run_export(folder, cache, list(variants), ["--choose", str(tokens), str(threads)])
                 choice = Choice.from_dict(json.loads(path.read_text()))
                 # Once per machine: say what was measured and kept, and where it is cached.
                 print(f"docsrag: {choice.describe()} (cached in {path})", file=sys.stderr)
@@ -165,7 +169,7 @@ def measure(folder: Path, cache: Path, variants: list[str], tokens: int, threads
                             round(float((vectors[v] * vectors["fp32"]).sum(axis=1).min()), 4)) for v in variants}
     variant, rejected = choose(measured)
     choice = Choice(variant, tokens, threads, cpu(), measured, rejected)
-    target = choice_file(folder, cache, tokens)
+    target = choice_file(folder, cache, tokens, tuple(variants))
     written = target.with_suffix(".tmp")
     written.write_text(json.dumps(choice.to_dict(), indent=2))
     os.replace(written, target)

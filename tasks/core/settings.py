@@ -160,6 +160,10 @@ class Settings(BaseSettings):
     translate_questions: bool = Field(
         True, description="Translate questions not in English into English (the LLM, low reasoning effort) before "
                           "retrieval; the answer is still asked in the question's language.")
+    search_as_asked: str = Field(
+        "auto", description="Languages (ISO 639-1, comma-separated) searched as asked, with no translation first: "
+                            "one LLM call less a question. auto: those the multilingual field was measured to find "
+                            "as well as their translation (Indonesian with e5; none with USE); empty: none.")
     docs_url: str = Field(
         "https://milvus.io/docs/v{version}/{doc_id}",
         description="Where each cited page is published: a template with {version} (2.4.x), {doc_id} (the file name, "
@@ -192,6 +196,16 @@ class Settings(BaseSettings):
     github_token: SecretStr | None = Field(
         None, validation_alias=AliasChoices("DOCSRAG_GITHUB_TOKEN", "GITHUB_TOKEN"),
         description="GitHub token (GITHUB_TOKEN) for a higher API rate limit.")
+
+    @field_validator("search_as_asked")
+    @classmethod
+    def _languages(cls, value: str) -> str:
+        from docsrag.tasks.core.language import LANGUAGES
+
+        unknown = [lang for lang in value.replace(" ", "").split(",") if lang and lang not in LANGUAGES]
+        if value != "auto" and unknown:
+            raise ValueError(f"{', '.join(unknown)}: not a language of the docs ({', '.join(LANGUAGES)}), nor 'auto'")
+        return value
 
     @field_validator("collection")
     @classmethod

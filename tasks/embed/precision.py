@@ -18,9 +18,9 @@ The rule:
   move for nothing are not worth it); variants within ``TIE`` of the fastest are a tie, won by
   the one nearer fp32.
 
-The choice is a JSON file keyed by model, token limit and CPU (model name and the flags that
-decide int8 and bf16 speed), so a cache shared by two machines does not hand one the other's
-choice. The variant is part of the embedder id (tasks/core/settings.py): another choice re-embeds.
+The choice is a JSON file keyed by model, token limit, CPU (model name and the flags that decide
+int8 and bf16 speed) and the candidates offered, so a cache shared by two machines does not hand
+one the other's choice, and a runtime installed later is measured. The variant is part of the embedder id (tasks/core/settings.py): another choice re-embeds.
 
 bf16: onnxruntime's CPU provider has no bf16 matrix kernels on x86, OpenVINO's has; torch bf16
 autocast would load torch at every start (seconds, ~1 GB), so it is not a candidate.
@@ -156,7 +156,7 @@ def measure(folder: Path, cache: Path, variants: list[str], tokens: int, threads
 
     from docsrag.tasks.embed.embedding import onnx_embedder
 
-    texts = calibration_texts()
+    texts = calibration_texts(folder)
     embedders = {v: onnx_embedder(folder, v, cache, tokens, threads, v) for v in variants}
     vectors = {v: np.array(e.embed(texts)) for v, e in embedders.items()}  # also the warm-up
     best = dict.fromkeys(variants, float("inf"))
@@ -176,16 +176,26 @@ def measure(folder: Path, cache: Path, variants: list[str], tokens: int, threads
     return choice
 
 
-def calibration_texts() -> list[str]:
+def calibration_texts(folder: Path | None = None) -> list[str]:
     """English technical prose of chunk size (~800 characters): this project's own docstrings,
-    always at hand (the docs themselves are someone else's text and not shipped)."""
-    return _docstring_texts()[:CALIBRATION_TEXTS]
+    always at hand (the docs themselves are someone else's text and not shipped); for a model that
+    reads other languages, also half of this project's own texts in Korean and Indonesian (e5's
+    int8 lost more on Korean questions than on English text: min cosine 0.980 against 0.996)."""
+    return _docstring_texts()[:CALIBRATION_TEXTS] + _other_languages(folder)[::2]
 
 
-def quantization_texts() -> list[str]:
+def quantization_texts(folder: Path | None = None) -> list[str]:
     """What NNCF calibrates its int8 scales on: the same kind of texts, none of those the guard
     measures (a variant judged on the texts it was fitted to would be judged too kindly)."""
-    return _docstring_texts()[CALIBRATION_TEXTS:]
+    return _docstring_texts()[CALIBRATION_TEXTS:] + _other_languages(folder)[1::2]
+
+
+def _other_languages(folder: Path | None) -> list[str]:
+    from docsrag.tasks.embed.e5 import E5_MODEL
+
+    if folder is None or not folder.name.startswith(E5_MODEL):
+        return []
+    return (Path(__file__).parent / "texts_ko_id.txt").read_text(encoding="utf-8").splitlines()
 
 
 @functools.cache

@@ -130,12 +130,15 @@ class OpenVinoEmbedder(OnnxEmbedder):
     (``ov-int8``, bf16 for what stays in floating point where the CPU has it). OpenVINO has bf16
     matrix kernels on x86, which onnxruntime's CPU provider lacks.
 
-    One stream per concurrent embedding batch, each with the threads a batch gets, so two batches
-    at once run side by side as two onnxruntime sessions would; each thread has its own request.
-    ``keep_compiled``: off for the variants only timed by the measurement (hundreds of MB for e5)."""
+    One inference at a time, on every core the concurrent batches share: two requests of this
+    dynamic-shape model run at once (one stream each) hung the first ingest of a test run once in
+    three, both inside ``infer`` at no CPU, as two requests specializing a new input shape at the
+    same moment deadlock on few cores. Taking turns costs 3-10% (MiniLM int8, 2 cores, measured).
+    ``measuring``: the measurement's terms, as onnxruntime is timed (``threads`` only), and no
+    compiled model kept for a variant only timed (hundreds of MB for e5)."""
 
-    def __init__(self, folder: Path, model_file: Path, tokens: int, threads: int, id: str, keep_compiled: bool = True):
-        self.keep_compiled = keep_compiled
+    def __init__(self, folder: Path, model_file: Path, tokens: int, threads: int, id: str, measuring: bool = False):
+        self.measuring = measuring
         super().__init__(folder, model_file, tokens, threads, id)
 
     def _load(self, model_file: Path, threads: int) -> None:
@@ -143,34 +146,34 @@ class OpenVinoEmbedder(OnnxEmbedder):
 
         from docsrag.tasks.embed import precision
 
-        streams = max(1, (os.cpu_count() or 1) // threads)
-        hint = "bf16" if precision.cpu_has_bf16() else "f32"
         core = openvino.Core()
-        if self.keep_compiled:
+        if not self.measuring:
             # OpenVINO's compiled model kept beside the exports: 0.27 s to load instead of 1.3 s to
             # compile at every start (measured, MiniLM int8), which an unchanged re-run paid for
             # nothing. A folder per file as written, so a file exported again is compiled again.
             written = model_file.stat()
             core.set_property({"CACHE_DIR": str(model_file.parent / "openvino" /
                                                 f"{model_file.stem}-{written.st_size}-{written.st_mtime_ns}")})
+        shared = threads if self.measuring else threads * max(1, (os.cpu_count() or 1) // threads)
         self.compiled = core.compile_model(str(model_file), "CPU", {
-            "INFERENCE_PRECISION_HINT": hint, "NUM_STREAMS": streams, "INFERENCE_NUM_THREADS": threads * streams})
-        self.requests = threading.local()
+            "INFERENCE_PRECISION_HINT": "bf16" if precision.cpu_has_bf16() else "f32",
+            "NUM_STREAMS": 1, "INFERENCE_NUM_THREADS": shared})
+        self.request = self.compiled.create_infer_request()
+        self.turn = threading.Lock()
 
     def _hidden(self, inputs: dict):
-        if not hasattr(self.requests, "request"):
-            self.requests.request = self.compiled.create_infer_request()
-        return self.requests.request.infer(inputs)[0]
+        with self.turn:
+            return self.request.infer(inputs)[0]  # a copy (share_outputs is off): the next infer reuses the tensor
 
 
 def onnx_embedder(folder: Path, variant: str, cache: Path, tokens: int, threads: int, id: str,
-                  keep_compiled: bool = True) -> OnnxEmbedder:
+                  measuring: bool = False) -> OnnxEmbedder:
     """The runtime that runs ``variant``: onnxruntime, or OpenVINO for the ``ov-`` variants."""
     from docsrag.tasks.embed import precision
 
     file = precision.exported(folder, variant, cache)
     if variant.startswith("ov-"):
-        return OpenVinoEmbedder(folder, file, tokens, threads, id, keep_compiled)
+        return OpenVinoEmbedder(folder, file, tokens, threads, id, measuring)
     return OnnxEmbedder(folder, file, tokens, threads, id)
 
 

@@ -157,7 +157,7 @@ def measure(folder: Path, cache: Path, variants: list[str], tokens: int, threads
     from docsrag.tasks.embed.embedding import onnx_embedder
 
     texts = calibration_texts(folder)
-    embedders = {v: onnx_embedder(folder, v, cache, tokens, threads, v, keep_compiled=False) for v in variants}
+    embedders = {v: onnx_embedder(folder, v, cache, tokens, threads, v, measuring=True) for v in variants}
     vectors = {v: np.array(e.embed(texts)) for v, e in embedders.items()}  # also the warm-up
     best = dict.fromkeys(variants, float("inf"))
     for _ in range(3):

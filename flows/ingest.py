@@ -49,7 +49,13 @@ from docsrag.tasks.ingest.report import StageClock, log_problems, name_run, prog
 # Task results stay in memory, never in result storage: they are local paths, clients or vectors
 # (never persisted), and a retried run resumes from its staging collection instead (README).
 IN_MEMORY = {"cache_policy": NONE, "persist_result": False}
-WRITE_RETRIES = {"retries": 3, "retry_delay_seconds": [1, 5, 15], **IN_MEMORY}
+WRITE_RETRIES = {"retries": 3, "retry_delay_seconds": [1, 5, 15], **IN_MEMORY}  # per run: _with_write_retries
+
+
+def _with_write_retries(write_task, settings: Settings):
+    """A write or copy task retried as DOCSRAG_MILVUS_WRITE_RETRY_DELAYS_S says (one retry per wait)."""
+    delays = settings.milvus_write_retry_delays
+    return write_task.with_options(retries=len(delays), retry_delay_seconds=delays or 0)
 
 
 @flow(name="ingest-docs", flow_run_name=lambda: _run_name(flow_run.parameters),
@@ -63,6 +69,11 @@ def ingest_release(release: str | None = None, version: str | None = None, force
     settings = settings_for_run(release_url=release, collection=collection)
     clock = StageClock()
     writer_lock.check_coordinated(settings)  # refused before the model starts (the probe asks an embedding server)
+    from docsrag.tasks.ingest.source_policy import check_run_source
+
+    # A deployment's run of a release the operator does not allow (a hostile event) fails here, before
+    # the model loads; fetch checks again, with each redirect of the download.
+    check_run_source(settings, version)
     embedding.preload(settings)  # the model loads while the writer slot is taken and the release fetched
     objects = open_store(settings.object_store, settings.s3_endpoint_url)
     # One writer per corpus from the first stage: two runs never share a download, an extraction
@@ -222,6 +233,7 @@ def embed_and_write(client, settings: Settings, plan: BuildPlan, rel: Release, c
             named = embed_batch.with_options(task_run_name=f"embed-batch {next(numbers)}/{batches}")
             in_flight[named.submit([c.embed_text for c in batch], settings, multilingual is not None)] = batch
 
+    copy, write = _with_write_retries(copy_batch, settings), _with_write_retries(write_batch, settings)
     artifact = create_progress_artifact(0.0, description=f"Embedding {len(chunks)} chunks")
     done = 0
     with embedding.cores_shared_by(settings.embedding_concurrency), progress_bar(len(chunks), "embedding") as bar:
@@ -229,7 +241,7 @@ def embed_and_write(client, settings: Settings, plan: BuildPlan, rel: Release, c
             submit_next()
         with clock("write"):
             for part in batched(plan.diff.reusable(), build.COPY_BATCH_ROWS):
-                copy_batch(client, plan.base, target, quote(part), rel.version)
+                copy(client, plan.base, target, quote(part), rel.version)
         while in_flight:
             future = next(as_completed(list(in_flight)))
             batch = in_flight.pop(future)
@@ -238,7 +250,7 @@ def embed_and_write(client, settings: Settings, plan: BuildPlan, rel: Release, c
             with clock("write"):
                 # quote(): Prefect would otherwise walk every float of every vector looking for
                 # futures (7 s per 1000 rows, measured), in the flow thread, while the embedding runs.
-                write_batch(client, target, quote([index.row(c, v, rel.version) for c, v in zip(batch, vectors)]))
+                write(client, target, quote([index.row(c, v, rel.version) for c, v in zip(batch, vectors)]))
             done += len(batch)
             bar.update(len(batch))
             update_progress_artifact(artifact, 100.0 * done / len(chunks))

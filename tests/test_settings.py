@@ -30,6 +30,7 @@ def test_unknown_variable_is_named_with_a_suggestion(monkeypatch):
     ("DOCSRAG_EMBEDDING_BATCH_SIZE", "lots"),
     ("DOCSRAG_COLLECTION", "has-dash"),
     ("DOCSRAG_MAX_ARCHIVE_FILES", "0"),
+    ("DOCSRAG_MILVUS_WRITE_RETRY_DELAYS_S", "1,soon"),
 ])
 def test_invalid_value_names_the_variable(monkeypatch, name, value):
     monkeypatch.setenv(name, value)
@@ -71,3 +72,11 @@ def test_cli_reports_bad_configuration_with_exit_code_2(monkeypatch, capsys):
 def test_home_may_be_relative(monkeypatch):
     monkeypatch.setenv("DOCSRAG_HOME", "state")
     assert load_settings().milvus_uri == str(Path("state") / "milvus.db")
+
+
+def test_milvus_write_retries_are_one_per_wait(monkeypatch):
+    assert load_settings().milvus_write_retry_delays == [1, 5, 15]
+    monkeypatch.setenv("DOCSRAG_MILVUS_WRITE_RETRY_DELAYS_S", "0.5, 2")
+    assert load_settings().milvus_write_retry_delays == [0.5, 2]
+    monkeypatch.setenv("DOCSRAG_MILVUS_WRITE_RETRY_DELAYS_S", "")
+    assert load_settings().milvus_write_retry_delays == []

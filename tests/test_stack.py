@@ -51,7 +51,10 @@ def stack(tmp_path_factory, releases):
     prefix = f"docsrag_t{uuid.uuid4().hex[:6]}"
     try:
         with pytest.MonkeyPatch.context() as shell:
-            for name, value in {**feed.settings, "DOCSRAG_LLM_BASE_URL": llm.url, "PREFECT_WORKER_QUERY_SECONDS": "2"}.items():
+            # A run of a deployment at its concurrency limit (ingest-docs: 1) is tried again after
+            # this many seconds (Prefect's default: 30): the queued runs of a test follow each other at once.
+            for name, value in {**feed.settings, "DOCSRAG_LLM_BASE_URL": llm.url, "PREFECT_WORKER_QUERY_SECONDS": "2",
+                                "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "1"}.items():
                 shell.setenv(name, value)
             env_file = stack_script.up(home, free_ports=True, paused=True, db_prefix=prefix,
                                        postgres=os.environ.get("DOCSRAG_TEST_POSTGRES_URL",
@@ -178,7 +181,8 @@ def test_milvus_lost_mid_ingest_fails_clearly_and_the_alias_survives(stack, rele
     served collection, and search works again once the server is back."""
     client = milvus(stack)
     before, served = set(client.list_collections()), client.describe_alias("milvus_docs")["collection_name"]
-    env = {**os.environ, **stack, "HF_HUB_OFFLINE": "1"}
+    # Three retries of the failed write, as by default, a second apart instead of 1, 5 and 15 s.
+    env = {**os.environ, **stack, "HF_HUB_OFFLINE": "1", "DOCSRAG_MILVUS_WRITE_RETRY_DELAYS_S": "1,1,1"}
     ingest = subprocess.Popen([DOCSRAG, "ingest", "--release", str(releases / "milvus_docs_2.4.x_en.zip"),
                                "--version", "2.4.x-fault"], env=env, cwd=ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
@@ -247,16 +251,21 @@ def test_hostile_release_events_start_runs_that_fail_with_their_reason_and_chang
                "https://github.com/someone-else/x/releases/download/v999/milvus_docs_999.0.x_en.zip":
                    "DOCSRAG_RELEASE_REPO"}
     before = {run.id for run in ingest_runs(stack)}
+    emitting = []  # the four events are emitted at once, each by its own `prefect event emit`
     for url in hostile:
         payload = {"asset_url": url, "version": "999.0", "force": True, "publish_main": True}
-        emitted = subprocess.run([str(Path(DOCSRAG).parent / "prefect"), "event", "emit", "docsrag.release.published",
-                                  "--resource-id", "docsrag.release.999.0", "--payload", json.dumps(payload)],
-                                 env={**os.environ, **stack}, capture_output=True, text=True, timeout=60)
-        assert emitted.returncode == 0, emitted.stderr[-2000:]
+        emitting.append(subprocess.Popen([str(Path(DOCSRAG).parent / "prefect"), "event", "emit",
+                                          "docsrag.release.published", "--resource-id", "docsrag.release.999.0",
+                                          "--payload", json.dumps(payload)],
+                                         env={**os.environ, **stack}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                         text=True))
+    for emitted in emitting:
+        _, err = emitted.communicate(timeout=60)
+        assert emitted.returncode == 0, err[-2000:]
     deadline = time.monotonic() + 150
     while len(runs := [r for r in ingest_runs(stack) if r.id not in before and r.state.is_final()]) < len(hostile):
         assert time.monotonic() < deadline, [(r.name, r.state.name) for r in ingest_runs(stack) if r.id not in before]
-        time.sleep(2)
+        time.sleep(1)
     watched.server.shutdown()
     for run in runs:
         assert run.state.is_failed(), (run.parameters, run.state.message)

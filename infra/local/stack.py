@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from pathlib import Path
 
@@ -311,12 +312,20 @@ def prefect_env(stack: Path, state: dict) -> dict:
 
 
 def start_prefect(stack: Path, state: dict) -> None:
+    spawn_prefect(stack, state)
+    wait_for_prefect(stack, state)
+
+
+def spawn_prefect(stack: Path, state: dict) -> None:
     env = {**prefect_env(stack, state),
            "PREFECT_API_DATABASE_CONNECTION_URL": postgres_url(state, state["prefect_db"], "+asyncpg"),
            "PREFECT_SERVER_API_AUTH_STRING": state["prefect_auth"]}  # every route but /health asks for it
     env.pop("PREFECT_API_URL")
     spawn(stack, "prefect", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
                              "--port", str(state["ports"]["prefect"])], env)
+
+
+def wait_for_prefect(stack: Path, state: dict) -> None:
     wait_for("Prefect server", lambda: ours_answers(stack, state), stack / "prefect.log")
 
 
@@ -367,8 +376,9 @@ def work_pools() -> list[str]:
 
 
 def deploy(stack: Path, state: dict, paused: bool) -> None:
-    for pool in work_pools():
-        prefect_cli(stack, state, "work-pool", "create", pool, "--type", "process", "--overwrite")
+    with ThreadPoolExecutor() as pools:  # each `prefect` command is seconds of start-up: the pools at once
+        list(pools.map(lambda pool: prefect_cli(stack, state, "work-pool", "create", pool, "--type", "process",
+                                                "--overwrite"), work_pools()))
     prefect_cli(stack, state, "deploy", "--all")
     if paused:
         asyncio.run(_pause_schedules(state))
@@ -407,13 +417,15 @@ def start_workers(stack: Path, state: dict) -> None:
     """A process worker per pool of prefect.yaml, so every deployment's runs are taken here (the
     answer runs too, with the LLM the caller's DOCSRAG_LLM_BASE_URL names)."""
     env = {**prefect_env(stack, state), **stack_env(stack.parent, state)}
-    for pool in work_pools():
+    started = {}
+    for pool in work_pools():  # all started, then all waited for: they start up side by side
         name = worker_name(pool)
         if running(stack, name):
             continue
         spawn(stack, name, [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process"], env,
               cwd=ROOT)
-        log = stack / f"{name}.log"
+        started[pool] = stack / f"{name}.log"
+    for pool, log in started.items():
         wait_for(f"Prefect worker of {pool}", lambda log=log: "started" in log.read_text(errors="replace").lower(),
                  log, timeout_s=120)
 
@@ -466,15 +478,18 @@ def up(home: Path, free_ports: bool, paused: bool, postgres: str, db_prefix: str
     stack = home / "stack"
     state = load_state(stack, free_ports, postgres, db_prefix)
     check_ports(stack, state)
+    # The Prefect server needs only its database: it starts up while S3 and Milvus do.
+    create_databases(state)
+    fresh_server = not running(stack, "prefect")
+    if fresh_server:
+        spawn_prefect(stack, state)
     if not running(stack, "s3"):
         start_s3(stack, state)
     create_buckets(state)
     if not running(stack, "milvus"):
         start_milvus(stack, state)
-    create_databases(state)
-    fresh_server = not running(stack, "prefect")
     if fresh_server:
-        start_prefect(stack, state)
+        wait_for_prefect(stack, state)
     env_file = write_env(home, state)
     if fresh_server or not (stack / "deployed").exists():
         deploy(stack, state, paused)

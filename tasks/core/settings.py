@@ -157,6 +157,11 @@ class Settings(BaseSettings):
     milvus_timeout_s: float = Field(
         # 10 s was too short for the first search after a Milvus 2.3 restart on a busy 2-core machine.
         30.0, gt=0, allow_inf_nan=False, description="Deadline of each Milvus search, query or get when serving.")
+    milvus_write_retry_delays_s: str = Field(
+        # A server restarting (a pod rescheduled) answers again within seconds; one that stays down fails
+        # the run after the last wait, and the next run resumes from the batches already written.
+        "1,5,15", description="Waits (seconds, comma-separated) before each retry of an ingest's failed Milvus write: "
+                              "one retry per wait, then the run fails; empty: no retry.")
     translate_questions: bool = Field(
         True, description="Translate questions not in English into English (the LLM, low reasoning effort) before "
                           "retrieval; the answer is still asked in the question's language.")
@@ -206,6 +211,21 @@ class Settings(BaseSettings):
         if value != "auto" and unknown:
             raise ValueError(f"{', '.join(unknown)}: not a language of the docs ({', '.join(LANGUAGES)}), nor 'auto'")
         return value
+
+    @field_validator("milvus_write_retry_delays_s")
+    @classmethod
+    def _delays(cls, value: str) -> str:
+        try:
+            delays = [float(part) for part in value.replace(" ", "").split(",") if part]
+        except ValueError:
+            raise ValueError("must be seconds, comma-separated (e.g. 1,5,15)") from None
+        if any(not 0 <= d <= 3600 for d in delays):
+            raise ValueError("each wait must be between 0 and 3600 seconds")
+        return value
+
+    @property
+    def milvus_write_retry_delays(self) -> list[float]:
+        return [float(part) for part in self.milvus_write_retry_delays_s.replace(" ", "").split(",") if part]
 
     @field_validator("collection")
     @classmethod

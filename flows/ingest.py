@@ -45,6 +45,7 @@ from docsrag.tasks.ingest.release import (
     fetch_release,
 )
 from docsrag.tasks.ingest.report import StageClock, log_problems, name_run, progress_bar, publish_artifacts
+from docsrag.tasks.ingest.source_policy import check_run_source
 
 # Task results stay in memory, never in result storage: they are local paths, clients or vectors
 # (never persisted), and a retried run resumes from its staging collection instead (README).
@@ -69,8 +70,6 @@ def ingest_release(release: str | None = None, version: str | None = None, force
     settings = settings_for_run(release_url=release, collection=collection)
     clock = StageClock()
     writer_lock.check_coordinated(settings)  # refused before the model starts (the probe asks an embedding server)
-    from docsrag.tasks.ingest.source_policy import check_run_source
-
     # A deployment's run of a release the operator does not allow (a hostile event) fails here, before
     # the model loads; fetch checks again, with each redirect of the download.
     check_run_source(settings, version)
@@ -121,11 +120,7 @@ def _transient(task, task_run, state) -> bool:
 
 @task(retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=_transient, **IN_MEMORY)
 def fetch(settings: Settings, objects: ObjectStore, version: str | None) -> Release:
-    from docsrag.tasks.ingest.source_policy import (
-        check_run_source,  # a deployment's run fetches only what the operator allows
-    )
-
-    redirects = check_run_source(settings, version)
+    redirects = check_run_source(settings, version)  # a deployment's run fetches only what the operator allows
     rel = fetch_release(settings.release_url, home=settings.home, store=objects, version=version,
                         timeout_s=settings.download_timeout_s, s3_endpoint_url=settings.s3_endpoint_url,
                         max_bytes=settings.max_archive_bytes, deadline_s=settings.download_deadline_s,

@@ -176,4 +176,13 @@ def servers_with_home(prefect_home) -> list[int]:
         if b"prefect.server.api.server:create_app" in command and \
                 f"PREFECT_HOME={prefect_home}".encode() in environ.split(b"\0"):
             found.append(int(proc.name))
-    return found
+    # A server's own child between its fork and its exec has the server's command line and
+    # environment (CI once counted 2 servers, pids 21735 and 21736): it is not a second server.
+    return [pid for pid in found if _parent(pid) not in found]
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None

@@ -234,7 +234,21 @@ def test_search_without_an_llm_says_it_searched_as_asked(faq_home, capsys, monke
 # -- 5. interrupts and resume -------------------------------------------------------------------
 
 def test_ctrl_c_says_how_to_resume_and_the_rerun_says_it_resumed(home, prefect_server, releases):
-    env = api_env(DOCSRAG_EMBEDDING_BATCH_SIZE="4", DOCSRAG_EMBEDDING_CONCURRENCY="1")
+    from docsrag.testing.llm_emulator import Emulator
+
+    # Embeddings at 8 texts/s (an emulated server): the interrupt lands mid-run however fast the
+    # CPU's own model is (OpenVINO's int8 embedded the whole FAQ before the Ctrl-C arrived).
+    embedder = Emulator(embed_rate=8.0).start()
+    env = api_env(DOCSRAG_EMBEDDING_BATCH_SIZE="4", DOCSRAG_EMBEDDING_CONCURRENCY="1", DOCSRAG_EMBEDDING="openai",
+                  DOCSRAG_EMBEDDING_BASE_URL=embedder.url, DOCSRAG_EMBEDDING_MODEL="emulated",
+                  DOCSRAG_MULTILINGUAL="off")
+    try:
+        _interrupted_then_resumed(env, releases)
+    finally:
+        embedder.stop()
+
+
+def _interrupted_then_resumed(env: dict, releases) -> None:
     proc = subprocess.Popen([DOCSRAG, "ingest", "--verbose", "--release", str(releases / FAQ)], stderr=subprocess.PIPE,
                             env=env, cwd=ROOT, start_new_session=True)
     seen = b""

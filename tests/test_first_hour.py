@@ -249,8 +249,11 @@ def test_ctrl_c_says_how_to_resume_and_the_rerun_says_it_resumed(home, prefect_s
 
 
 def _interrupted_then_resumed(env: dict, releases) -> None:
+    # As from a terminal, where Ctrl-C is not ignored: a suite started in the background of a shell
+    # without job control inherits SIGINT ignored, and so would the command (it then ran to the end).
     proc = subprocess.Popen([DOCSRAG, "ingest", "--verbose", "--release", str(releases / FAQ)], stderr=subprocess.PIPE,
-                            env=env, cwd=ROOT, start_new_session=True)
+                            env=env, cwd=ROOT, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # noqa: PLW1509
     seen = b""
     while proc.poll() is None:
         seen += proc.stderr.read1(4096)

@@ -151,7 +151,7 @@ def _search_through(api: RunningApi, settings: Settings, args) -> SearchResults:
 
 def _tokens(settings: Settings) -> list[str]:
     """The API tokens this machine's settings hold (an operator's first), for a call to its own API."""
-    from docsrag.tasks.service.guard import split_setting
+    from docsrag.tasks.core.settings import split_setting
 
     held = [settings.api_operator_tokens, settings.api_tokens]
     return [token for secret in held if secret for token in split_setting(secret.get_secret_value())]

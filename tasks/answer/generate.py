@@ -30,7 +30,7 @@ from docsrag.tasks.core import language
 from docsrag.tasks.core.errors import DocsragError
 from docsrag.tasks.core.records import Hit, Source, Usage, clean
 from docsrag.tasks.core.redaction import redact_url
-from docsrag.tasks.core.settings import Settings
+from docsrag.tasks.core.settings import Settings, split_setting
 
 NOT_COVERED = "The documentation does not cover this question."
 # The same sentence in the reader's language, where we have it: it is the whole answer when
@@ -143,7 +143,7 @@ def searched_as_asked(settings: Settings) -> frozenset[str]:
     """The languages whose questions retrieval takes as asked (DOCSRAG_SEARCH_AS_ASKED)."""
     if settings.search_as_asked == "auto":
         return FOUND_AS_ASKED.get(settings.multilingual, frozenset())
-    return frozenset(filter(None, settings.search_as_asked.replace(" ", "").split(",")))
+    return frozenset(split_setting(settings.search_as_asked))
 
 
 def searched_as(settings: Settings, questions: list[str]) -> list[str]:

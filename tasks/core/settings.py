@@ -37,6 +37,11 @@ class SettingsError(DocsragError, ValueError):
     """A setting is unknown or invalid; the message names the variable."""
 
 
+def split_setting(configured: str | None) -> list[str]:
+    """The items of a comma-separated setting (tokens, host names, languages, seconds)."""
+    return [t.strip() for t in (configured or "").split(",") if t.strip()]
+
+
 class Settings(BaseSettings):
     # populate_by_name: settings rebuilt from a dump (with_overrides) name fields, not variables.
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True, populate_by_name=True)
@@ -207,7 +212,7 @@ class Settings(BaseSettings):
     def _languages(cls, value: str) -> str:
         from docsrag.tasks.core.language import LANGUAGES
 
-        unknown = [lang for lang in value.replace(" ", "").split(",") if lang and lang not in LANGUAGES]
+        unknown = [lang for lang in split_setting(value) if lang not in LANGUAGES]
         if value != "auto" and unknown:
             raise ValueError(f"{', '.join(unknown)}: not a language of the docs ({', '.join(LANGUAGES)}), nor 'auto'")
         return value
@@ -216,7 +221,7 @@ class Settings(BaseSettings):
     @classmethod
     def _delays(cls, value: str) -> str:
         try:
-            delays = [float(part) for part in value.replace(" ", "").split(",") if part]
+            delays = [float(part) for part in split_setting(value)]
         except ValueError:
             raise ValueError("must be seconds, comma-separated (e.g. 1,5,15)") from None
         if any(not 0 <= d <= 3600 for d in delays):
@@ -225,7 +230,7 @@ class Settings(BaseSettings):
 
     @property
     def milvus_write_retry_delays(self) -> list[float]:
-        return [float(part) for part in self.milvus_write_retry_delays_s.replace(" ", "").split(",") if part]
+        return [float(part) for part in split_setting(self.milvus_write_retry_delays_s)]
 
     @field_validator("collection")
     @classmethod

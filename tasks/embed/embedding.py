@@ -197,7 +197,8 @@ def resolve(settings: Settings) -> EmbedderChoice:
 def _multilingual_id(settings: Settings) -> str:
     if settings.multilingual == "off":
         return ""
-    e5_variant = f":{_variant_of(settings, e5.E5_MODEL, multilingual_tokens(settings))}" if settings.multilingual == "e5" else ""
+    measured = settings.multilingual == "e5"  # a local model at its own precision; USE has one
+    e5_variant = f":{_variant_of(settings, e5.E5_MODEL, multilingual_tokens(settings))}" if measured else ""
     cut = f":{settings.multilingual_max_tokens}t" if settings.multilingual_max_tokens else ""
     return f"+{settings.multilingual}{e5_variant}{cut}"
 
@@ -301,7 +302,7 @@ def multilingual_for(settings: Settings) -> Embedder | None:
     threads, tokens = _threads(settings), multilingual_tokens(settings)
     if settings.multilingual == "use":
         with _LOADING:
-            return _cached_multilingual(threads, settings.multilingual_max_tokens)
+            return _cached_multilingual(threads, tokens)
     variant = _variant_of(settings, e5.E5_MODEL, tokens)
     with _LOADING:
         return _cached_embedder("local", e5.E5_MODEL, None, None, variant, tokens, settings.model_cache, threads,

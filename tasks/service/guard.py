@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from docsrag.tasks.core.errors import DocsragError
-from docsrag.tasks.core.settings import Settings
+from docsrag.tasks.core.settings import Settings, split_setting
 
 LOCAL_OWNER = ""  # the machine's own questions: the CLI's, and the API's in loopback mode
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -82,11 +82,6 @@ class Request:
     client_host: str | None
     host: str | None  # the Host header as sent
     origin: str | None  # the Origin header as sent
-
-
-def split_setting(configured: str | None) -> list[str]:
-    """The items of a comma-separated setting (tokens, host names)."""
-    return [t.strip() for t in (configured or "").split(",") if t.strip()]
 
 
 class Tokens:

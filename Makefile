@@ -47,7 +47,7 @@ SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 $(CHROMIUM):
 	$(SUDO) apt-get install -y chromium || ($(SUDO) apt-get update && $(SUDO) apt-get install -y chromium)
 
-# The terminal test (tests/test_first_hour.py) runs `docsrag ingest` in a real terminal: tmux.
+# The terminal test (tests/integration/cli/test_first_hour.py) runs `docsrag ingest` in a real terminal: tmux.
 TMUX_BIN ?= /usr/bin/tmux
 
 $(TMUX_BIN):

@@ -57,6 +57,17 @@ def prefect_server():
         yield
 
 
+@pytest.fixture
+def llm():
+    """The OpenAI-compatible emulator over HTTP, fresh for the test (modules that need it loaded with
+    an index or shared across tests define their own)."""
+    from docsrag.testing.llm_emulator import Emulator
+
+    emulator = Emulator().start()
+    yield emulator
+    emulator.stop()
+
+
 FAQ = "milvus_docs_faq_2.4.x_en.zip"
 
 

@@ -12,7 +12,7 @@ a while.
 The invariants are read from the database at the end: every question answered exactly once
 (a trigger counts each transition to ``answered``) or dead with a reason, every poison question
 dead, no ordinary question dead, nothing left claimed. ``bench/soak.py`` runs it at 2,000
-questions and reports the time against the same run without faults; tests/test_soak.py runs a
+questions and reports the time against the same run without faults; tests/integration/queue/test_soak.py runs a
 short one.
 
 A worker: python -m docsrag.testing.fault_soak worker STOP_FILE (settings from DOCSRAG_* variables).

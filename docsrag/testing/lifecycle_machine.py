@@ -8,7 +8,7 @@ collection), the next run's repair, and a second writer while the corpus is held
 few lists: what each version alias has published, the main alias's stack, and what garbage
 collection may keep; the implementation keeps its state in collection properties and aliases.
 
-Used by tests/test_lifecycle_model.py (fixed seed, bounded) and bench/lifecycle.py (long runs).
+Used by tests/unit/index/test_lifecycle_model.py (fixed seed, bounded) and bench/lifecycle.py (long runs).
 """
 
 from __future__ import annotations

@@ -338,20 +338,24 @@ def ours_answers(stack: Path, state: dict) -> bool:
                          + FREE_PORTS_HINT)
     if not http_ok(prefect_api(state) + "/health"):
         return False
-    if prefect_status(state, "/deployments/filter") != 200:
-        raise StackError(f"port {port} answers with a Prefect server that refuses the stack's credentials: "
-                         f"it {held_by(port)}. " + FREE_PORTS_HINT)
+    # Ours takes the stack's credentials and refuses a request without them: a server with no auth
+    # (another home's) would take both.
+    statuses = prefect_status(state, "/deployments/filter"), prefect_status(state, "/deployments/filter", auth=False)
+    if statuses != (200, 401):
+        raise StackError(f"port {port} answers with a Prefect server that is not the stack's (HTTP {statuses[0]} with "
+                         f"its credentials, {statuses[1]} without): it {held_by(port)}. " + FREE_PORTS_HINT)
     return True
 
 
-def prefect_status(state: dict, path: str) -> int:
-    """The HTTP status of an authenticated POST to the stack's Prefect API."""
+def prefect_status(state: dict, path: str, auth: bool = True) -> int:
+    """The HTTP status of a POST to the stack's Prefect API, with the stack's credentials or none."""
     import base64
     import urllib.error
 
-    request = urllib.request.Request(prefect_api(state) + path, data=b"{}", method="POST", headers={
-        "Content-Type": "application/json",
-        "Authorization": "Basic " + base64.b64encode(state["prefect_auth"].encode()).decode()})
+    headers = {"Content-Type": "application/json"}
+    if auth:
+        headers["Authorization"] = "Basic " + base64.b64encode(state["prefect_auth"].encode()).decode()
+    request = urllib.request.Request(prefect_api(state) + path, data=b"{}", method="POST", headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
             return response.status
@@ -488,8 +492,7 @@ def up(home: Path, free_ports: bool, paused: bool, postgres: str, db_prefix: str
     create_buckets(state)
     if not running(stack, "milvus"):
         start_milvus(stack, state)
-    if fresh_server:
-        wait_for_prefect(stack, state)
+    wait_for_prefect(stack, state)  # a server left running is checked too: it is what we deploy into
     env_file = write_env(home, state)
     if fresh_server or not (stack / "deployed").exists():
         deploy(stack, state, paused)

@@ -380,3 +380,22 @@ def deployment_names(api_url: str) -> set[str]:
             return {d.name for d in await client.read_deployments()}
 
     return asyncio.run(read())
+
+
+def test_a_port_taken_over_while_the_stacks_server_lives_is_refused_before_deploying(tmp_path, prefect_server):
+    """Our process is alive, but the port answers with a Prefect server without auth (another
+    home's): it takes the stack's credentials as any others, so it must also refuse a request
+    without them before the stack deploys into it."""
+    from prefect.settings import PREFECT_API_URL
+
+    stack = tmp_path / "stack"
+    state = stack_script.load_state(stack, True, "postgresql://postgres@127.0.0.1:5432", "unused")
+    state["ports"]["prefect"] = int(PREFECT_API_URL.value().split(":")[2].split("/")[0])
+    ours = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        (stack / "prefect.pid").write_text(str(ours.pid))
+        with pytest.raises(stack_script.StackError, match="not the stack's .HTTP 200 with its credentials, 200 without"):
+            stack_script.ours_answers(stack, state)
+    finally:
+        ours.kill()
+        ours.wait()

@@ -73,3 +73,18 @@ def test_a_bug_shows_its_traceback_and_a_docsrag_error_one_line(monkeypatch, tmp
         assert ("Traceback (most recent call last)" in err) is traced, err
         assert err.strip().splitlines()[-1].startswith("docsrag rollback: ")
         assert traced or len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("asked", [["--debug"], "DOCSRAG_DEBUG"])
+def test_debug_shows_a_docsrag_errors_traceback_above_its_line(monkeypatch, tmp_path, capsys, asked):
+    """The one line is for the user; --debug (or DOCSRAG_DEBUG=1) is for whoever reports it."""
+    from docsrag.flows.cli import index
+    from docsrag.tasks.ingest.release import ReleaseError
+
+    monkeypatch.setenv("DOCSRAG_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(index, "_rollback", lambda *a: (_ for _ in ()).throw(ReleaseError("not a zip")))
+    if asked == "DOCSRAG_DEBUG":
+        monkeypatch.setenv("DOCSRAG_DEBUG", "1")
+    assert main(["rollback", *([] if asked == "DOCSRAG_DEBUG" else asked)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == "Traceback (most recent call last):" and err[-1] == "docsrag rollback: not a zip", err

@@ -143,13 +143,19 @@ def api_holding_index(settings: Settings) -> RunningApi | None:
     argv = list(holder.argv)
     if "api" not in argv or not any(word.endswith("docsrag") for word in argv[:argv.index("api")]):
         return None
-
-    def option(name: str, default: str) -> str:
-        return argv[argv.index(name) + 1] if name in argv[:-1] else default
-
-    host = option("--host", "127.0.0.1")
+    host = _option(argv, "--host", "127.0.0.1")
     host = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # listening everywhere: loopback reaches it
-    return RunningApi(holder.pid, f"http://{host}:{option('--port', '8080')}", answers="--answer" in argv)
+    return RunningApi(holder.pid, f"http://{host}:{_option(argv, '--port', '8080')}", answers="--answer" in argv)
+
+
+def _option(argv: list[str], name: str, default: str) -> str:
+    """An option's value as argparse read it: ``--port 8081`` or ``--port=8081``."""
+    for word, after in zip(argv, argv[1:] + [""]):
+        if word == name and after:
+            return after
+        if word.startswith(f"{name}="):
+            return word.split("=", 1)[1]
+    return default
 
 
 @dataclass(frozen=True)

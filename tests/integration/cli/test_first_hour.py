@@ -286,7 +286,7 @@ def test_with_the_api_holding_milvus_lite_ask_show_and_search_go_through_it(faq_
     llm, port = Emulator().start(), free_port()
     env = {**os.environ, "DOCSRAG_HOME": str(home), "DOCSRAG_LLM_BASE_URL": llm.url}
     env.pop("PREFECT_API_URL", None)
-    api = subprocess.Popen([DOCSRAG, "api", "--answer", "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
+    api = subprocess.Popen([DOCSRAG, "api", "--answer", f"--port={port}"], env=env, stdout=subprocess.DEVNULL,
                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 120

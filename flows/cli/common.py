@@ -163,3 +163,31 @@ class RunningApi:
     pid: int
     url: str
     answers: bool  # started with --answer: its worker answers the queue
+
+    def call(self, settings: Settings, method: str, path: str, what: str, **request) -> dict:
+        """A request to it with this machine's first API token (an operator's first): the JSON body,
+        or a DocsragError saying it does not answer or what it refused."""
+        import httpx
+
+        from docsrag.tasks.core.errors import DocsragError
+
+        token = next(iter(api_tokens(settings)), None)
+        try:
+            answer = httpx.request(method, f"{self.url}{path}", timeout=120, **request,
+                                   headers={"Authorization": f"Bearer {token}"} if token else {})
+        except httpx.HTTPError as exc:
+            raise DocsragError(f"`docsrag api` (pid {self.pid}) holds the index but {self.url} does not answer "
+                               f"({exc}); stop it and {what} again") from None
+        if answer.status_code >= 300:
+            json_body = "json" in answer.headers.get("content-type", "")
+            reason = answer.json().get("reason") if json_body else answer.text[:200]
+            raise DocsragError(f"the running `docsrag api` (pid {self.pid}) refused to {what}: {reason}")
+        return answer.json()
+
+
+def api_tokens(settings: Settings) -> list[str]:
+    """The API tokens this machine's settings hold (an operator's first), for a call to its own API."""
+    from docsrag.tasks.core.settings import split_setting
+
+    held = [settings.api_operator_tokens, settings.api_tokens]
+    return [token for secret in held if secret for token in split_setting(secret.get_secret_value())]

@@ -126,35 +126,14 @@ def _search(args, settings: Settings) -> int:
 
 def _search_through(api: RunningApi, settings: Settings, args) -> SearchResults:
     """The search, asked of the `docsrag api` that holds the Milvus Lite folder (one process per folder)."""
-    import httpx
-
-    from docsrag.tasks.core.errors import DocsragError
     from docsrag.tasks.core.records import Hit
     from docsrag.tasks.service.service import SearchResults
 
-    token = next(iter(_tokens(settings)), None)
     params = {"q": args.query, "k": args.k, **{k: v for k, v in (("version", args.version), ("lang", args.lang)) if v}}
-    try:
-        answer = httpx.get(f"{api.url}/v1/search", params=params, timeout=120,
-                           headers={"Authorization": f"Bearer {token}"} if token else {})
-    except httpx.HTTPError as exc:
-        raise DocsragError(f"`docsrag api` (pid {api.pid}) holds the index but {api.url} does not answer ({exc}); "
-                           "stop it and search again") from None
-    if answer.status_code != 200:
-        reason = answer.json().get("reason") if "json" in answer.headers.get("content-type", "") else answer.text[:200]
-        raise DocsragError(f"the running `docsrag api` (pid {api.pid}) refused the search: {reason}")
-    body = answer.json()
+    body = api.call(settings, "GET", "/v1/search", "search", params=params)
     hits = [Hit("", r["doc_path"], "", r["heading"], r["version"], r["text"], r["score"], r["relevance"],
                 url=r.get("url", "")) for r in body["results"]]
     return SearchResults(body["query"], body.get("searched_as") or body["query"], hits, body.get("note"))
-
-
-def _tokens(settings: Settings) -> list[str]:
-    """The API tokens this machine's settings hold (an operator's first), for a call to its own API."""
-    from docsrag.tasks.core.settings import split_setting
-
-    held = [settings.api_operator_tokens, settings.api_tokens]
-    return [token for secret in held if secret for token in split_setting(secret.get_secret_value())]
 
 
 def _print_results(found, version: str | None) -> None:

@@ -8,6 +8,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from docsrag.flows.cli.common import (
+    RunningApi,
     api_holding_index,
     bounded_int,
     docs_choice,
@@ -27,7 +28,7 @@ from docsrag.tasks.core.records import (  # not docsrag.tasks.queue.questions: S
 from docsrag.tasks.core.settings import Settings
 
 if TYPE_CHECKING:
-    from docsrag.tasks.service.service import QuestionView
+    from docsrag.tasks.service.service import QuestionView, Submitted
 
 # What `show --json` prints: the question as a reader sees it (never the lease or the worker).
 _PUBLIC = ("id", "question", "version", "lang", "status", "answer", "sources", "model", "reasoning_effort", "usage",
@@ -81,9 +82,10 @@ def client_key(text: str) -> str:
 
 def _ask(args, settings: Settings) -> int:
     questions = service(settings, announce=True)
-    submitted = questions.submit(args.question, version=args.version, docs_lang=args.lang, answer_in=args.answer_in,
-                                 priority=args.priority, client_key=args.key)
-    beside = api_holding_index(settings)  # it holds the index: its worker answers, not this process
+    beside = api_holding_index(settings)  # it holds the index: it checks what is served, its worker answers
+    submitted = _submit_through(beside, settings, args) if beside else questions.submit(
+        args.question, version=args.version, docs_lang=args.lang, answer_in=args.answer_in, priority=args.priority,
+        client_key=args.key)
     view = questions.wait(submitted.id, args.wait, answer_here=beside is None,
                           worker_expected=bool(prefect_server()) or beside is not None)
     if beside and not beside.answers and not view.final:
@@ -99,6 +101,18 @@ def _ask(args, settings: Settings) -> int:
     else:
         print(f"question {view.id}: {view.status}")
     return 0
+
+
+def _submit_through(api: RunningApi, settings: Settings, args) -> Submitted:
+    """Queued by the `docsrag api` that holds the Milvus Lite folder: only it can check that the docs
+    asked for are served (and find a repeat), as it does for any caller."""
+    from docsrag.tasks.service.service import Submitted
+
+    asked = {"question": args.question, "version": args.version, "lang": args.lang, "answer_in": args.answer_in,
+             "priority": args.priority, "client_key": args.key}
+    body = api.call(settings, "POST", "/v1/questions", "queue the question",
+                    json={name: value for name, value in asked.items() if value is not None})
+    return Submitted(body["id"], body["status"], True, body.get("repeat_of"))
 
 
 @runs_flows

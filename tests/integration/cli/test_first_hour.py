@@ -307,6 +307,12 @@ def test_with_the_api_holding_milvus_lite_ask_show_and_search_go_through_it(faq_
         assert json.loads(found.stdout)["results"][0]["doc_path"] == "en/faq/product_faq.md"
         human = docsrag("search", "Where does Milvus store data?", env=env)
         assert human.returncode == 0 and "en/faq/product_faq.md" in human.stdout, human.stderr[-3000:]
+        # A version nothing serves is refused by the API before it is queued (it was queued, and failed later).
+        unserved = docsrag("ask", "Where does Milvus store data?", "--version", "9.9.x", env=env)
+        assert unserved.returncode == 1 and len(unserved.stderr.strip().splitlines()) == 1, unserved.stderr[-3000:]
+        assert "9.9.x" in unserved.stderr and "2.4.x" in unserved.stderr, unserved.stderr
+        listed = docsrag("questions", "--json", env=env)
+        assert {q["id"] for q in json.loads(listed.stdout)} - before == {view["id"]}
     finally:
         os.killpg(api.pid, signal.SIGTERM)
         api.wait(timeout=60)

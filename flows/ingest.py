@@ -23,6 +23,7 @@ from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
+from pymilvus import MilvusClient
 
 from docsrag.tasks.core import language
 from docsrag.tasks.core.objectstore import ObjectStore, open_store
@@ -30,7 +31,7 @@ from docsrag.tasks.core.settings import MAX_EMBEDDING_CONCURRENCY, Settings, set
 from docsrag.tasks.core.summaries import IngestSummary
 from docsrag.tasks.core.terminal import current
 from docsrag.tasks.embed import embedding
-from docsrag.tasks.index import build, lineage, store, writer_lock
+from docsrag.tasks.index import build, lineage, quarantine, store, writer_lock
 from docsrag.tasks.index import publish as publishing
 from docsrag.tasks.index import schema as index
 from docsrag.tasks.index.build import BuildPlan, batched
@@ -84,7 +85,7 @@ def ingest_release(release: str | None = None, version: str | None = None, force
         choice = embedding.resolve(settings)  # the id in every chunk id: the model, its variant on this CPU
         chunks = clock.run("chunk", chunk, parsed, settings, choice.id)
         with store.milvus_errors(settings.milvus_uri):
-            client = clock.run("open-store", store.connect, settings)
+            client, set_aside = clock.run("open-store", open_milvus, settings, force)
             main = "always" if publish_main else "if-newer" if rel.named else "never"
             planned = clock.run("plan", plan, client, settings, rel, chunks, main, force, choice.id)
             summary = _summary(settings, rel, planned, parsed)
@@ -96,12 +97,20 @@ def ingest_release(release: str | None = None, version: str | None = None, force
                 summary.resumed = planned.resumed
                 summary.seconds_saved = _seconds_saved(clock, summary.embedded, summary.reused)
             summary.previous_collection = clock.run("publish", publish, client, settings, planned, rel, target,
-                                                    objects.uri(rel.archive_key))
+                                                    objects.uri(rel.archive_key), set_aside)
+            summary.set_aside = [s.to_dict() for s in set_aside]
             summary.collection = store.served_collection(client, planned.version_alias)
             summary.search = _search_mode(client, summary.collection)
     summary.stages, summary.seconds = clock.seconds, clock.total
     report(summary, planned, objects)
     return summary
+
+
+def open_milvus(settings: Settings, force: bool) -> tuple[MilvusClient, list[quarantine.SetAside]]:
+    """The index, and the damaged Milvus Lite collections ``--force`` set aside (tasks/index/quarantine.py).
+    Without ``--force`` a damaged collection fails the plan, its error naming the commands that recover."""
+    client = store.connect(settings)
+    return client, quarantine.readable(client, settings, get_run_logger().warning) if force else []
 
 
 def _run_name(parameters: dict) -> str:
@@ -255,9 +264,11 @@ def embed_and_write(client, settings: Settings, plan: BuildPlan, rel: Release, c
     return target
 
 
-def publish(client, settings: Settings, plan: BuildPlan, rel: Release, target: str, archive: str) -> str | None:
+def publish(client, settings: Settings, plan: BuildPlan, rel: Release, target: str, archive: str,
+            set_aside: list[quarantine.SetAside]) -> str | None:
     """Point the aliases (tasks/index/publish.py), as materializing steps: the event feed shows the
-    release archive that produced the collection, and which alias serves it."""
+    release archive that produced the collection, and which alias serves it. -> what the main alias
+    served before."""
     uri, alias = settings.milvus_uri, plan.alias
     collection = lineage.milvus_asset(uri, target, f"docs {rel.version}, release sha256 {rel.sha256}")
     release = Asset(key=lineage.asset_key(archive), properties=AssetProperties(name=f"release {rel.version}"))
@@ -265,14 +276,16 @@ def publish(client, settings: Settings, plan: BuildPlan, rel: Release, target: s
         publishing.publish, "publish", [collection, lineage.milvus_asset(uri, plan.version_alias,
                                                                           f"serves docs {rel.version}")], [release])
     done = step(client, Corpus(settings.collection, plan.lang), target, plan.main, settings.keep_collections)
-    if done.main_after == target and done.main_before != target:
+    # A main alias that served a build set aside served it until this run, whatever the builds left say.
+    before = next((s.collection for s in set_aside if alias in s.aliases), done.main_before)
+    if done.main_after == target and before != target:
         lineage.materializing(lambda: None, "serve-main-alias", [lineage.milvus_asset(
             uri, alias, "the newest docs")], [collection])()
     log = get_run_logger()
-    log.info("%s; %s serves %s", _main_alias_line(alias, done.main_before, done.main_after), plan.version_alias, target)
+    log.info("%s; %s serves %s", _main_alias_line(alias, before, done.main_after), plan.version_alias, target)
     if done.dropped:
         log.info("Dropped %d builds no alias or rollback needs: %s", len(done.dropped), ", ".join(done.dropped))
-    return done.main_before
+    return before
 
 
 def _main_alias_line(alias: str, before: str | None, after: str | None) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from functools import partial
 from typing import TYPE_CHECKING
 
 from docsrag.flows.cli.common import (
@@ -28,7 +29,8 @@ def add_commands(commands) -> None:
     ingest = commands.add_parser("ingest", parents=[out], help="ingest a docs release into the served collection")
     ingest.add_argument("--release", help="zip URL (https, s3, file) or path; default DOCSRAG_RELEASE_URL")
     ingest.add_argument("--version", help="docs version; default: read from the asset name")
-    ingest.add_argument("--force", action="store_true", help="publish even when the guard rails refuse")
+    ingest.add_argument("--force", action="store_true", help="publish even when the guard rails refuse; "
+                        "set a damaged Milvus Lite collection aside (in <milvus folder>.damaged/) and build anew")
     ingest.add_argument("--publish-main", action="store_true",
                         help="serve a release without a version (e.g. docs.zip) as the main alias too")
     ingest.add_argument("--task-runner", metavar="dask[=ADDRESS]",
@@ -58,7 +60,8 @@ def add_commands(commands) -> None:
                                    help="list what is served: versions, aliases, collections, rollback targets")
     versions.set_defaults(run=_versions)
 
-    rollback = commands.add_parser("rollback", parents=[out], help="serve the previous collection again")
+    rollback = commands.add_parser("rollback", parents=[out], help="serve the previous collection again (a damaged "
+                                   "Milvus Lite collection is set aside first, in <milvus folder>.damaged/)")
     rollback.add_argument("--lang", help="roll back the localized docs in this language (default English)")
     rollback.set_defaults(run=_rollback)
 
@@ -210,15 +213,26 @@ def _eval(args, settings: Settings, wait_for_api) -> int:
 
 
 def _rollback(args, settings: Settings) -> int:
-    from docsrag.tasks.index import publish, store, writer_lock
+    from docsrag.tasks.index import quarantine, store, writer_lock
     from docsrag.tasks.index.schema import Corpus
 
     corpus = Corpus(settings.collection, args.lang or "en")
     alias = corpus.alias
     with writer_lock.held(settings), store.damage_reported(settings.milvus_uri):
-        current, previous = publish.rollback(store.connect(settings), corpus)
+        client = store.connect(settings)
+        # A damaged Milvus Lite collection is set aside, said on stderr (stdout may be --json); the rollback goes on.
+        (current, previous), _ = quarantine.recovering(client, settings, partial(_rolled_back, client, corpus),
+                                                       lambda line: print(printable(line), file=sys.stderr))
     if args.json:
         print(json.dumps({"alias": alias, "from": current, "to": previous}))
     else:
         print(f"{alias}: {current} -> {previous}")
     return 0
+
+
+def _rolled_back(client, corpus, set_aside: list) -> tuple[str, str]:
+    """The rollback, or where the main alias served a build set aside as damaged, the move off it."""
+    from docsrag.tasks.index import publish
+
+    served = next((s.collection for s in set_aside if corpus.alias in s.aliases), None)
+    return publish.roll_past(client, corpus, served) if served else publish.rollback(client, corpus)

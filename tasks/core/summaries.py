@@ -41,6 +41,7 @@ class IngestSummary(Summary):
     deleted: int
     collection: str | None = None  # the collection served now
     previous_collection: str | None = None
+    set_aside: list[dict] = field(default_factory=list)  # damaged collections --force moved out (quarantine.py)
     unchanged: bool = False
     embedded: int = 0
     reused: int = 0

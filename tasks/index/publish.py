@@ -85,10 +85,21 @@ def converge(client: MilvusClient, corpus: Corpus) -> dict[str, str]:
     for alias in sorted(want, key=lambda a: a == corpus.alias):
         if want[alias] and have.get(alias) != want[alias]:
             store.point_alias(client, alias, want[alias])
-    for alias, target in want.items():
-        if target is None and have.get(alias) in ours:
-            client.drop_alias(alias)
+    stale = {alias for alias, target in want.items() if target is None and have.get(alias) in ours}
+    gone = {alias for alias in _naming_gone_builds(client, corpus, have, ours) if not want.get(alias)}
+    for alias in sorted(stale | gone):
+        client.drop_alias(alias)
     return {alias: target for alias, target in want.items() if target}
+
+
+def _naming_gone_builds(client: MilvusClient, corpus: Corpus, have: dict[str, str], ours: set[str]) -> set[str]:
+    """Aliases that still name a build of the corpus that no longer exists: one set aside as damaged
+    whose aliases a killed run left (tasks/index/quarantine.py). Milvus Lite keeps such an alias and
+    describes it; it serves nothing. Asked of the server only when an alias names a build not read."""
+    prefix = f"{corpus.alias}{index.BUILD_SEPARATOR}"
+    unread = {alias: target for alias, target in have.items() if target.startswith(prefix) and target not in ours}
+    existing = set(index.builds_of(client, corpus.alias)) if unread else set()
+    return {alias for alias, target in unread.items() if target not in existing}
 
 
 def _adopt_unnumbered(client: MilvusClient, corpus: Corpus, found: list[Build]) -> list[Build]:
@@ -147,6 +158,16 @@ def rollback(client: MilvusClient, corpus: Corpus) -> tuple[str, str]:
     index.record(client, current, next(b.info for b in after if b.name == current))
     converge(client, corpus)
     return current, to
+
+
+def roll_past(client: MilvusClient, corpus: Corpus, damaged: str) -> tuple[str, str]:
+    """The rollback of a build the main alias served that was set aside as damaged: gone from the
+    builds, so the policy already serves the build before it; the aliases converge there. -> (from, to)."""
+    to = converge(client, corpus).get(corpus.alias)
+    if to is None:
+        raise store.StoreError(f"nothing to roll back to: {corpus.alias} served {damaged}, set aside as damaged, and "
+                               "no earlier collection is kept: ingest a release to serve one")
+    return damaged, to
 
 
 def collect_garbage(client: MilvusClient, corpus: Corpus, keep: int) -> list[str]:

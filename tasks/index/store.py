@@ -170,17 +170,29 @@ def damage_reported(uri: str):
         raise
 
 
-def damaged(exc: MilvusException, uri: str) -> StoreError | None:
+class DamagedCollection(StoreError):
+    """A Milvus Lite collection with a data file that cannot be read: what it is, which file, why."""
+
+    def __init__(self, message: str, collection: str, file: str):
+        super().__init__(message)
+        self.collection, self.file = collection, file
+
+    def __reduce__(self):  # a task's error may be pickled by Prefect: rebuilt with its fields
+        return type(self), (str(self), self.collection, self.file)
+
+
+def damaged(exc: MilvusException, uri: str) -> DamagedCollection | None:
     """The error of a Milvus Lite collection with a damaged data file (a truncated segment), or None.
-    Milvus Lite opens every collection to list them, so the damage fails reads and writes alike."""
+    Milvus Lite opens every collection to list them, so the damage fails reads and writes alike,
+    until the two commands that can recover set the collection aside (tasks/index/quarantine.py)."""
     found = _DAMAGED_FILE.search(exc.message or "")
     if found is None:
         return None
-    folder = found["file"].split(f"/collections/{found['collection']}/", 1)[0] + f"/collections/{found['collection']}"
-    return StoreError(f"the collection {found['collection']!r} in {uri} is damaged: its data file {found['file']} cannot "
-                      f"be read ({found['reason'].strip()}). Milvus Lite cannot list the collections while it is there, "
-                      f"so no ingest or rollback can run: move {folder} out of {uri} (keep it to look at), then ingest "
-                      "again")
+    return DamagedCollection(
+        f"the collection {found['collection']!r} in {uri} is damaged: its data file {found['file']} cannot be read "
+        f"({found['reason'].strip()}). Milvus Lite cannot list the collections while it is there: `docsrag ingest "
+        f"--force` (with the release to serve) sets it aside, kept in {uri}.damaged/, and builds anew; `docsrag "
+        "rollback` sets it aside and serves the build before it", found["collection"], found["file"])
 
 
 def _unreachable(exc: MilvusException) -> bool:

@@ -110,6 +110,8 @@ def summary_markdown(s: IngestSummary) -> str:
         f"| chunks | {s.chunks} (embedded {s.embedded}, reused {s.reused}, resumed {s.resumed}, deleted {s.deleted}) |",
         f"| collection | `{s.collection}` served as `{s.alias}` and `{s.version_alias}` |",
         f"| previous collection | `{s.previous_collection}` |",
+        # A damaged collection --force moved out: where it is kept, for whoever reads the run later.
+        *(f"| set aside, damaged | `{a['collection']}`, kept in {for_markdown(a['kept_in'])} |" for a in s.set_aside),
         f"| search | {s.search} |",
         f"| seconds | {s.seconds} (about {s.seconds_saved} s saved by reusing vectors) |",
         "",

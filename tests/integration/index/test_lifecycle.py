@@ -267,29 +267,67 @@ def test_a_milvus_lite_path_that_is_a_file_is_said_to_be_one_not_another_command
     assert "another docsrag command" not in err
 
 
-def test_a_served_build_with_a_damaged_segment_file_is_said_to_be_damaged_by_ingest_and_rollback(
-        home, prefect_server, gpu_embeddings, v24, v25):
-    # Each command a process of its own, as an operator runs them: a process that read the build
-    # before its file was damaged still serves it from memory.
-    def docsrag(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([DOCSRAG, *args], capture_output=True, text=True, env=api_env(), cwd=ROOT, timeout=300)
+def _damage(home: Path, collection: str) -> Path:
+    """A truncated write of one of the collection's segment files (no parquet footer) -> that file."""
+    segment = next((home / "milvus.db" / "collections" / collection).rglob("*.parquet"))
+    segment.write_bytes(segment.read_bytes()[:100])
+    return segment
 
-    assert docsrag("ingest", "--release", str(v24)).returncode == 0
-    done = docsrag("ingest", "--force", "--release", str(v25), "--json")
-    served_build = json.loads(done.stdout.strip().splitlines()[-1])["collection"]
-    segment = next((home / "milvus.db" / "collections" / served_build).rglob("*.parquet"))
-    segment.write_bytes(segment.read_bytes()[:100])  # a truncated write: no parquet footer
 
-    for command in (["ingest", "--release", str(v25)], ["ingest", "--force", "--release", str(v25)], ["rollback"]):
-        result = docsrag(*command)
-        err = result.stderr.strip().splitlines()[-1]
-        assert result.returncode == 1, (command, result.stderr[-3000:])
-        assert f"the collection {served_build!r} in {home / 'milvus.db'} is damaged" in err, (command, err)
-        assert str(segment) in err and "move" in err, (command, err)
-        assert "refused a write" not in err and "still serve the previous" not in err, (command, err)
+def _docsrag(*args: str) -> subprocess.CompletedProcess:
+    """Each command a process of its own, as an operator runs them: a process that read a build
+    before its file was damaged still serves it from memory."""
+    return subprocess.run([DOCSRAG, *args], capture_output=True, text=True, env=api_env(), cwd=ROOT, timeout=300)
 
-    # What the message says to do works: the damaged build moved out, the next ingest serves a new one.
-    (home / "milvus.db" / "collections" / served_build).rename(home / "damaged-build")
-    again = docsrag("ingest", "--force", "--release", str(v25), "--json")
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert json.loads(again.stdout.strip().splitlines()[-1])["collection"] not in (served_build, None)
+
+def _summary(result: subprocess.CompletedProcess) -> dict:
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def damaged_served_build(home, prefect_server, gpu_embeddings, v24, v25) -> tuple[str, str, Path]:
+    """2.4.x built, then 2.5.x built and served by the main alias, one of its segment files then
+    truncated -> (the 2.4.x build, the damaged 2.5.x build, its damaged file)."""
+    older = _summary(_docsrag("ingest", "--release", str(v24), "--json"))["collection"]
+    served_build = _summary(_docsrag("ingest", "--force", "--release", str(v25), "--json"))["collection"]
+    return older, served_build, _damage(home, served_build)
+
+
+def test_a_plain_ingest_names_the_damage_and_ingest_force_sets_each_damaged_build_aside(
+        home, damaged_served_build, v25, capsys):
+    older, served_build, segment = damaged_served_build
+    plain = _docsrag("ingest", "--release", str(v25))
+    err = plain.stderr.strip().splitlines()[-1]
+    assert plain.returncode == 1, plain.stderr[-3000:]
+    assert f"the collection {served_build!r} in {home / 'milvus.db'} is damaged" in err and str(segment) in err, err
+    assert "docsrag ingest --force" in err and "docsrag rollback" in err, err
+    assert "refused a write" not in err and "still serve the previous" not in err, err
+
+    _damage(home, older)  # a second damaged build: each is set aside in turn
+    forced = _docsrag("ingest", "--force", "--release", str(v25), "--json")
+    summary = _summary(forced)
+    rebuilt = summary["collection"]
+    assert summary["previous_collection"] == served_build  # what the main alias served until this run
+    assert {a["collection"] for a in summary["set_aside"]} == {served_build, older}
+    kept = home / "milvus.db.damaged"
+    for damaged in (served_build, older):
+        assert f"{damaged!r} is damaged: set aside in {kept / damaged}" in forced.stderr, forced.stderr[-3000:]
+    assert (kept / served_build / segment.relative_to(segment.parents[3])).stat().st_size == 100  # kept as it was
+
+    client = store.connect(load_settings())
+    assert rebuilt not in (served_build, older, None) and served_build not in client.list_collections()
+    assert store.aliases(client) == {"milvus_docs": rebuilt, "milvus_docs_2_5_x": rebuilt}  # none on what is gone
+    assert main(["search", "chunk cache", "--json"]) == 0 and json.loads(capsys.readouterr().out)["results"]
+
+
+def test_rollback_sets_a_damaged_served_build_aside_and_serves_the_sound_one_before_it(
+        home, damaged_served_build, capsys):
+    older, served_build, _ = damaged_served_build
+    rolled = _docsrag("rollback", "--json")
+    assert _summary(rolled) == {"alias": "milvus_docs", "from": served_build, "to": older}
+    assert f"{served_build!r} is damaged: set aside in {home / 'milvus.db.damaged' / served_build}" in rolled.stderr
+
+    client = store.connect(load_settings())
+    assert store.aliases(client) == {"milvus_docs": older, "milvus_docs_2_4_x": older}
+    assert main(["search", "chunk cache", "--json"]) == 0 and json.loads(capsys.readouterr().out)["results"]

@@ -194,7 +194,7 @@ class Service:
             return None
         record = self.queue.get(question_id)
         key = RepeatKey.of(record["question"], record["lang"], version, docs_lang)
-        original = self.repeats.original(key, collection)
+        original = self.repeats.original(key, collection, record["owner"])  # never another caller's answer
         if original is not None and self.repeats.answer_pending(question_id, original, key, collection):
             return original
         if original is None:

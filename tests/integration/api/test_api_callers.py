@@ -137,6 +137,19 @@ def test_the_owner_stored_is_no_token(tokens_api):
     assert rows and not any(A in row for row in rows)
 
 
+def test_a_repeat_is_found_among_the_askers_own_questions_only(tokens_api):
+    """B asking A's question gets an answer of its own: a repeat of A's would tell B that someone
+    asked it, and A's id."""
+    with httpx.Client(base_url=tokens_api.url, timeout=60) as client:
+        first = client.post("/v1/questions", json={"question": QUESTION}, headers=bearer(A)).json()["id"]
+        tokens_api.drain()
+        theirs = client.post("/v1/questions", json={"question": QUESTION}, headers=bearer(B)).json()
+        assert (theirs["status"], theirs["repeat_of"]) == ("pending", None), theirs
+        assert client.get(f"/v1/questions/{theirs['id']}", headers=bearer(B)).json()["repeat_of"] is None
+        again = client.post("/v1/questions", json={"question": QUESTION}, headers=bearer(A)).json()
+        assert (again["status"], again["repeat_of"]) == ("answered", first), "the same owner's repeat still is one"
+
+
 # ---------------------------------------------------------------- the rest
 
 

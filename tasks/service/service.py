@@ -255,10 +255,11 @@ class Service:
         return self.queue.list(status, limit)
 
     def add_feedback(self, question_id: int, helpful: bool, comment: str | None = None,
-                     owner: str | None = None) -> None:
-        """``owner``: as for ``show``: only the asker (or the operator) rates an answer."""
+                     owner: str | None = None, voter: str = "") -> None:
+        """``owner``: as for ``show``: only the asker (or the operator) rates an answer. ``voter``: who
+        votes (the caller's owner); a vote replaces the same voter's earlier one on this question."""
         self._record(question_id, owner)
-        self.feedback_store.add(question_id, helpful, comment)
+        self.feedback_store.add(question_id, helpful, comment, owner=voter)
 
     # -- the index ---------------------------------------------------------------------------
 

@@ -96,15 +96,18 @@ def test_feedback_and_coverage_gaps_are_in_the_stats(api, client):
     assert client.get(f"/v1/questions/{uncovered}").json()["answer"] == NOT_COVERED
     recorded = client.post(f"/v1/questions/{answered}/feedback", json={"helpful": False, "comment": "too vague"})
     assert recorded.status_code == 201 and recorded.json() == {"question_id": answered, "helpful": False}
-    assert client.post(f"/v1/questions/{answered}/feedback", json={"helpful": True}).status_code == 201
     stats = client.get("/v1/stats").json()
-    assert stats["counts"]["answered"] == 2 and stats["feedback"] == {"helpful": 1, "not_helpful": 1}
+    assert stats["counts"]["answered"] == 2 and stats["feedback"] == {"helpful": 0, "not_helpful": 1}
     gaps = {gap["doc_path"]: gap for gap in stats["coverage_gaps"]}
     cited = client.get(f"/v1/questions/{answered}").json()["sources"][0]["doc_path"]
     assert gaps[cited]["not_helpful"] == 1 and QUESTION in gaps[cited]["examples"]
     assert sum(g["not_covered"] for g in gaps.values()) == 1
     assert any("How do I bake sourdough bread?" in g["examples"] and g["doc_path"].startswith("en/faq/")
                for g in gaps.values()), "the uncovered question is grouped under the doc it came closest to"
+    assert client.post(f"/v1/questions/{answered}/feedback", json={"helpful": True}).status_code == 201
+    stats = client.get("/v1/stats").json()
+    assert stats["feedback"] == {"helpful": 1, "not_helpful": 0}, "one vote per question and caller: the latest"
+    assert not any(g["not_helpful"] for g in stats["coverage_gaps"])
 
 
 def test_search_returns_what_docsrag_search_prints(api, client):

@@ -7,6 +7,9 @@ alias served when the original was submitted, so a new collection served (a re-i
 rollback) makes every earlier answer stale: the next asker's question is queued and answered
 anew, and becomes the original for the ones after it.
 
+An answer whose search went without the translation it wanted (the LLM down or busy) is no
+original: the next asker's question is searched anew, translated once the LLM is back.
+
 A repeat is found only among the same owner's questions (an API token's hash; "" the machine's
 own): another token's answer would tell the asker that someone else asked it, and that question's id.
 """
@@ -69,7 +72,7 @@ class Repeats:
                  .join(questions, questions.c.id == repeats.c.question_id)
                  .where((repeats.c.repeat_key == key.digest) & (repeats.c.collection == collection)
                         & repeats.c.repeat_of.is_(None) & (questions.c.status == "answered")
-                        & (questions.c.owner == owner))
+                        & (questions.c.owner == owner) & questions.c.untranslated.is_(None))
                  .order_by(repeats.c.question_id.desc()).limit(1))
         with self.engine.begin() as db:
             return db.scalar(query)

@@ -264,3 +264,18 @@ def test_feedback_from_before_owners_keeps_one_vote_per_question(queue_url):
     votes.add(asked, True, owner="t-a")
     assert votes.totals() == FeedbackTotals(helpful=2, not_helpful=0), "the asker's vote, replaced"
     assert Feedback(make(queue_url).engine).totals() == FeedbackTotals(2, 0), "opened again: migrated once"
+
+
+def test_a_queue_from_schema_4_gets_the_untranslated_column(queue_url):
+    from docsrag.tasks.answer.generate import NO_TRANSLATION
+    from docsrag.tasks.core.records import StoredAnswer
+
+    queue = make(queue_url)
+    qid, _ = queue.submit("Di mana Milvus menyimpan data?")
+    with queue.engine.begin() as db:  # as schema 4 left it
+        db.exec_driver_sql("ALTER TABLE docsrag_questions DROP COLUMN untranslated")
+        db.exec_driver_sql("DELETE FROM docsrag_schema WHERE version > 4")
+    reopened = make(queue_url)
+    assert reopened.get(qid)["untranslated"] is None and reopened.claim(1, "w")
+    assert reopened.answer(qid, "w", **StoredAnswer("Dokumentasi...", "id", untranslated=NO_TRANSLATION).row())
+    assert reopened.get(qid)["untranslated"] == NO_TRANSLATION

@@ -105,9 +105,9 @@ def create_app(settings: Settings, service: Service | None = None, answer_here: 
     @v1.post("/questions/{question_id}/feedback", status_code=201, response_model=schema.FeedbackRecorded,
               responses=_NOT_FOUND, tags=["questions"])
     def feedback(question_id: QuestionId, body: schema.FeedbackRequest, caller: Admitted) -> schema.FeedbackRecorded:
-        """Was the answer helpful? (The asker's, or an operator's, say.) Not-helpful answers are
-        listed among the coverage gaps."""
-        service.add_feedback(question_id, body.helpful, body.comment, owner=caller.sees)
+        """Was the answer helpful? (The asker's, or an operator's, say: one vote per question and
+        token, a later vote replacing the earlier.) Not-helpful answers are listed among the coverage gaps."""
+        service.add_feedback(question_id, body.helpful, body.comment, owner=caller.sees, voter=caller.owner)
         return schema.FeedbackRecorded(question_id=question_id, helpful=body.helpful)
 
     @v1.get("/search", response_model=schema.SearchResults, responses=_NOT_FOUND, tags=["index"])

@@ -112,6 +112,14 @@ class CoverageGap(BaseModel):
     examples: list[str]
 
 
+class TranslationGaps(BaseModel):
+    """Questions answered "not covered" after a search as asked that wanted a translation (none was
+    available): a gap in translation, not in the docs, so not among the coverage gaps."""
+
+    not_covered: int
+    examples: list[str]
+
+
 class Stats(BaseModel):
     counts: dict[str, int]
     oldest_waiting_s: float | None
@@ -120,6 +128,7 @@ class Stats(BaseModel):
     answered_from_repeats: int
     feedback: FeedbackTotals
     coverage_gaps: list[CoverageGap]
+    translation_gaps: TranslationGaps
 
 
 class Error(BaseModel):

@@ -32,7 +32,8 @@ if TYPE_CHECKING:
 
 # What `show --json` prints: the question as a reader sees it (never the lease or the worker).
 _PUBLIC = ("id", "question", "version", "lang", "status", "answer", "sources", "model", "reasoning_effort", "usage",
-           "latency_ms", "attempts", "last_error", "created_at", "answered_at", "repeat_of", "collection")
+           "latency_ms", "attempts", "last_error", "created_at", "answered_at", "repeat_of", "collection",
+           "untranslated")
 
 
 def add_commands(commands) -> None:
@@ -94,7 +95,8 @@ def _ask(args, settings: Settings) -> int:
     if args.json:
         shown = {"id": view.id, "status": view.status, "lang": view.lang, "repeat_of": view.repeat_of}
         if view.status == "answered":
-            shown.update(answer=view.answer, sources=[source.cited for source in view.sources])
+            shown.update(answer=view.answer, sources=[source.cited for source in view.sources],
+                         untranslated=view.untranslated)
         print(json.dumps(shown))
     elif view.status == "answered":
         _print_view(view, reasoning=False)
@@ -148,6 +150,8 @@ def _show(args, settings: Settings) -> int:
 
 def _print_view(view: QuestionView, reasoning: bool) -> None:
     print(printable(f"[{view.id}] {view.question}") + f"\n({view.status})")
+    if view.untranslated:  # the answer (above all a "not covered" one) is worth less: the reader is told why
+        print(printable(f"(searched as asked: {view.untranslated})"))
     if view.repeat_of:
         print(f"answered at submit from question {view.repeat_of} (the same question, same docs served)")
     if view.answer:
@@ -187,6 +191,9 @@ def _stats_text(stats: dict) -> str:
     for gap in stats["coverage_gaps"]:
         lines.append(printable(f"  gap: {gap['doc_path']} — {gap['heading']}: {gap['not_covered']} not covered, "
                                f"{gap['not_helpful']} not helpful"))
+    if stats["translation_gaps"]["not_covered"]:
+        lines.append(f"not covered after a search as asked, untranslated: {stats['translation_gaps']['not_covered']} "
+                     "(a gap in translation, not in the docs: no LLM translated them)")
     return "\n".join(lines)
 
 

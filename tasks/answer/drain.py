@@ -45,6 +45,7 @@ from docsrag.tasks.answer.generate import (
     numbered_sources,
     overloaded,
     server_fault,
+    untranslated,
 )
 from docsrag.tasks.answer.retrieve import Retriever, covered
 from docsrag.tasks.core import language
@@ -69,6 +70,7 @@ class Prepared:
     sources: list[Source] = field(default_factory=list)  # numbered; empty: the docs do not cover it
     error: str | None = None  # the question's own failure before generation (e.g. an unknown version)
     lang: str = language.DEFAULT  # the language to answer in
+    untranslated: str | None = None  # why it was searched as asked, wanting a translation (generate.untranslated)
 
 
 class ServingOutage(DocsragError, RuntimeError):
@@ -252,6 +254,7 @@ class Drain:
                          for i, h in zip(items, hits)]
         for p in prepared:  # a question queued without a language (another writer, an old row) gets one now
             p.lang = p.item.lang or language.detect(p.item.question)
+            p.untranslated = untranslated(self.settings, p.lang, p.item.id in searched_as)
         order = {item.id: n for n, item in enumerate(batch)}
         return sorted(prepared, key=lambda p: order[p.item.id])
 
@@ -269,7 +272,8 @@ class Drain:
         if prepared.error:
             return await self.settled.put(("failed", item, prepared.error))
         if not prepared.sources:
-            return await self.settled.put(("answered", item, StoredAnswer(not_covered(prepared.lang), prepared.lang)))
+            return await self.settled.put(("answered", item, StoredAnswer(not_covered(prepared.lang), prepared.lang,
+                                                                          untranslated=prepared.untranslated)))
         if time.monotonic() >= self.deadline:
             return await self._release([item], "put back: the answer run's time budget (max_seconds) ran out")
         sent = time.monotonic()
@@ -288,7 +292,7 @@ class Drain:
         s = self.settings
         await self.settled.put(("answered", item, StoredAnswer(
             result.answer, prepared.lang, prepared.sources, s.llm_model, s.reasoning_effort, result.reasoning,
-            result.usage, result.latency_ms)))
+            result.usage, result.latency_ms, prepared.untranslated)))
 
     async def _generate(self, prepared: Prepared) -> Generated:
         """The model's answer within the request's deadline, and never past the run's end plus grace."""

@@ -146,6 +146,22 @@ def searched_as_asked(settings: Settings) -> frozenset[str]:
     return frozenset(split_setting(settings.search_as_asked))
 
 
+# Why a question went to retrieval as asked where a translation was wanted: what its stored answer
+# says, and what keeps a "not covered" answer out of the docs gaps (it is a gap in translation).
+NO_TRANSLATION = "no translation was available"  # the LLM down, busy, absent, or an empty reply
+TRANSLATION_OFF = "translation is off (DOCSRAG_TRANSLATE_QUESTIONS)"
+
+
+def untranslated(settings: Settings, lang: str, translated: bool) -> str | None:
+    """Why a question in ``lang`` was searched as asked though it wanted a translation; None where it
+    was translated, is in English, or its language is searched as asked by design
+    (DOCSRAG_SEARCH_AS_ASKED: the multilingual field finds it as well as its translation, so a
+    "not covered" answer there is the docs' gap, not the translation's)."""
+    if translated or lang == language.DEFAULT or lang in searched_as_asked(settings):
+        return None
+    return NO_TRANSLATION if settings.translate_questions else TRANSLATION_OFF
+
+
 def searched_as(settings: Settings, questions: list[str]) -> list[str]:
     """What retrieval searches for each question outside the answer flow (``docsrag search``,
     ``eval``): a question not in English as its English translation by the LLM the answer flow

@@ -149,6 +149,10 @@ class StoredAnswer:
     reasoning: str | None = None
     usage: Usage = field(default_factory=Usage)
     latency_ms: int = 0
+    # Why the question was searched as asked though it wanted a translation (None: translated, in
+    # English, or searched as asked by design): said with the answer, and a "not covered" answer
+    # then counts as a gap in translation, not in the docs.
+    untranslated: str | None = None
 
     def row(self) -> dict:
         return {"answer": clean(self.answer, MAX_ANSWER_CHARS), "lang": self.lang,
@@ -156,7 +160,8 @@ class StoredAnswer:
                 "sources": [s.cited for s in self.sources],
                 "model": None if self.model is None else clean(self.model, MAX_NAME_CHARS),
                 "reasoning_effort": self.reasoning_effort, "usage": self.usage.as_dict(),
-                "latency_ms": max(0, min(int(self.latency_ms), 2**31 - 1))}
+                "latency_ms": max(0, min(int(self.latency_ms), 2**31 - 1)),
+                "untranslated": None if self.untranslated is None else clean(self.untranslated, MAX_NAME_CHARS)}
 
 
 @dataclass(frozen=True)

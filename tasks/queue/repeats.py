@@ -6,6 +6,12 @@ The key holds everything the answer depends on but the index; the index is the c
 alias served when the original was submitted, so a new collection served (a re-index, a
 rollback) makes every earlier answer stale: the next asker's question is queued and answered
 anew, and becomes the original for the ones after it.
+
+An answer whose search went without the translation it wanted (the LLM down or busy) is no
+original: the next asker's question is searched anew, translated once the LLM is back.
+
+A repeat is found only among the same owner's questions (an API token's hash; "" the machine's
+own): another token's answer would tell the asker that someone else asked it, and that question's id.
 """
 
 from __future__ import annotations
@@ -60,12 +66,13 @@ class Repeats:
     def __init__(self, engine: Engine):
         self.engine = engine
 
-    def original(self, key: RepeatKey, collection: str) -> int | None:
-        """The newest answered question asked with this key while ``collection`` was served."""
+    def original(self, key: RepeatKey, collection: str, owner: str) -> int | None:
+        """The newest answered question ``owner`` asked with this key while ``collection`` was served."""
         query = (select(repeats.c.question_id)
                  .join(questions, questions.c.id == repeats.c.question_id)
                  .where((repeats.c.repeat_key == key.digest) & (repeats.c.collection == collection)
-                        & repeats.c.repeat_of.is_(None) & (questions.c.status == "answered"))
+                        & repeats.c.repeat_of.is_(None) & (questions.c.status == "answered")
+                        & (questions.c.owner == owner) & questions.c.untranslated.is_(None))
                  .order_by(repeats.c.question_id.desc()).limit(1))
         with self.engine.begin() as db:
             return db.scalar(query)

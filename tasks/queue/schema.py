@@ -33,11 +33,13 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import FunctionElement
 
-from docsrag.tasks.core.records import MAX_CLIENT_KEY_CHARS, MAX_OWNER_CHARS
+from docsrag.tasks.core.records import MAX_CLIENT_KEY_CHARS, MAX_NAME_CHARS, MAX_OWNER_CHARS
 
 # 1: the table as first released (columns added on open); 2: database-side defaults;
-# 3: ``owner`` (the API token that asked), ``client_key`` unique per owner instead of globally
-SCHEMA_VERSION = 3
+# 3: ``owner`` (the API token that asked), ``client_key`` unique per owner instead of globally;
+# 4: the API's feedback is one vote per question and owner (docsrag.tasks.queue.api_tables.one_vote_per_owner);
+# 5: ``untranslated`` (why an answer's search went without the translation it wanted)
+SCHEMA_VERSION = 5
 _LOCK_KEY = 0x646F63737261  # "docsra": the advisory lock every docsrag queue migration takes
 
 
@@ -105,6 +107,9 @@ questions = Table(
     Column("reasoning_effort", String(16)),
     Column("usage", JSON),
     Column("latency_ms", Integer),
+    # Why the question was searched as asked though it wanted a translation (docsrag.tasks.answer.generate.
+    # untranslated); None: translated, in English, or a language searched as asked by design.
+    Column("untranslated", String(MAX_NAME_CHARS)),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=utc_now()),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=utc_now()),
     Column("answered_at", DateTime(timezone=True)),
@@ -128,6 +133,7 @@ def open_schema(engine: Engine) -> None:
             _upgrade(db)
         else:
             questions.create(db)
+        _upgrade_api_tables(db)
         schema.create(db, checkfirst=True)
         db.execute(schema.insert().values(version=SCHEMA_VERSION))
 
@@ -153,6 +159,14 @@ def _upgrade(db: Connection) -> None:
     # Rows an earlier release (or a product) left at rank 0 would go before everything: rank them by age.
     db.execute(questions.update().where(questions.c.claim_rank <= 0).values(
         claim_rank=_epoch_of(db, questions.c.created_at) - questions.c.priority * 300.0))
+
+
+def _upgrade_api_tables(db: Connection) -> None:
+    """The API's tables beside the queue change with its versions too, under the same lock. Imported
+    here, not above: those tables are defined with this module's column defaults."""
+    from docsrag.tasks.queue.api_tables import one_vote_per_owner
+
+    one_vote_per_owner(db)
 
 
 def _epoch_of(db: Connection, column):

@@ -4,6 +4,12 @@ The questions answered "not covered" and those a reader marked not helpful, grou
 document their search came closest to. A not-helpful answer cites its sources (the first is the
 closest); a "not covered" answer stores none, so its question is searched once, here, and the
 closest document kept (``docsrag_nearest``), so the stats never search the same question twice.
+
+A "not covered" answer whose search went as asked, without the translation it wanted (the LLM
+down, busy or absent; translation off), says nothing about the docs: its English may well be
+covered. Those are no docs gap; they are counted apart, as the translation's (``TranslationGaps``).
+A language searched as asked by design (DOCSRAG_SEARCH_AS_ASKED) wants no translation: its
+"not covered" answers are docs gaps like any other.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from sqlalchemy import insert, select
+from sqlalchemy import func, insert, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
@@ -48,6 +54,18 @@ class CoverageGap:
         return {**asdict(self), "questions": self.questions}
 
 
+@dataclass
+class TranslationGaps:
+    """The questions answered "not covered" after a search as asked that wanted a translation: a gap
+    in translation, not in the docs (``examples``: the newest)."""
+
+    not_covered: int = 0
+    examples: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
 # questions -> each one's closest document in the served index (None: nothing found); the whole
 # answer None when no search could be made (nothing is kept then: the next call tries again)
 Searcher = Callable[[list[str]], "list[Closest | None] | None"]
@@ -76,9 +94,24 @@ def gaps(engine: Engine, not_helpful_ids: list[int], search: Searcher | None, li
     return sorted(groups.values(), key=lambda g: (-g.questions, g.doc_path))[:top]
 
 
+def _answered_not_covered():
+    return (questions.c.status == "answered") & questions.c.answer.in_(set(NOT_COVERED_IN.values()))
+
+
+def translation_gaps(engine: Engine) -> TranslationGaps:
+    """The "not covered" answers whose search lacked the translation it wanted."""
+    untranslated = _answered_not_covered() & questions.c.untranslated.is_not(None)
+    with engine.begin() as db:
+        count = db.scalar(select(func.count()).where(untranslated))
+        examples = db.scalars(select(questions.c.question).where(untranslated)
+                              .order_by(questions.c.id.desc()).limit(MAX_EXAMPLES))
+        return TranslationGaps(int(count), list(examples))
+
+
 def _not_covered(engine: Engine, limit: int) -> list[tuple[int, str]]:
+    """The docs' own "not covered" answers: searched translated, in English, or as asked by design."""
     query = (select(questions.c.id, questions.c.question)
-             .where((questions.c.status == "answered") & questions.c.answer.in_(set(NOT_COVERED_IN.values())))
+             .where(_answered_not_covered() & questions.c.untranslated.is_(None))
              .order_by(questions.c.id.desc()).limit(limit))
     with engine.begin() as db:
         return [(row.id, row.question) for row in db.execute(query)]

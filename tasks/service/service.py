@@ -33,7 +33,7 @@ from docsrag.tasks.queue.feedback import Feedback, FeedbackTotals
 from docsrag.tasks.queue.questions import Queue
 from docsrag.tasks.queue.repeats import Asked, RepeatKey, Repeats
 from docsrag.tasks.queue.waiting import FINAL, AnswerWatch
-from docsrag.tasks.service.coverage import Closest, CoverageGap, gaps
+from docsrag.tasks.service.coverage import Closest, CoverageGap, TranslationGaps, gaps, translation_gaps
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,7 @@ class QuestionView:
     answered_at: str | None
     repeat_of: int | None
     collection: str | None  # what the alias served when it was asked (None: not known)
+    untranslated: str | None = None  # why it was searched as asked though it wanted a translation
     reasoning: str | None = None
 
     @property
@@ -116,10 +117,12 @@ class ServiceStats:
     answered_from_repeats: int
     feedback: FeedbackTotals
     coverage_gaps: list[CoverageGap] = field(default_factory=list)
+    translation_gaps: TranslationGaps = field(default_factory=TranslationGaps)  # not docs gaps: listed apart
 
     def as_dict(self) -> dict:
         return {**self.queue.as_dict(), "answered_from_repeats": self.answered_from_repeats,
-                "feedback": self.feedback.as_dict(), "coverage_gaps": [g.as_dict() for g in self.coverage_gaps]}
+                "feedback": self.feedback.as_dict(), "coverage_gaps": [g.as_dict() for g in self.coverage_gaps],
+                "translation_gaps": self.translation_gaps.as_dict()}
 
 
 
@@ -194,7 +197,7 @@ class Service:
             return None
         record = self.queue.get(question_id)
         key = RepeatKey.of(record["question"], record["lang"], version, docs_lang)
-        original = self.repeats.original(key, collection)
+        original = self.repeats.original(key, collection, record["owner"])  # never another caller's answer
         if original is not None and self.repeats.answer_pending(question_id, original, key, collection):
             return original
         if original is None:
@@ -255,10 +258,11 @@ class Service:
         return self.queue.list(status, limit)
 
     def add_feedback(self, question_id: int, helpful: bool, comment: str | None = None,
-                     owner: str | None = None) -> None:
-        """``owner``: as for ``show``: only the asker (or the operator) rates an answer."""
+                     owner: str | None = None, voter: str = "") -> None:
+        """``owner``: as for ``show``: only the asker (or the operator) rates an answer. ``voter``: who
+        votes (the caller's owner); a vote replaces the same voter's earlier one on this question."""
         self._record(question_id, owner)
-        self.feedback_store.add(question_id, helpful, comment)
+        self.feedback_store.add(question_id, helpful, comment, owner=voter)
 
     # -- the index ---------------------------------------------------------------------------
 
@@ -345,7 +349,7 @@ class Service:
 
     def stats(self, gap_limit: int = 200) -> ServiceStats:
         return ServiceStats(self.queue.stats(), self.repeats.answered_from_repeats(), self.feedback_store.totals(),
-                            self.coverage_gaps(gap_limit))
+                            self.coverage_gaps(gap_limit), translation_gaps(self.queue.engine))
 
     def coverage_gaps(self, limit: int = 200) -> list[CoverageGap]:
         return gaps(self.queue.engine, self.feedback_store.not_helpful(limit), self._closest, limit)
@@ -367,4 +371,5 @@ def _view(record: dict, asked: Asked) -> QuestionView:
         sources=[Source.stored(cited) for cited in record["sources"] or []], model=record["model"], reasoning_effort=record["reasoning_effort"],
         usage=record["usage"], latency_ms=record["latency_ms"], attempts=record["attempts"],
         last_error=record["last_error"], created_at=record["created_at"], answered_at=record["answered_at"],
-        repeat_of=asked.repeat_of, collection=asked.collection, reasoning=record["reasoning"])
+        repeat_of=asked.repeat_of, collection=asked.collection, untranslated=record["untranslated"],
+        reasoning=record["reasoning"])

@@ -261,6 +261,43 @@ def test_a_failed_translation_costs_nothing_but_the_translation(llm, capsys, alw
     assert stored(qid)["status"] == "answered" and stored(qid)["attempts"] == 1
 
 
+INDONESIAN = "Di mana Milvus menyimpan data?"
+
+
+@pytest.fixture
+def nothing_covered(monkeypatch):
+    """Every question is answered "not covered", with no model call: these tests are about what is said of it."""
+    monkeypatch.setenv("DOCSRAG_MIN_RELEVANCE", "1")
+    monkeypatch.setenv("DOCSRAG_WEAK_RELEVANCE", "1")
+
+
+def test_a_question_left_untranslated_says_so_and_is_a_translation_gap(llm, capsys, nothing_covered):
+    llm.failures = [500]  # the translation's one request (not retried): searched as asked
+    qid = cli(capsys, "ask", INDONESIAN)["id"]
+    assert subset(cli(capsys, "answer"), answered=1, not_covered=1)
+    assert cli(capsys, "show", str(qid))["untranslated"] == "no translation was available"
+    assert main(["show", str(qid)]) == 0
+    assert "(searched as asked: no translation was available)" in capsys.readouterr().out.splitlines()
+    stats = cli(capsys, "questions", "--stats")
+    assert not any(INDONESIAN in gap["examples"] for gap in stats["coverage_gaps"]), "not a docs gap"
+    assert stats["translation_gaps"] == {"not_covered": 1, "examples": [INDONESIAN]}
+    assert main(["questions", "--stats"]) == 0
+    assert "not covered after a search as asked, untranslated: 1" in capsys.readouterr().out
+
+
+def test_a_language_searched_as_asked_by_design_is_no_translation_gap(llm, capsys, nothing_covered, monkeypatch):
+    monkeypatch.setenv("DOCSRAG_SEARCH_AS_ASKED", "id")  # the operator's choice (e5 finds Indonesian as asked)
+    qid = cli(capsys, "ask", INDONESIAN)["id"]
+    assert subset(cli(capsys, "answer"), answered=1, not_covered=1)
+    assert llm.requests == [], "no translation asked"
+    assert cli(capsys, "show", str(qid))["untranslated"] is None
+    assert main(["show", str(qid)]) == 0
+    assert "searched as asked" not in capsys.readouterr().out
+    stats = cli(capsys, "questions", "--stats")
+    assert any(INDONESIAN in gap["examples"] for gap in stats["coverage_gaps"]), "a docs gap, as searched by design"
+    assert stats["translation_gaps"] == {"not_covered": 0, "examples": []}
+
+
 def test_search_and_eval_look_for_a_question_not_in_english_in_its_translation(llm, capsys, tmp_path):
     question, english = "Milvus는 데이터를 어디에 저장하나요?", "Where does Milvus store data?"
     llm.translations[question] = english

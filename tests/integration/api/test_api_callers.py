@@ -137,6 +137,33 @@ def test_the_owner_stored_is_no_token(tokens_api):
     assert rows and not any(A in row for row in rows)
 
 
+def test_a_repeat_is_found_among_the_askers_own_questions_only(tokens_api):
+    """B asking A's question gets an answer of its own: a repeat of A's would tell B that someone
+    asked it, and A's id."""
+    with httpx.Client(base_url=tokens_api.url, timeout=60) as client:
+        first = client.post("/v1/questions", json={"question": QUESTION}, headers=bearer(A)).json()["id"]
+        tokens_api.drain()
+        theirs = client.post("/v1/questions", json={"question": QUESTION}, headers=bearer(B)).json()
+        assert (theirs["status"], theirs["repeat_of"]) == ("pending", None), theirs
+        assert client.get(f"/v1/questions/{theirs['id']}", headers=bearer(B)).json()["repeat_of"] is None
+        again = client.post("/v1/questions", json={"question": QUESTION}, headers=bearer(A)).json()
+        assert (again["status"], again["repeat_of"]) == ("answered", first), "the same owner's repeat still is one"
+
+
+def test_one_vote_per_question_per_token_the_latest_counts(tokens_api):
+    with httpx.Client(base_url=tokens_api.url, timeout=60) as client:
+        mine = client.post("/v1/questions", json={"question": QUESTION}, headers=bearer(A)).json()["id"]
+        for helpful in (True, False, False, False):
+            assert client.post(f"/v1/questions/{mine}/feedback", json={"helpful": helpful},
+                               headers=bearer(A)).status_code == 201
+        stats = client.get("/v1/stats", headers=bearer(OPERATOR)).json()
+        assert stats["feedback"] == {"helpful": 0, "not_helpful": 1}, "A's last vote, once"
+        client.post(f"/v1/questions/{mine}/feedback", json={"helpful": True, "comment": "now it is"}, headers=bearer(A))
+        client.post(f"/v1/questions/{mine}/feedback", json={"helpful": True}, headers=bearer(OPERATOR))
+        assert client.get("/v1/stats", headers=bearer(OPERATOR)).json()["feedback"] == {"helpful": 2,
+                                                                                       "not_helpful": 0}
+
+
 # ---------------------------------------------------------------- the rest
 
 

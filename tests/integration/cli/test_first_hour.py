@@ -232,6 +232,24 @@ def test_search_without_an_llm_says_it_searched_as_asked(faq_home, capsys, monke
     assert "note" not in json.loads(capsys.readouterr().out)
 
 
+# -- 4. questions not in English without an LLM -----------------------------------------------
+
+def test_ask_wait_says_a_question_was_searched_as_asked_without_a_translation(faq_home, capsys, monkeypatch, tmp_path):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    monkeypatch.setenv("DOCSRAG_QUEUE_URL", f"sqlite:///{tmp_path / 'questions.db'}")
+    monkeypatch.setenv("DOCSRAG_LLM_BASE_URL", "http://127.0.0.1:9/v1")  # nothing listens there
+    monkeypatch.setenv("DOCSRAG_MIN_RELEVANCE", "1")  # "not covered": answered with no model call
+    monkeypatch.setenv("DOCSRAG_WEAK_RELEVANCE", "1")
+    with temporary_settings({PREFECT_API_URL: None}):  # no worker to wait for: answered here
+        assert main(["ask", "Di mana Milvus menyimpan data?", "--wait", "30"]) == 0
+        out = capsys.readouterr().out
+        assert "(searched as asked: no translation was available)" in out.splitlines(), out
+        assert main(["ask", "Bagaimana Milvus menyimpan indeks?", "--wait", "30", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert (shown["status"], shown["untranslated"]) == ("answered", "no translation was available"), shown
+
+
 # -- 5. interrupts and resume -------------------------------------------------------------------
 
 def test_ctrl_c_says_how_to_resume_and_the_rerun_says_it_resumed(home, prefect_server, releases):

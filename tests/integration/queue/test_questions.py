@@ -237,3 +237,45 @@ def test_a_queue_with_a_global_client_key_is_migrated_to_one_per_owner(queue_url
     assert (row["question"], row["owner"], row["client_key"]) == ("asked before", "", "req-1")
     assert queue.submit("q?", client_key="req-1") == (row["id"], False), "its key still names it"
     assert queue.submit("q?", client_key="req-1", owner="t-b")[1], "another owner may use the same key"
+
+
+def test_feedback_from_before_owners_keeps_one_vote_per_question(queue_url):
+    """Feedback as schema 3 kept it (no owner, every vote a row of its own) is migrated under the
+    queue's lock: each question keeps its latest vote, as its asker's, and a later vote replaces it."""
+    from sqlalchemy import MetaData, Table
+
+    from docsrag.tasks.queue.api_tables import feedback, open_tables
+    from docsrag.tasks.queue.feedback import Feedback, FeedbackTotals
+    from docsrag.tasks.queue.schema import schema
+
+    queue = make(queue_url)
+    asked, _ = queue.submit("q?", owner="t-a")
+    other, _ = queue.submit("other?", owner="t-b")
+    old = Table(feedback.name, MetaData(), *[c._copy() for c in feedback.columns if c.name != "owner"])
+    with queue.engine.begin() as db:
+        old.create(db)
+        for question_id, helpful in ((asked, True), (asked, False), (asked, False), (other, True)):
+            db.execute(old.insert().values(question_id=question_id, helpful=helpful))
+        db.execute(schema.delete().where(schema.c.version > 3))  # as schema 3 left the queue
+    reopened = make(queue_url)
+    open_tables(reopened.engine)
+    votes = Feedback(reopened.engine)
+    assert votes.totals() == FeedbackTotals(helpful=1, not_helpful=1), "asked: its last vote; other: its one"
+    votes.add(asked, True, owner="t-a")
+    assert votes.totals() == FeedbackTotals(helpful=2, not_helpful=0), "the asker's vote, replaced"
+    assert Feedback(make(queue_url).engine).totals() == FeedbackTotals(2, 0), "opened again: migrated once"
+
+
+def test_a_queue_from_schema_4_gets_the_untranslated_column(queue_url):
+    from docsrag.tasks.answer.generate import NO_TRANSLATION
+    from docsrag.tasks.core.records import StoredAnswer
+
+    queue = make(queue_url)
+    qid, _ = queue.submit("Di mana Milvus menyimpan data?")
+    with queue.engine.begin() as db:  # as schema 4 left it
+        db.exec_driver_sql("ALTER TABLE docsrag_questions DROP COLUMN untranslated")
+        db.exec_driver_sql("DELETE FROM docsrag_schema WHERE version > 4")
+    reopened = make(queue_url)
+    assert reopened.get(qid)["untranslated"] is None and reopened.claim(1, "w")
+    assert reopened.answer(qid, "w", **StoredAnswer("Dokumentasi...", "id", untranslated=NO_TRANSLATION).row())
+    assert reopened.get(qid)["untranslated"] == NO_TRANSLATION

@@ -9,7 +9,7 @@ closest document kept (``docsrag_nearest``), so the stats never search the same 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from sqlalchemy import insert, select
 from sqlalchemy.engine import Engine
@@ -40,12 +40,15 @@ class CoverageGap:
     not_helpful: int = 0
     examples: list[str] = field(default_factory=list)
 
+    # What the CLI and the API show, in this order (the API's schema is built from SHOWN).
+    SHOWN = ("doc_path", "heading", "questions", "not_covered", "not_helpful", "examples")
+
     @property
     def questions(self) -> int:
         return self.not_covered + self.not_helpful
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "questions": self.questions}
+        return {name: getattr(self, name) for name in self.SHOWN}
 
 
 # questions -> each one's closest document in the served index (None: nothing found); the whole

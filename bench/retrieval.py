@@ -353,7 +353,7 @@ def main() -> None:
         cuts = [tuple(int(n) for n in pair.split(":")) for pair in args.cuts.split(",")]
         print(json.dumps({"input_cuts": input_cuts(store.connect(settings), root, sets, settings, cuts)}))
         return
-    embedder = CachedEmbedder(embedding.embedder_for(settings))
+    embedder = CachedEmbedder(embedding.embedder_for(settings, embedding.resolve(settings)))
     use = CachedEmbedder(embedding.MultilingualEmbedder(threads=os.cpu_count() or 1))
     client = store.connect(settings)
     results = {} if args.only_crosslingual else english_variants(client, root, embedder, gold, settings)

@@ -13,6 +13,7 @@ import functools
 import os
 import sys
 import threading
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from docsrag.tasks.embed import e5, precision, runtime
 
 PACKAGED_MODEL = "all-MiniLM-L6-v2"
 _LOADING = threading.Lock()
-_CHOOSING = threading.Lock()  # apart from _LOADING: loading the model resolves the variant first
+_CHOOSING = threading.Lock()  # apart from _LOADING: a flow resolves while the preload may be loading
 
 
 class Embedder(Protocol):
@@ -56,28 +57,38 @@ class LocalEmbedder:
 
 @dataclass(frozen=True)
 class EmbedderChoice:
-    """What embeds a release, resolved once at the start of a flow or command (for ``auto``, the
-    variant measured fastest on this CPU, measured at first use): ``id`` is part of every chunk id,
-    so another model, precision or token limit re-embeds everything, as it must."""
+    """What embeds, resolved once by an explicit step at the edge of each path that embeds (the
+    ingest and answer flows through ``preload``, the evaluation flow, the service's first search)
+    and passed on to every load: for ``auto``, the variant measured fastest on this CPU (measured
+    at first use, then read from the model cache). ``id`` is part of every chunk id, so another
+    model, precision or token limit re-embeds everything, as it must; an embedding task on another
+    process (a Dask worker) runs the variant the flow's ids name, not one it would resolve itself.
+    ``e5_variant``: multilingual-e5's own variant where it is the second field, else None."""
 
     id: str
     variant: str
+    e5_variant: str | None = None
+
+    @property
+    def english_id(self) -> str:
+        return self.id.split("+")[0]
 
 
 def resolve(settings: Settings) -> EmbedderChoice:
     onnx = settings.embedding == "local" and settings.embedding_precision != "torch"
     variant = local_variant(settings) if onnx else settings.embedding_precision
     local = f":{variant}" + (f":{settings.embedding_max_tokens}t" if settings.embedding_max_tokens else "") if onnx else ""
-    return EmbedderChoice(f"{settings.embedding}:{settings.embedding_model}{local}{_multilingual_id(settings)}", variant)
+    # multilingual-e5 is a local model at its own precision; USE has one
+    e5_variant = _variant_of(settings, e5.E5_MODEL, multilingual_tokens(settings)) if settings.multilingual == "e5" else None
+    english = f"{settings.embedding}:{settings.embedding_model}{local}"
+    return EmbedderChoice(english + _multilingual_id(settings, e5_variant), variant, e5_variant)
 
 
-def _multilingual_id(settings: Settings) -> str:
+def _multilingual_id(settings: Settings, e5_variant: str | None) -> str:
     if settings.multilingual == "off":
         return ""
-    measured = settings.multilingual == "e5"  # a local model at its own precision; USE has one
-    e5_variant = f":{_variant_of(settings, e5.E5_MODEL, multilingual_tokens(settings))}" if measured else ""
     cut = f":{settings.multilingual_max_tokens}t" if settings.multilingual_max_tokens else ""
-    return f"+{settings.multilingual}{e5_variant}{cut}"
+    return f"+{settings.multilingual}{f':{e5_variant}' if e5_variant else ''}{cut}"
 
 
 def local_variant(settings: Settings) -> str:
@@ -163,20 +174,19 @@ class UseTokenizer:
         return ids
 
 
-def multilingual_for(settings: Settings) -> Embedder | None:
+def multilingual_for(settings: Settings, choice: EmbedderChoice) -> Embedder | None:
     """The second dense field's model: USE (numpy), or multilingual-e5-small in the runtime and
-    precision measured for it on this CPU, as the English model is."""
+    precision ``choice`` names for it on this CPU, as the English model's."""
     if settings.multilingual == "off":
         return None
     threads, tokens = _threads(settings), multilingual_tokens(settings)
     if settings.multilingual == "use":
         with _LOADING:
             return _cached_multilingual(threads, tokens)
-    variant = _variant_of(settings, e5.E5_MODEL, tokens)
     with _LOADING:
-        return _cached_embedder("local", e5.E5_MODEL, None, None, variant, tokens, settings.model_cache, threads,
-                                settings.embedding_timeout_s, settings.embedding_max_retries,
-                                f"local:{e5.E5_MODEL}:{variant}")
+        return _cached_embedder("local", e5.E5_MODEL, None, None, choice.e5_variant, tokens, settings.model_cache,
+                                threads, settings.embedding_timeout_s, settings.embedding_max_retries,
+                                f"local:{e5.E5_MODEL}:{choice.e5_variant}")
 
 
 def multilingual_tokens(settings: Settings) -> int:
@@ -195,32 +205,40 @@ def _threads(settings: Settings) -> int:
     return max(1, (os.cpu_count() or 1) // settings.embedding_concurrency)  # concurrent batches share the cores
 
 
-def embedder_for(settings: Settings) -> Embedder:
+def embedder_for(settings: Settings, choice: EmbedderChoice) -> Embedder:
+    """The English model at the variant ``choice`` names (``resolve``d by the caller's edge)."""
     key = settings.embedding_api_key.get_secret_value() if settings.embedding_api_key else None
-    threads = _threads(settings)
     local = settings.embedding == "local" and settings.embedding_precision != "torch"
-    choice = resolve(settings)
     tokens = max_tokens(settings) if local else 0
     with _LOADING:  # a second caller waits for the model being loaded instead of loading it again
         return _cached_embedder(settings.embedding, settings.embedding_model, settings.embedding_base_url, key,
-                                choice.variant, tokens, settings.model_cache, threads, settings.embedding_timeout_s,
-                                settings.embedding_max_retries, choice.id.split("+")[0])  # the English model's part
+                                choice.variant, tokens, settings.model_cache, _threads(settings),
+                                settings.embedding_timeout_s, settings.embedding_max_retries, choice.english_id)
 
 
-def preload(settings: Settings) -> None:
-    """Load the model in the background (seconds on CPU) while the release is fetched and parsed."""
+def preload(settings: Settings) -> Future[EmbedderChoice]:
+    """Resolve the choice, then load the models, in the background (seconds on CPU; the first run on
+    a machine also measures the precision) while the flow opens what it needs. -> the choice, for
+    the flow to pass on; its ``result()`` raises what resolving raised."""
+    resolved: Future[EmbedderChoice] = Future()
 
     def load() -> None:
         try:
-            embedder_for(settings)
-            multilingual_for(settings)
-        except Exception:  # noqa: BLE001 - the flow's own call raises it again, where it is reported
+            resolved.set_result(choice := resolve(settings))
+        except Exception as exc:  # noqa: BLE001 - raised again by result(), in the flow, where it is reported
+            resolved.set_exception(exc)
+            return
+        try:
+            embedder_for(settings, choice)
+            multilingual_for(settings, choice)
+        except Exception:  # noqa: BLE001 - the flow's own load raises it again, where it is reported
             pass
 
     # Not a daemon: a run that fails at once (the writer slot taken) would exit while onnxruntime
     # is still building its session in this thread, and its C++ threads abort the process (SIGABRT,
     # "terminate called without an active exception"); the exit waits for the load instead.
     threading.Thread(target=load, name="embedder-preload").start()
+    return resolved
 
 
 @functools.cache

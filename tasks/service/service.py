@@ -25,6 +25,7 @@ from docsrag.tasks.core.records import Hit, QueueStats, Source
 from docsrag.tasks.core.redaction import redact_text
 from docsrag.tasks.core.settings import Settings
 from docsrag.tasks.core.summaries import DrainSummary
+from docsrag.tasks.embed import embedding
 from docsrag.tasks.index import served as serving
 from docsrag.tasks.index import store
 from docsrag.tasks.index.schema import Corpus, aliases_for
@@ -263,12 +264,14 @@ class Service:
     # -- the index ---------------------------------------------------------------------------
 
     def retriever(self):
-        """The Milvus client and the embedders, loaded once (the first search or drain)."""
+        """The Milvus client and the embedders, loaded once (the first search or drain). The service's
+        edge of the search path: the embedders are resolved here, not when the service is made, so a
+        command that only asks or shows never measures the precision."""
         with self._lock:
             if self._retriever is None:
                 from docsrag.tasks.answer.retrieve import Retriever
 
-                self._retriever = Retriever(self.settings)
+                self._retriever = Retriever(self.settings, embedding.resolve(self.settings))
             return self._retriever
 
     def search(self, query: str, k: int = 5, version: str | None = None, docs_lang: str | None = None) -> SearchResults:

@@ -81,8 +81,9 @@ def test_of_two_variants_as_fast_the_one_nearer_fp32_is_kept():
 def test_the_embedder_id_names_the_measured_variant_and_token_limit(cache, tmp_path):
     choice = precision.chosen(FOLDER, cache, 256, 1)
     settings = load_settings(home=tmp_path, model_cache=cache)
-    assert embedding.resolve(settings).id == f"local:all-MiniLM-L6-v2:{choice.variant}+use:256t"
-    assert embedding.embedder_for(settings).id == f"local:all-MiniLM-L6-v2:{choice.variant}"
+    resolved = embedding.resolve(settings)
+    assert resolved.id == f"local:all-MiniLM-L6-v2:{choice.variant}+use:256t"
+    assert embedding.embedder_for(settings, resolved).id == f"local:all-MiniLM-L6-v2:{choice.variant}"
     pinned = load_settings(home=tmp_path, model_cache=cache, embedding_precision="fp32", embedding_max_tokens=128)
     assert embedding.resolve(pinned).id == "local:all-MiniLM-L6-v2:fp32:128t+use:256t"
 

@@ -105,7 +105,7 @@ def _report_gaps(gaps: list[CoverageGap]) -> None:
     """What the docs team reads to know what is missing: the questions answered "not covered" or
     marked not helpful, by the document their search came closest to."""
     if gaps:
-        create_table_artifact(table=[{**g.as_dict(), "examples": " | ".join(g.examples)} for g in gaps],
+        create_table_artifact(table=[{**g.to_dict(), "examples": " | ".join(g.examples)} for g in gaps],
                               key="answer-questions-coverage-gaps",
                               description="Documents closest to the questions the docs did not answer")
 

@@ -153,7 +153,7 @@ class SoakResult:
             found.append(f"{self.dead_without_reason} dead without a reason")
         return found
 
-    def as_dict(self) -> dict:
+    def to_dict(self) -> dict:
         return asdict(self)
 
 

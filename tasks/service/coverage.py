@@ -47,7 +47,7 @@ class CoverageGap:
     def questions(self) -> int:
         return self.not_covered + self.not_helpful
 
-    def as_dict(self) -> dict:
+    def to_dict(self) -> dict:
         return {name: getattr(self, name) for name in self.SHOWN}
 
 

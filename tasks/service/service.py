@@ -91,7 +91,7 @@ class QuestionView:
     def final(self) -> bool:
         return self.status in FINAL
 
-    def as_dict(self, reasoning: bool = False) -> dict:
+    def to_dict(self, reasoning: bool = False) -> dict:
         shown = asdict(self) | {"sources": [source.cited for source in self.sources]}
         if not reasoning:
             del shown["reasoning"]
@@ -105,7 +105,7 @@ class SearchResults:
     results: list[Hit]
     note: str | None = None  # why a question not in English was searched as asked
 
-    def as_dict(self) -> dict:
+    def to_dict(self) -> dict:
         shown = {"query": self.query, "results": [hit.shown() for hit in self.results]}
         return shown | ({"searched_as": self.searched_as} if self.searched_as != self.query else {}) | (
             {"note": self.note} if self.note else {})
@@ -118,9 +118,9 @@ class ServiceStats:
     feedback: FeedbackTotals
     coverage_gaps: list[CoverageGap] = field(default_factory=list)
 
-    def as_dict(self) -> dict:
-        return {**self.queue.as_dict(), "answered_from_repeats": self.answered_from_repeats,
-                "feedback": self.feedback.as_dict(), "coverage_gaps": [g.as_dict() for g in self.coverage_gaps]}
+    def to_dict(self) -> dict:
+        return {**self.queue.to_dict(), "answered_from_repeats": self.answered_from_repeats,
+                "feedback": self.feedback.to_dict(), "coverage_gaps": [g.to_dict() for g in self.coverage_gaps]}
 
 
 

@@ -118,7 +118,7 @@ def test_the_stats_model_is_built_from_the_records_it_shows():
     fields, in the same order (schema.py builds Stats, CoverageGap and FeedbackTotals from them)."""
     gap = CoverageGap("faq.md", "Where", not_covered=1, not_helpful=2, examples=["q"])
     stats = ServiceStats(QueueStats({"pending": 1}, None, 0.5, 300.0), 3, FeedbackTotals(4, 5), [gap])
-    served = stats.as_dict()
+    served = stats.to_dict()
     assert list(schema.Stats.model_fields) == list(served)
     assert list(schema.CoverageGap.model_fields) == list(served["coverage_gaps"][0])
     assert schema.Stats.model_validate(served).model_dump() == served

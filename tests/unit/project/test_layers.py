@@ -164,3 +164,11 @@ def _absolute_imports(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
             found.add(node.module)
     return found
+
+
+def test_records_serialise_under_one_name():
+    """``to_dict``, as the flow summaries (tasks/core/summaries.py): ``as_dict`` had drifted in beside it."""
+    wrong = [f"{path.relative_to(ROOT)}:{node.lineno}" for folder in ("tasks", "flows", "docsrag", "tests", "bench")
+             for path in (ROOT / folder).rglob("*.py") for node in ast.walk(ast.parse(path.read_text(), str(path)))
+             if getattr(node, "name", None) == "as_dict" or getattr(node, "attr", None) == "as_dict"]
+    assert not wrong, wrong

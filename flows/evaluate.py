@@ -20,8 +20,8 @@ from docsrag.tasks.ops.evaluate import aggregate, by_language, load_gold, score
 
 
 @task(name="retrieve-gold", cache_policy=NONE, persist_result=False)
-def retrieve_all(settings: Settings, choice: embedding.EmbedderChoice, questions: list[str], k: int, version: str | None,
-                 docs_lang: str | None) -> list[list[Hit]]:
+def retrieve_all(settings: Settings, choice: embedding.EmbedderChoice, questions: list[str], k: int,
+                 version: str | None, docs_lang: str | None) -> list[list[Hit]]:
     """As the answer flow retrieves: questions not in English searched in their translation."""
     return Retriever(settings, choice).search(searched_as(settings, questions), k, version, docs_lang)
 

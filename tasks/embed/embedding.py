@@ -79,7 +79,8 @@ def resolve(settings: Settings) -> EmbedderChoice:
     variant = local_variant(settings) if onnx else settings.embedding_precision
     local = f":{variant}" + (f":{settings.embedding_max_tokens}t" if settings.embedding_max_tokens else "") if onnx else ""
     # multilingual-e5 is a local model at its own precision; USE has one
-    e5_variant = _variant_of(settings, e5.E5_MODEL, multilingual_tokens(settings)) if settings.multilingual == "e5" else None
+    with_e5 = settings.multilingual == "e5"
+    e5_variant = _variant_of(settings, e5.E5_MODEL, multilingual_tokens(settings)) if with_e5 else None
     english = f"{settings.embedding}:{settings.embedding_model}{local}"
     return EmbedderChoice(english + _multilingual_id(settings, e5_variant), variant, e5_variant)
 

@@ -109,8 +109,8 @@ def candidates() -> tuple[str, ...]:
 def choice_file(folder: Path, cache: Path, tokens: int, variants: tuple[str, ...] | None = None) -> Path:
     """Keyed by the candidates too: a choice made before a runtime was offered (OpenVINO, installed
     later) is measured again with it, not kept for good."""
-    measured = f"{runtime.cpu()}|{','.join(variants or candidates())}"
-    return cache / f"{runtime.model_key(folder)}-{tokens}t-{hashlib.sha256(measured.encode()).hexdigest()[:12]}.choice.json"
+    measured = hashlib.sha256(f"{runtime.cpu()}|{','.join(variants or candidates())}".encode()).hexdigest()[:12]
+    return cache / f"{runtime.model_key(folder)}-{tokens}t-{measured}.choice.json"
 
 
 def chosen(folder: Path, cache: Path, tokens: int, threads: int, variants: tuple[str, ...] | None = None) -> Choice:

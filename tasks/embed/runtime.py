@@ -87,9 +87,10 @@ class export_lock:
 
 def run_export(folder: Path, cache: Path, variants: list[str], extra: list[str]) -> None:
     """The export child (``-I``: the user's folder is not on its path), its output read only on failure."""
-    done = subprocess.run([sys.executable, "-I", "-m", "docsrag.tasks.embed.model_export", str(folder), str(cache),
-                           *variants, *extra],
-                          check=False, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    command = [sys.executable, "-I", "-m", "docsrag.tasks.embed.model_export", str(folder), str(cache),
+               *variants, *extra]
+    done = subprocess.run(command, check=False, capture_output=True, text=True,
+                          env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     if done.returncode:
         tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-20:])
         raise RuntimeError(f"exporting the embedding model to ONNX failed (exit {done.returncode}):\n{tail}")

@@ -111,7 +111,7 @@ def main() -> None:
     parser.add_argument("--ko-id", default=str(ROOT.parent / "shared/eval/dev_ko_id.jsonl"))
     parser.add_argument("--ko-id-more", default=str(ROOT / "bench/eval/dev_ko_id_more.jsonl"))
     args = parser.parse_args()
-    from docsrag.tasks.embed import precision
+    from docsrag.tasks.embed import runtime
 
     scratch = Path(tempfile.mkdtemp(prefix="docsrag-bench-"))
     # As a user's shell: none of Prefect's settings (the command sets its own defaults).
@@ -141,7 +141,7 @@ def main() -> None:
     from docsrag.tasks.embed import embedding
 
     figures = {
-        "cpu": precision.cpu(), "cores": os.cpu_count(), "release": summary["version"], "chunks": chunks,
+        "cpu": runtime.cpu(), "cores": os.cpu_count(), "release": summary["version"], "chunks": chunks,
         "embedder": embedding.resolve(load_settings(home=scratch / "default")).id,
         "precision": embedding.resolve(load_settings(home=scratch / "default")).variant,
         "cli_wall_s": round(cli_wall_s, 2), "baseline_s": round(baseline_s, 2),

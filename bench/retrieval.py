@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from docsrag.tasks.answer.retrieve import covered, search  # noqa: E402
 from docsrag.tasks.core.objectstore import LocalStore  # noqa: E402
 from docsrag.tasks.core.settings import load_settings  # noqa: E402
-from docsrag.tasks.embed import embedding, precision
+from docsrag.tasks.embed import embedding, precision, runtime
 from docsrag.tasks.embed.e5 import E5_MODEL
 from docsrag.tasks.index import build, store  # noqa: E402
 from docsrag.tasks.index import schema as index
@@ -157,11 +157,11 @@ class WindowedEmbedder:
         return vectors
 
 
-def minilm_at(settings, tokens: int, threads: int) -> embedding.OnnxEmbedder:
+def minilm_at(settings, tokens: int, threads: int) -> runtime.OnnxEmbedder:
     """The English model in the variant measured on this CPU (the default embedder's), cut at ``tokens``."""
     folder = Path(embedding._local_model_path(settings.embedding_model))
     variant = embedding.local_variant(settings)
-    return embedding.onnx_embedder(folder, variant, settings.model_cache, tokens, threads, f"{variant}:{tokens}t")
+    return runtime.onnx_embedder(folder, variant, settings.model_cache, tokens, threads, f"{variant}:{tokens}t")
 
 
 def token_limits(client, root: Path, gold: list[dict], ko_id: list[dict], settings) -> dict:
@@ -260,7 +260,7 @@ def models(client, root: Path, gold: list[dict], ko_id: list[dict], settings) ->
         for set_label, f in figures.items():
             print(f"| {label} | {set_label} | {f['recall@5']} | {f['mrr@10']} |", flush=True)
         print(f"| {label} | chunks/s ({threads} cores) | {results[label]['chunks_per_s']} | |", flush=True)
-    return {"cpu": precision.cpu(), "options": results, "rule": adoption(results)}
+    return {"cpu": runtime.cpu(), "options": results, "rule": adoption(results)}
 
 
 def adoption(results: dict) -> dict:
@@ -283,12 +283,12 @@ def adoption(results: dict) -> dict:
     return verdicts
 
 
-def model_at(settings, model: str, tokens: int, threads: int) -> embedding.OnnxEmbedder:
+def model_at(settings, model: str, tokens: int, threads: int) -> runtime.OnnxEmbedder:
     """A local model at the precision ``auto`` measures on this CPU (at 256 tokens: the measurement's
     texts are shorter than that), cut at ``tokens``, on ``threads``."""
     folder = Path(embedding._local_model_path(model, settings.model_cache))
     variant = precision.chosen(folder, settings.model_cache, 256, embedding._threads(settings)).variant
-    return embedding.onnx_embedder(folder, variant, settings.model_cache, tokens, threads,
+    return runtime.onnx_embedder(folder, variant, settings.model_cache, tokens, threads,
                                    f"{model}:{variant}:{tokens}t")
 
 
@@ -353,7 +353,7 @@ def main() -> None:
         cuts = [tuple(int(n) for n in pair.split(":")) for pair in args.cuts.split(",")]
         print(json.dumps({"input_cuts": input_cuts(store.connect(settings), root, sets, settings, cuts)}))
         return
-    embedder = CachedEmbedder(embedding.embedder_for(settings))
+    embedder = CachedEmbedder(embedding.embedder_for(settings, embedding.resolve(settings)))
     use = CachedEmbedder(embedding.MultilingualEmbedder(threads=os.cpu_count() or 1))
     client = store.connect(settings)
     results = {} if args.only_crosslingual else english_variants(client, root, embedder, gold, settings)

@@ -158,9 +158,10 @@ def retrieval_latencies(questions: list[str]) -> tuple[float, float]:
     from docsrag.tasks.answer.drain import CLAIM_BATCH
     from docsrag.tasks.answer.retrieve import Retriever
     from docsrag.tasks.core.settings import load_settings
+    from docsrag.tasks.embed import embedding
 
     settings = load_settings()
-    retriever = Retriever(settings)
+    retriever = Retriever(settings, embedding.resolve(settings))
     retriever.search(["warm-up"], settings.top_k)
     latencies = []
     for start in range(0, len(questions), CLAIM_BATCH):

@@ -50,7 +50,7 @@ def main() -> int:
     try:
         clean = soak(stack, Plan.drawn(0, 0, faults=False), args.questions, args.workers, home, log=print)
         print(f"fault-free: {clean.answered} answered, {clean.dead} dead in {clean.seconds} s", flush=True)
-        runs.append(clean.as_dict())
+        runs.append(clean.to_dict())
         for seed in args.seeds:
             plan = Plan.drawn(seed, span_s=max(30.0, clean.seconds * 1.5))
             result = soak(stack, plan, args.questions, args.workers, home, log=print)
@@ -61,7 +61,7 @@ def main() -> int:
                   f"{result.poison} poison), {result.left_claimed} claimed, {result.answered_twice} answered twice, "
                   f"{result.seconds} s = {result.factor}x the fault-free run; faults {result.injected}; "
                   f"violations: {violations or 'none'}", flush=True)
-            runs.append({**result.as_dict(), "violations": violations})
+            runs.append({**result.to_dict(), "violations": violations})
     finally:
         stop_stack(stack)
     print(json.dumps({"cpu": cpu(), "questions": args.questions, "workers": args.workers, "runs": runs}))

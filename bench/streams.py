@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 from docsrag.tasks.core.objectstore import LocalStore  # noqa: E402
 from docsrag.tasks.core.settings import load_settings  # noqa: E402
-from docsrag.tasks.embed import embedding, precision
+from docsrag.tasks.embed import embedding, runtime
 from docsrag.tasks.ingest import chunking, markdown  # noqa: E402
 from docsrag.tasks.ingest.release import extract_release, fetch_release  # noqa: E402
 
@@ -57,7 +57,7 @@ def main() -> None:
     texts = chunk_texts(args.release, args.chunks)
     folder = Path(embedding._local_model_path(settings.embedding_model))
     variant = embedding.local_variant(settings)
-    minilm = embedding.onnx_embedder(folder, variant, settings.model_cache, embedding.max_tokens(settings), 1, variant)
+    minilm = runtime.onnx_embedder(folder, variant, settings.model_cache, embedding.max_tokens(settings), 1, variant)
     use = embedding.MultilingualEmbedder(threads=1)
     minilm.embed(texts[:16]), use.embed(texts[:16])  # first calls allocate
     batches = [texts[i:i + BATCH] for i in range(0, len(texts), BATCH)]
@@ -71,7 +71,7 @@ def main() -> None:
     before = batch_layout()
     streams = timed(lambda: [minilm.embed(b) for b in batches], lambda: [use.embed(b) for b in batches])
     after = batch_layout()
-    figures = {"cpu": precision.cpu(), "chunks": len(texts), "variant": variant, "batch_layout_s": [before, after],
+    figures = {"cpu": runtime.cpu(), "chunks": len(texts), "variant": variant, "batch_layout_s": [before, after],
                "streams_s": streams, "streams_over_batches": round(streams / min(before, after), 3)}
     print(f"batches (MiniLM then USE, 2 at once): {before} / {after} s; streams: {streams} s ({figures['cpu']})")
     print(json.dumps(figures))

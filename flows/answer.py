@@ -51,10 +51,10 @@ def announce_question(question_id: int, version: str | None) -> None:
 
 
 @task(name="open-index", retries=1, retry_delay_seconds=5, cache_policy=NONE, persist_result=False)
-def open_index(settings: Settings) -> Retriever:
+def open_index(settings: Settings, choice: embedding.EmbedderChoice) -> Retriever:
     """The model loaded and the served alias checked, so a locked or missing index fails the run
     before a single question is claimed."""
-    retriever = Retriever(settings)
+    retriever = Retriever(settings, choice)
     retriever.collection()
     return retriever
 
@@ -66,9 +66,9 @@ def answer_questions(max_seconds: Annotated[float, Field(gt=0)] = 3600,
     """Answer queued questions until the queue is empty, ``max_seconds`` have passed (the deployment
     sets it under its schedule's interval) or ``max_questions`` were claimed."""
     settings = settings_for_run()
-    embedding.preload(settings)  # the model loads while the queue and Milvus are opened
+    resolving = embedding.preload(settings)  # the embedders resolved, then loaded while the queue is opened
     queue = Queue.from_settings(settings)
-    retriever = open_index(settings)
+    retriever = open_index(settings, resolving.result())
     logger = get_run_logger()
     owner = flow_run.get_id() or f"local-{uuid.uuid4().hex[:12]}"
     waiting = sum(queue.counts()[status] for status in ("pending", "failed", "claimed"))
@@ -105,7 +105,7 @@ def _report_gaps(gaps: list[CoverageGap]) -> None:
     """What the docs team reads to know what is missing: the questions answered "not covered" or
     marked not helpful, by the document their search came closest to."""
     if gaps:
-        create_table_artifact(table=[{**g.as_dict(), "examples": " | ".join(g.examples)} for g in gaps],
+        create_table_artifact(table=[{**g.to_dict(), "examples": " | ".join(g.examples)} for g in gaps],
                               key="answer-questions-coverage-gaps",
                               description="Documents closest to the questions the docs did not answer")
 

@@ -15,14 +15,15 @@ from docsrag.tasks.core import language
 from docsrag.tasks.core.records import Hit
 from docsrag.tasks.core.settings import Settings, settings_for_run
 from docsrag.tasks.core.summaries import EvaluationSummary
+from docsrag.tasks.embed import embedding
 from docsrag.tasks.ops.evaluate import aggregate, by_language, load_gold, score
 
 
 @task(name="retrieve-gold", cache_policy=NONE, persist_result=False)
-def retrieve_all(settings: Settings, questions: list[str], k: int, version: str | None,
-                 docs_lang: str | None) -> list[list[Hit]]:
+def retrieve_all(settings: Settings, choice: embedding.EmbedderChoice, questions: list[str], k: int,
+                 version: str | None, docs_lang: str | None) -> list[list[Hit]]:
     """As the answer flow retrieves: questions not in English searched in their translation."""
-    return Retriever(settings).search(searched_as(settings, questions), k, version, docs_lang)
+    return Retriever(settings, choice).search(searched_as(settings, questions), k, version, docs_lang)
 
 
 @task(name="answer-gold", cache_policy=NONE, persist_result=False)
@@ -55,7 +56,8 @@ def evaluate_retrieval(gold: str | None = None, k: int = 10, version: str | None
         get_run_logger().warning("Skipped: %s", reason)
         return EvaluationSummary(skipped=reason)
     items = load_gold(Path(gold))
-    hits = retrieve_all(settings, [i["question"] for i in items], k, version, docs_lang)
+    choice = embedding.resolve(settings)  # the embedders the served index is searched with, resolved once
+    hits = retrieve_all(settings, choice, [i["question"] for i in items], k, version, docs_lang)
     rows = [score(item, h, not covered(h, settings.min_relevance, settings.weak_relevance))
             for item, h in zip(items, hits)]
     figures, languages = aggregate(rows), by_language(rows)

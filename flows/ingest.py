@@ -74,7 +74,9 @@ def ingest_release(release: str | None = None, version: str | None = None, force
     # A deployment's run of a release the operator does not allow (a hostile event) fails here, before
     # the model loads; fetch checks again, with each redirect of the download.
     check_run_source(settings, version)
-    embedding.preload(settings)  # the model loads while the writer slot is taken and the release fetched
+    # The embedders resolved (the model, its variant on this CPU) and loaded while the writer slot is
+    # taken and the release fetched; the choice is passed on from here to every load.
+    resolving = embedding.preload(settings)
     objects = open_store(settings.object_store, settings.s3_endpoint_url)
     # One writer per corpus from the first stage: two runs never share a download, an extraction
     # or a publish (tasks/index/writer_lock.py).
@@ -82,7 +84,7 @@ def ingest_release(release: str | None = None, version: str | None = None, force
         rel = clock.run("fetch", fetch, settings, objects, version)
         root = clock.run("extract", extract, settings, objects, rel)
         parsed = clock.run("parse", parse, root, markdown.Budgets.of(settings))
-        choice = embedding.resolve(settings)  # the id in every chunk id: the model, its variant on this CPU
+        choice = resolving.result()  # its id is in every chunk id
         chunks = clock.run("chunk", chunk, parsed, settings, choice.id)
         with store.milvus_errors(settings.milvus_uri):
             client, set_aside = clock.run("open-store", open_milvus, settings, force)
@@ -90,7 +92,7 @@ def ingest_release(release: str | None = None, version: str | None = None, force
             planned = clock.run("plan", plan, client, settings, rel, chunks, main, force, choice.id)
             summary = _summary(settings, rel, planned, parsed)
             target = planned.serves or clock.run("embed+write", embed_and_write, client, settings, planned, rel, clock,
-                                                    choice.id)
+                                                    choice)
             if not planned.unchanged:
                 clock.run("validate", validate, client, target, planned.diff.new_ids)
                 summary.embedded, summary.reused = len(planned.diff.to_embed()), len(planned.diff.reusable())
@@ -191,11 +193,13 @@ def validate(client, collection: str, expected: set[str]) -> None:
 
 
 @task(name="embed-batch", retries=2, retry_delay_seconds=5, **IN_MEMORY)
-def embed_batch(texts: list[str], settings: Settings, multilingual: bool) -> list[dict[str, list[float]]]:
-    """Each text's vectors by field: ``dense`` (and ``dense_multilingual`` where the build has it)."""
-    fields = {"dense": embedding.embedder_for(settings).embed(texts)}
+def embed_batch(texts: list[str], settings: Settings, choice: embedding.EmbedderChoice,
+                multilingual: bool) -> list[dict[str, list[float]]]:
+    """Each text's vectors by field: ``dense`` (and ``dense_multilingual`` where the build has it),
+    by the embedders the flow resolved, also on a Dask worker (whose CPU might choose otherwise)."""
+    fields = {"dense": embedding.embedder_for(settings, choice).embed(texts)}
     if multilingual:
-        fields[index.MULTILINGUAL] = embedding.multilingual_for(settings).embed(texts)
+        fields[index.MULTILINGUAL] = embedding.multilingual_for(settings, choice).embed(texts)
     return [dict(zip(fields, vectors)) for vectors in zip(*fields.values())]
 
 
@@ -213,15 +217,15 @@ def copy_batch(client, base: str, target: str, chunks: list[chunking.Chunk], ver
 
 
 def embed_and_write(client, settings: Settings, plan: BuildPlan, rel: Release, clock: StageClock,
-                    embedder_id: str) -> str:
+                    choice: embedding.EmbedderChoice) -> str:
     """Embed new chunks in parallel batches and write each batch as it lands (one writer), so a
     killed run keeps every finished batch in the staging collection. Served vectors are copied
     while the first batches embed. The "write" stage is the writer's share of "embed+write".
     -> the staging collection."""
-    embedder = clock.run("model-wait", embedding.embedder_for, settings)
+    embedder = clock.run("model-wait", embedding.embedder_for, settings, choice)
     # A second vector field needs Milvus 2.4: older servers search with the English model alone.
-    multilingual = embedding.multilingual_for(settings) if store.capabilities(client).multiple_vectors else None
-    target = build.staging_collection(client, plan, rel, embedder_id, embedder.dim,
+    multilingual = embedding.multilingual_for(settings, choice) if store.capabilities(client).multiple_vectors else None
+    target = build.staging_collection(client, plan, rel, choice.id, embedder.dim,
                                       multilingual and multilingual.dim)
     chunks = plan.diff.to_embed()
     # A small release is split so every batch slot (and so every core) has work: 49 chunks embed
@@ -235,7 +239,7 @@ def embed_and_write(client, settings: Settings, plan: BuildPlan, rel: Release, c
     def submit_next() -> None:
         if (batch := next(waiting, None)) is not None:
             named = embed_batch.with_options(task_run_name=f"embed-batch {next(numbers)}/{batches}")
-            in_flight[named.submit([c.embed_text for c in batch], settings, multilingual is not None)] = batch
+            in_flight[named.submit([c.embed_text for c in batch], settings, choice, multilingual is not None)] = batch
 
     copy, write = _with_write_retries(copy_batch, settings), _with_write_retries(write_batch, settings)
     artifact = create_progress_artifact(0.0, description=f"Embedding {len(chunks)} chunks")

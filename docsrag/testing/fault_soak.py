@@ -153,7 +153,7 @@ class SoakResult:
             found.append(f"{self.dead_without_reason} dead without a reason")
         return found
 
-    def as_dict(self) -> dict:
+    def to_dict(self) -> dict:
         return asdict(self)
 
 
@@ -358,13 +358,15 @@ def run_worker(stop: Path) -> None:
     from docsrag.tasks.answer.drain import Drain
     from docsrag.tasks.answer.retrieve import Retriever
     from docsrag.tasks.core.settings import load_settings
+    from docsrag.tasks.embed import embedding
     from docsrag.tasks.queue.questions import Queue
 
     settings = load_settings()
+    choice = embedding.resolve(settings)  # the worker's edge: resolved once, kept across Milvus restarts
     retriever = None
     while not stop.exists():
         try:
-            retriever = retriever or Retriever(settings)
+            retriever = retriever or Retriever(settings, choice)
             queue = Queue.from_settings(settings)
             summary = asyncio.run(Drain(settings, queue, retriever, owner=f"soak-{uuid.uuid4().hex[:12]}",
                                         max_seconds=WORKER_RUN_S).run())

@@ -116,7 +116,7 @@ def create_app(settings: Settings, service: Service | None = None, answer_here: 
                version: Annotated[str | None, Query(max_length=64, pattern=r"^[A-Za-z0-9._-]+$")] = None,
                lang: Annotated[str | None, Query(pattern=r"^[a-z]{2,3}$")] = None) -> schema.SearchResults:
         """The hybrid search results `docsrag search` prints."""
-        return schema.SearchResults(**service.search(q, k, version, lang).as_dict())
+        return schema.SearchResults(**service.search(q, k, version, lang).to_dict())
 
     @v1.get("/versions", response_model=schema.Versions, tags=["index"])
     def versions() -> schema.Versions:
@@ -130,7 +130,7 @@ def create_app(settings: Settings, service: Service | None = None, answer_here: 
         callers' questions: for operator tokens only)."""
         if not caller.operator:
             raise Refused(403, "the stats and coverage gaps are for the operator's tokens (DOCSRAG_API_OPERATOR_TOKENS)")
-        return schema.Stats(**service.stats().as_dict())
+        return schema.Stats(**service.stats().to_dict())
 
     app.include_router(v1)
 
@@ -161,7 +161,7 @@ def _page_headers(html: str) -> dict[str, str]:
 
 
 def _question(view: QuestionView) -> schema.Question:
-    shown = view.as_dict()
+    shown = view.to_dict()
     timings = schema.Timings(created_at=view.created_at, answered_at=view.answered_at, latency_ms=view.latency_ms)
     return schema.Question(**{k: v for k, v in shown.items() if k not in ("created_at", "answered_at", "latency_ms")},
                            timings=timings)

@@ -10,8 +10,10 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 from docsrag.tasks.core import records
 from docsrag.tasks.core.records import MAX_CLIENT_KEY_CHARS, MAX_PRIORITY
 from docsrag.tasks.index import served
+from docsrag.tasks.queue import feedback
 from docsrag.tasks.queue.feedback import MAX_COMMENT_CHARS
-from docsrag.tasks.service.service import QuestionView
+from docsrag.tasks.service import coverage
+from docsrag.tasks.service.service import QuestionView, ServiceStats
 
 Lang = Field(None, pattern=r"^[a-z]{2,3}$", description="ISO 639-1 code, e.g. 'ko'")
 Status = Literal["pending", "claimed", "answered", "failed", "dead"]
@@ -50,11 +52,21 @@ class Submitted(BaseModel):
 
 
 def _model_of(record: type, fields: tuple[str, ...], name: str | None = None, **types: object) -> type[BaseModel]:
-    """A response model with the named fields of a record, their types read off the record (or given
-    in ``types``, which may add fields): the API says what the pipeline stores and shows, declared once."""
-    hints = get_type_hints(record) | types
+    """A response model with the named fields of a record, their types read off the record (a
+    property's from its return annotation; or given in ``types``, which may add fields): the API says
+    what the pipeline stores and shows, declared once."""
+    hints = _properties(record) | get_type_hints(record) | types
     chosen = (*fields, *(field for field in types if field not in fields))
     return create_model(name or record.__name__, **{field: (hints[field], ...) for field in chosen})
+
+
+def _properties(record: type) -> dict[str, object]:
+    return {name: get_type_hints(value.fget)["return"] for name, value in vars(record).items()
+            if isinstance(value, property)}
+
+
+def _fields(record: type, *left_out: str) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclass_fields(record) if f.name not in left_out)
 
 
 Source = _model_of(records.Source, records.Source.CITED)
@@ -98,37 +110,13 @@ class FeedbackRecorded(BaseModel):
     helpful: bool
 
 
-class FeedbackTotals(BaseModel):
-    helpful: int
-    not_helpful: int
-
-
-class CoverageGap(BaseModel):
-    doc_path: str
-    heading: str
-    questions: int
-    not_covered: int
-    not_helpful: int
-    examples: list[str]
-
-
-class TranslationGaps(BaseModel):
-    """Questions answered "not covered" after a search as asked that wanted a translation (none was
-    available): a gap in translation, not in the docs, so not among the coverage gaps."""
-
-    not_covered: int
-    examples: list[str]
-
-
-class Stats(BaseModel):
-    counts: dict[str, int]
-    oldest_waiting_s: float | None
-    answers_per_s: float
-    window_s: float
-    answered_from_repeats: int
-    feedback: FeedbackTotals
-    coverage_gaps: list[CoverageGap]
-    translation_gaps: TranslationGaps
+FeedbackTotals = _model_of(feedback.FeedbackTotals, _fields(feedback.FeedbackTotals))
+CoverageGap = _model_of(coverage.CoverageGap, coverage.CoverageGap.SHOWN)
+TranslationGaps = _model_of(coverage.TranslationGaps, _fields(coverage.TranslationGaps))
+# The service's stats as ServiceStats serialises them: the queue's own figures flattened in first.
+Stats = _model_of(ServiceStats, (*_fields(records.QueueStats), *_fields(ServiceStats, "queue")), "Stats",
+                  **get_type_hints(records.QueueStats), feedback=FeedbackTotals, coverage_gaps=list[CoverageGap],
+                  translation_gaps=TranslationGaps)
 
 
 class Error(BaseModel):

@@ -116,12 +116,12 @@ def _search(args, settings: Settings) -> int:
             items = [json.loads(line) for line in filter(str.strip, lines)]
         for item in items:
             found = questions.search(item["question"], args.k, args.version, args.lang)
-            print(json.dumps({"id": item.get("id"), **found.as_dict()}))
+            print(json.dumps({"id": item.get("id"), **found.to_dict()}))
         return 0
     found = questions.search(args.query, args.k, args.version, args.lang) if not (beside := api_holding_index(settings)) \
         else _search_through(beside, settings, args)
     if args.json:
-        print(json.dumps(found.as_dict()))
+        print(json.dumps(found.to_dict()))
         return 0
     _print_results(found, args.version)
     return 0

@@ -48,11 +48,17 @@ def _server_env(**settings: str) -> dict[str, str]:
 
 
 def _uvicorn(port: int, *extra: str) -> list[str]:
-    """Prefect's own server command line (``prefect server start``), found without importing Prefect."""
+    """Prefect's own server command line (``prefect server start``), found without importing Prefect.
+
+    ``-I``, as the export child (tasks/embed/runtime.py): ``-m`` would put the folder the command
+    was started in first on the server's path, where a user's ``uvicorn.py``, ``prefect.py`` or
+    ``sqlalchemy/`` would be imported in place of the real ones. Isolated mode ignores only the
+    ``PYTHON*`` variables and the user's site-packages; the environment itself (``PREFECT_*``, HOME)
+    still reaches the server, and ``--app-dir`` names where this process found Prefect."""
     import importlib.util
 
     prefect_dir = Path(importlib.util.find_spec("prefect").origin).parent
-    return [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect_dir.parent), "--factory", APP,
+    return [sys.executable, "-I", "-m", "uvicorn", "--app-dir", str(prefect_dir.parent), "--factory", APP,
             "--host", "127.0.0.1", "--port", str(port), *extra]
 
 

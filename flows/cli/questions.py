@@ -141,7 +141,7 @@ def _show(args, settings: Settings) -> int:
         print(f"docsrag show: no question {args.id}", file=sys.stderr)
         return 1
     if args.json:
-        shown = view.as_dict(reasoning=args.reasoning)
+        shown = view.to_dict(reasoning=args.reasoning)
         print(json.dumps({k: shown[k] for k in _PUBLIC + (("reasoning",) if args.reasoning else ())}))
     else:
         _print_view(view, reasoning=args.reasoning)
@@ -169,7 +169,7 @@ def _print_view(view: QuestionView, reasoning: bool) -> None:
 def _questions(args, settings: Settings) -> int:
     questions = service(settings)
     if args.stats:
-        stats = questions.stats().as_dict()
+        stats = questions.stats().to_dict()
         print(json.dumps(stats) if args.json else _stats_text(stats))
         return 0
     records = questions.list(args.status, args.limit)

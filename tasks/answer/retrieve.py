@@ -21,14 +21,16 @@ AGREEMENT_DEPTH = 5  # the rankings "agree" when their top 5 share a document
 
 @dataclass
 class Retriever:
-    """Holds the Milvus client and the embedders, so a batch of questions loads the models once."""
+    """Holds the Milvus client and the embedders, so a batch of questions loads the models once.
+    ``choice``: the embedders, resolved by the caller (``embedding.resolve``, at its path's edge)."""
 
     settings: Settings
+    choice: embedding.EmbedderChoice
 
     def __post_init__(self):
         self.client = store.connect(self.settings)
-        self.embedder = embedding.embedder_for(self.settings)
-        self.multilingual = embedding.multilingual_for(self.settings)
+        self.embedder = embedding.embedder_for(self.settings, self.choice)
+        self.multilingual = embedding.multilingual_for(self.settings, self.choice)
         self._fields: dict[str, Fields] = {}
 
     def collection(self, version: str | None = None, docs_lang: str | None = None) -> str:

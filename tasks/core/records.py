@@ -71,7 +71,7 @@ class Usage:
         return cls(*(_count(raw.get(name)) or 0 for name in ("prompt_tokens", "completion_tokens", "total_tokens")),
                    _count(reasoning) or 0)
 
-    def as_dict(self) -> dict[str, int]:
+    def to_dict(self) -> dict[str, int]:
         return asdict(self)
 
 
@@ -159,7 +159,7 @@ class StoredAnswer:
                 "reasoning": None if self.reasoning is None else clean(self.reasoning, MAX_REASONING_CHARS),
                 "sources": [s.cited for s in self.sources],
                 "model": None if self.model is None else clean(self.model, MAX_NAME_CHARS),
-                "reasoning_effort": self.reasoning_effort, "usage": self.usage.as_dict(),
+                "reasoning_effort": self.reasoning_effort, "usage": self.usage.to_dict(),
                 "latency_ms": max(0, min(int(self.latency_ms), 2**31 - 1)),
                 "untranslated": None if self.untranslated is None else clean(self.untranslated, MAX_NAME_CHARS)}
 
@@ -173,5 +173,5 @@ class QueueStats:
     answers_per_s: float
     window_s: float
 
-    def as_dict(self) -> dict:
+    def to_dict(self) -> dict:
         return asdict(self)

@@ -1,8 +1,8 @@
 """Embedders: the packaged all-MiniLM-L6-v2 on CPU, or any OpenAI-compatible /v1/embeddings.
 
-On CPU the model runs in onnxruntime (no torch or transformers at run time; it loads in a tenth of
-a second), exported once per machine from the packaged weights in a child process
-(tasks/embed/model_export.py). ``DOCSRAG_EMBEDDING_PRECISION=auto`` runs the variant measured fastest on
+On CPU the model runs in onnxruntime or OpenVINO (tasks/embed/runtime.py; no torch or transformers
+at run time; it loads in a tenth of a second), exported once per machine from the packaged weights in
+a child process (tasks/embed/model_export.py). ``DOCSRAG_EMBEDDING_PRECISION=auto`` runs the variant measured fastest on
 this CPU within a cosine guard to fp32 (tasks/embed/precision.py); ``torch`` keeps sentence-transformers
 in fp32, the reference.
 """
@@ -10,21 +10,21 @@ in fp32, the reference.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import sys
 import threading
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from docsrag.tasks.core.settings import Settings
-from docsrag.tasks.embed import e5
+from docsrag.tasks.embed import e5, precision, runtime
 
 PACKAGED_MODEL = "all-MiniLM-L6-v2"
 _LOADING = threading.Lock()
-_CHOOSING = threading.Lock()  # apart from _LOADING: loading the model resolves the variant first
+_CHOOSING = threading.Lock()  # apart from _LOADING: a flow resolves while the preload may be loading
 
 
 class Embedder(Protocol):
@@ -54,153 +54,42 @@ class LocalEmbedder:
         return vectors.tolist()
 
 
-class TextEncoder:
-    """A model's texts as its graph takes them: the model's prompt put first (e5's ``query: `` and
-    ``passage: ``, from sentence-transformers' ``config_sentence_transformers.json``), tokenized,
-    cut at ``tokens``, padded to the batch's longest."""
-
-    def __init__(self, folder: Path, tokens: int):
-        from tokenizers import Tokenizer
-
-        # A model whose tokenizer replaces thousands of characters (e5's, one pass per replacement
-        # text) also ships the table: one str.translate here, and its tokenizer without those passes.
-        table = folder / "normalization.json"
-        self.table = str.maketrans(json.loads(table.read_text(encoding="utf-8"))) if table.exists() else None
-        name = "tokenizer.translated.json" if self.table else "tokenizer.json"
-        self.tokenizer = Tokenizer.from_file(str(folder / name))
-        self.tokenizer.enable_truncation(tokens)
-        pad = "<pad>" if self.tokenizer.token_to_id("<pad>") is not None else "[PAD]"  # XLM-R's, else BERT's
-        self.tokenizer.enable_padding(pad_id=self.tokenizer.token_to_id(pad) or 0, pad_token=pad)
-        config = folder / "config_sentence_transformers.json"
-        self.prompts = (json.loads(config.read_text()).get("prompts") if config.exists() else None) or {}
-
-    def __call__(self, texts: list[str], query: bool = False) -> dict:
-        import numpy as np
-
-        prompt = self.prompts.get("query" if query else "passage", "")
-        texts = [prompt + text for text in texts]
-        encoded = self.tokenizer.encode_batch([text.translate(self.table) for text in texts] if self.table else texts)
-        ids = np.array([e.ids for e in encoded], dtype=np.int64)
-        return {"input_ids": ids, "attention_mask": np.array([e.attention_mask for e in encoded], dtype=np.int64),
-                "token_type_ids": np.zeros_like(ids)}
-
-
-class OnnxEmbedder:
-    """A BERT-family sentence-transformers model exported to ONNX, in onnxruntime: mean pooling and
-    normalization as sentence-transformers does them, texts sorted by length so each batch pads
-    little. Inputs are cut at ``tokens``."""
-
-    BATCH = 32
-
-    def __init__(self, folder: Path, model_file: Path, tokens: int, threads: int, id: str):
-        self.id = id
-        self.dim = json.loads((folder / "config.json").read_text())["hidden_size"]
-        self.encode = TextEncoder(folder, tokens)
-        self._load(model_file, threads)
-
-    def _load(self, model_file: Path, threads: int) -> None:
-        import onnxruntime
-
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads
-        self.session = onnxruntime.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
-
-    def _hidden(self, inputs: dict):
-        return self.session.run(None, inputs)[0]
-
-    def embed(self, texts: list[str], query: bool = False) -> list[list[float]]:
-        import numpy as np
-
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        vectors: list = [None] * len(texts)
-        for start in range(0, len(order), self.BATCH):
-            batch = order[start:start + self.BATCH]
-            inputs = self.encode([texts[i] for i in batch], query)
-            mask = inputs["attention_mask"]
-            hidden = self._hidden(inputs)
-            pooled = (hidden * mask[:, :, None]).sum(axis=1) / mask.sum(axis=1, keepdims=True)
-            pooled /= np.linalg.norm(pooled, axis=1, keepdims=True)
-            for row, i in enumerate(batch):
-                vectors[i] = pooled[row].tolist()
-        return vectors
-
-
-class OpenVinoEmbedder(OnnxEmbedder):
-    """The same model in OpenVINO: the plain ONNX graph at bf16 (``ov-bf16``), or NNCF's static int8
-    (``ov-int8``, bf16 for what stays in floating point where the CPU has it). OpenVINO has bf16
-    matrix kernels on x86, which onnxruntime's CPU provider lacks.
-
-    One inference at a time, on every core the concurrent batches share: two requests of this
-    dynamic-shape model run at once (one stream each) hung the first ingest of a test run once in
-    three, both inside ``infer`` at no CPU, as two requests specializing a new input shape at the
-    same moment deadlock on few cores. Taking turns costs 3-10% (MiniLM int8, 2 cores, measured).
-    ``measuring``: the measurement's terms, as onnxruntime is timed (``threads`` only), and no
-    compiled model kept for a variant only timed (hundreds of MB for e5)."""
-
-    def __init__(self, folder: Path, model_file: Path, tokens: int, threads: int, id: str, measuring: bool = False):
-        self.measuring = measuring
-        super().__init__(folder, model_file, tokens, threads, id)
-
-    def _load(self, model_file: Path, threads: int) -> None:
-        import openvino
-
-        from docsrag.tasks.embed import precision
-
-        core = openvino.Core()
-        if not self.measuring:
-            # OpenVINO's compiled model kept beside the exports: 0.27 s to load instead of 1.3 s to
-            # compile at every start (measured, MiniLM int8), which an unchanged re-run paid for
-            # nothing. A folder per file as written, so a file exported again is compiled again.
-            written = model_file.stat()
-            core.set_property({"CACHE_DIR": str(model_file.parent / "openvino" /
-                                                f"{model_file.stem}-{written.st_size}-{written.st_mtime_ns}")})
-        shared = threads if self.measuring else threads * max(1, (os.cpu_count() or 1) // threads)
-        self.compiled = core.compile_model(str(model_file), "CPU", {
-            "INFERENCE_PRECISION_HINT": "bf16" if precision.cpu_has_bf16() else "f32",
-            "NUM_STREAMS": 1, "INFERENCE_NUM_THREADS": shared})
-        self.request = self.compiled.create_infer_request()
-        self.turn = threading.Lock()
-
-    def _hidden(self, inputs: dict):
-        with self.turn:
-            return self.request.infer(inputs)[0]  # a copy (share_outputs is off): the next infer reuses the tensor
-
-
-def onnx_embedder(folder: Path, variant: str, cache: Path, tokens: int, threads: int, id: str,
-                  measuring: bool = False) -> OnnxEmbedder:
-    """The runtime that runs ``variant``: onnxruntime, or OpenVINO for the ``ov-`` variants."""
-    from docsrag.tasks.embed import precision
-
-    file = precision.exported(folder, variant, cache)
-    if variant.startswith("ov-"):
-        return OpenVinoEmbedder(folder, file, tokens, threads, id, measuring)
-    return OnnxEmbedder(folder, file, tokens, threads, id)
-
 
 @dataclass(frozen=True)
 class EmbedderChoice:
-    """What embeds a release, resolved once at the start of a flow or command (for ``auto``, the
-    variant measured fastest on this CPU, measured at first use): ``id`` is part of every chunk id,
-    so another model, precision or token limit re-embeds everything, as it must."""
+    """What embeds, resolved once by an explicit step at the edge of each path that embeds (the
+    ingest and answer flows through ``preload``, the evaluation flow, the service's first search)
+    and passed on to every load: for ``auto``, the variant measured fastest on this CPU (measured
+    at first use, then read from the model cache). ``id`` is part of every chunk id, so another
+    model, precision or token limit re-embeds everything, as it must; an embedding task on another
+    process (a Dask worker) runs the variant the flow's ids name, not one it would resolve itself.
+    ``e5_variant``: multilingual-e5's own variant where it is the second field, else None."""
 
     id: str
     variant: str
+    e5_variant: str | None = None
+
+    @property
+    def english_id(self) -> str:
+        return self.id.split("+")[0]
 
 
 def resolve(settings: Settings) -> EmbedderChoice:
     onnx = settings.embedding == "local" and settings.embedding_precision != "torch"
     variant = local_variant(settings) if onnx else settings.embedding_precision
     local = f":{variant}" + (f":{settings.embedding_max_tokens}t" if settings.embedding_max_tokens else "") if onnx else ""
-    return EmbedderChoice(f"{settings.embedding}:{settings.embedding_model}{local}{_multilingual_id(settings)}", variant)
+    # multilingual-e5 is a local model at its own precision; USE has one
+    with_e5 = settings.multilingual == "e5"
+    e5_variant = _variant_of(settings, e5.E5_MODEL, multilingual_tokens(settings)) if with_e5 else None
+    english = f"{settings.embedding}:{settings.embedding_model}{local}"
+    return EmbedderChoice(english + _multilingual_id(settings, e5_variant), variant, e5_variant)
 
 
-def _multilingual_id(settings: Settings) -> str:
+def _multilingual_id(settings: Settings, e5_variant: str | None) -> str:
     if settings.multilingual == "off":
         return ""
-    measured = settings.multilingual == "e5"  # a local model at its own precision; USE has one
-    e5_variant = f":{_variant_of(settings, e5.E5_MODEL, multilingual_tokens(settings))}" if measured else ""
     cut = f":{settings.multilingual_max_tokens}t" if settings.multilingual_max_tokens else ""
-    return f"+{settings.multilingual}{e5_variant}{cut}"
+    return f"+{settings.multilingual}{f':{e5_variant}' if e5_variant else ''}{cut}"
 
 
 def local_variant(settings: Settings) -> str:
@@ -218,21 +107,13 @@ def _variant_of(settings: Settings, model: str, tokens: int) -> str:
 
 @functools.cache
 def _measured_variant(model: str, cache: Path, tokens: int, threads: int) -> str:
-    from docsrag.tasks.embed import precision
-
     return precision.chosen(Path(_local_model_path(model, cache)), cache, tokens, threads).variant
 
 
 def max_tokens(settings: Settings) -> int:
     """Where the local model's input is cut: the setting, else the model's own configuration."""
-    return settings.embedding_max_tokens or max_tokens_of(
+    return settings.embedding_max_tokens or runtime.max_tokens_of(
         Path(_local_model_path(settings.embedding_model, settings.model_cache)))
-
-
-def max_tokens_of(folder: Path) -> int:
-    """The model's own cut (sentence-transformers' ``max_seq_length``)."""
-    config = folder / "sentence_bert_config.json"
-    return json.loads(config.read_text()).get("max_seq_length", 256) if config.exists() else 256
 
 
 class OpenAIEmbedder:
@@ -294,20 +175,19 @@ class UseTokenizer:
         return ids
 
 
-def multilingual_for(settings: Settings) -> Embedder | None:
+def multilingual_for(settings: Settings, choice: EmbedderChoice) -> Embedder | None:
     """The second dense field's model: USE (numpy), or multilingual-e5-small in the runtime and
-    precision measured for it on this CPU, as the English model is."""
+    precision ``choice`` names for it on this CPU, as the English model's."""
     if settings.multilingual == "off":
         return None
     threads, tokens = _threads(settings), multilingual_tokens(settings)
     if settings.multilingual == "use":
         with _LOADING:
             return _cached_multilingual(threads, tokens)
-    variant = _variant_of(settings, e5.E5_MODEL, tokens)
     with _LOADING:
-        return _cached_embedder("local", e5.E5_MODEL, None, None, variant, tokens, settings.model_cache, threads,
-                                settings.embedding_timeout_s, settings.embedding_max_retries,
-                                f"local:{e5.E5_MODEL}:{variant}")
+        return _cached_embedder("local", e5.E5_MODEL, None, None, choice.e5_variant, tokens, settings.model_cache,
+                                threads, settings.embedding_timeout_s, settings.embedding_max_retries,
+                                f"local:{e5.E5_MODEL}:{choice.e5_variant}")
 
 
 def multilingual_tokens(settings: Settings) -> int:
@@ -326,44 +206,52 @@ def _threads(settings: Settings) -> int:
     return max(1, (os.cpu_count() or 1) // settings.embedding_concurrency)  # concurrent batches share the cores
 
 
-def embedder_for(settings: Settings) -> Embedder:
+def embedder_for(settings: Settings, choice: EmbedderChoice) -> Embedder:
+    """The English model at the variant ``choice`` names (``resolve``d by the caller's edge)."""
     key = settings.embedding_api_key.get_secret_value() if settings.embedding_api_key else None
-    threads = _threads(settings)
     local = settings.embedding == "local" and settings.embedding_precision != "torch"
-    choice = resolve(settings)
     tokens = max_tokens(settings) if local else 0
     with _LOADING:  # a second caller waits for the model being loaded instead of loading it again
         return _cached_embedder(settings.embedding, settings.embedding_model, settings.embedding_base_url, key,
-                                choice.variant, tokens, settings.model_cache, threads, settings.embedding_timeout_s,
-                                settings.embedding_max_retries, choice.id.split("+")[0])  # the English model's part
+                                choice.variant, tokens, settings.model_cache, _threads(settings),
+                                settings.embedding_timeout_s, settings.embedding_max_retries, choice.english_id)
 
 
-def preload(settings: Settings) -> None:
-    """Load the model in the background (seconds on CPU) while the release is fetched and parsed."""
+def preload(settings: Settings) -> Future[EmbedderChoice]:
+    """Resolve the choice, then load the models, in the background (seconds on CPU; the first run on
+    a machine also measures the precision) while the flow opens what it needs. -> the choice, for
+    the flow to pass on; its ``result()`` raises what resolving raised."""
+    resolved: Future[EmbedderChoice] = Future()
 
     def load() -> None:
         try:
-            embedder_for(settings)
-            multilingual_for(settings)
-        except Exception:  # noqa: BLE001 - the flow's own call raises it again, where it is reported
+            resolved.set_result(choice := resolve(settings))
+        except Exception as exc:  # noqa: BLE001 - raised again by result(), in the flow, where it is reported
+            resolved.set_exception(exc)
+            return
+        try:
+            embedder_for(settings, choice)
+            multilingual_for(settings, choice)
+        except Exception:  # noqa: BLE001 - the flow's own load raises it again, where it is reported
             pass
 
     # Not a daemon: a run that fails at once (the writer slot taken) would exit while onnxruntime
     # is still building its session in this thread, and its C++ threads abort the process (SIGABRT,
     # "terminate called without an active exception"); the exit waits for the load instead.
     threading.Thread(target=load, name="embedder-preload").start()
+    return resolved
 
 
 @functools.cache
-def _cached_embedder(kind: str, model: str, base_url: str | None, api_key: str | None, precision: str,
+def _cached_embedder(kind: str, model: str, base_url: str | None, api_key: str | None, variant: str,
                      tokens: int, cache: Path, threads: int, timeout_s: float, max_retries: int,
                      embedder_id: str) -> Embedder:
     # One model per process: the flow's tasks share it.
     if kind == "openai":
         return OpenAIEmbedder(model, base_url, api_key, timeout_s, max_retries)
-    if precision == "torch":
+    if variant == "torch":
         return LocalEmbedder(model, cache)
-    return onnx_embedder(Path(_local_model_path(model, cache)), precision, cache, tokens, threads, embedder_id)
+    return runtime.onnx_embedder(Path(_local_model_path(model, cache)), variant, cache, tokens, threads, embedder_id)
 
 
 @contextmanager

@@ -20,6 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from docsrag.tasks.embed import precision, runtime
+
 # onnxruntime's int8 variants. int8 weights are per output channel: per-tensor scales cost up to
 # 0.3 of cosine on some texts (measured). reduce_range quantizes weights to 7 bits, which keeps
 # VNNI's u8*s8 products from saturating and ran 10% faster on an AVX-512 VNNI EPYC (measured, 2026-12).
@@ -35,15 +37,13 @@ VARIANTS = ("raw", "fp32", *ORT_INT8, "ov-bf16", "ov-int8")
 def export(folder: Path, variant: str, cache: Path) -> None:
     """The model at ``variant`` in ``cache``, written atomically (another process may wait for it),
     after what it is made from: the plain graph first, then fp32 (fused) or OpenVINO's int8."""
-    from docsrag.tasks.embed import precision
-
-    target = precision.model_file(folder, variant, cache)
+    target = runtime.model_file(folder, variant, cache)
     source = {"raw": None, "ov-bf16": None, "fp32": "raw", "ov-int8": "raw"}.get(variant, "fp32")
-    if source and not precision.model_file(folder, source, cache).exists():
+    if source and not runtime.model_file(folder, source, cache).exists():
         export(folder, source, cache)
     if target.exists():
         return  # ov-bf16 is the plain graph itself
-    made_from = source and precision.model_file(folder, source, cache)
+    made_from = source and runtime.model_file(folder, source, cache)
     with tempfile.TemporaryDirectory(dir=cache) as scratch:
         written = Path(scratch) / target.name
         if source is None:
@@ -106,10 +106,7 @@ def _quantize_openvino(folder: Path, plain: Path, target: Path) -> None:
     import nncf
     import openvino
 
-    from docsrag.tasks.embed import precision
-    from docsrag.tasks.embed.embedding import TextEncoder, max_tokens_of
-
-    encode = TextEncoder(folder, max_tokens_of(folder))
+    encode = runtime.TextEncoder(folder, runtime.max_tokens_of(folder))
     samples = [encode([text]) for text in precision.quantization_texts(folder)]
     quantized = nncf.quantize(openvino.Core().read_model(str(plain)), nncf.Dataset(samples),
                               model_type=nncf.ModelType.TRANSFORMER, subset_size=len(samples))
@@ -124,10 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--choose", nargs=2, type=int, metavar=("TOKENS", "THREADS"),
                         help="measure the variants and write the choice (tasks/embed/precision.py)")
     args = parser.parse_args(argv)
-    from docsrag.tasks.embed import precision
-
     for variant in args.variants:
-        if not precision.model_file(args.folder, variant, args.cache).exists():
+        if not runtime.model_file(args.folder, variant, args.cache).exists():
             export(args.folder, variant, args.cache)
     if args.choose:
         tokens, threads = args.choose

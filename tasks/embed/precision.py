@@ -20,7 +20,8 @@ The rule:
 
 The choice is a JSON file keyed by model, token limit, CPU (model name and the flags that decide
 int8 and bf16 speed) and the candidates offered, so a cache shared by two machines does not hand
-one the other's choice, and a runtime installed later is measured. The variant is part of the embedder id (tasks/core/settings.py): another choice re-embeds.
+one the other's choice, and a runtime installed later is measured. The variant is part of the embedder id
+(``embedding.resolve``): another choice re-embeds. The variants' files and runtimes are tasks/embed/runtime.py's.
 
 bf16: onnxruntime's CPU provider has no bf16 matrix kernels on x86, OpenVINO's has; torch bf16
 autocast would load torch at every start (seconds, ~1 GB), so it is not a candidate.
@@ -29,16 +30,17 @@ autocast would load torch at every start (seconds, ~1 GB), so it is not a candid
 from __future__ import annotations
 
 import ast
-import fcntl
 import functools
 import hashlib
 import json
 import os
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from docsrag.tasks.embed import runtime
+from docsrag.tasks.embed.e5 import E5_MODEL
 
 MIN_COSINE = 0.98
 MIN_GAIN = 1.10
@@ -47,11 +49,6 @@ MIN_GAIN = 1.10
 TIE = 0.95
 ONNXRUNTIME = ("fp32", "int8", "int8r")
 CALIBRATION_TEXTS = 48
-CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
-BF16_FLAGS = ("avx512_bf16", "amx_bf16")
-# Files other than ``<key>-<variant>.onnx``: OpenVINO reads the plain (unfused) ONNX graph, since
-# onnxruntime's fused operators are its own; NNCF's int8 is saved as OpenVINO's IR.
-FILES = {"raw": "raw.onnx", "ov-bf16": "raw.onnx", "ov-int8": "ov-int8.xml"}
 
 
 @dataclass
@@ -106,22 +103,14 @@ def candidates() -> tuple[str, ...]:
         import openvino  # noqa: F401
     except ImportError:
         return ONNXRUNTIME
-    return (*ONNXRUNTIME, *(("ov-bf16",) if cpu_has_bf16() else ()), "ov-int8")
-
-
-def cpu_has_bf16() -> bool:
-    return any(flag in cpu().split() for flag in BF16_FLAGS)
-
-
-def model_file(folder: Path, variant: str, cache: Path) -> Path:
-    return cache / f"{_model_key(folder)}-{FILES.get(variant, f'{variant}.onnx')}"
+    return (*ONNXRUNTIME, *(("ov-bf16",) if runtime.cpu_has_bf16() else ()), "ov-int8")
 
 
 def choice_file(folder: Path, cache: Path, tokens: int, variants: tuple[str, ...] | None = None) -> Path:
     """Keyed by the candidates too: a choice made before a runtime was offered (OpenVINO, installed
     later) is measured again with it, not kept for good."""
-    measured = f"{cpu()}|{','.join(variants or candidates())}"
-    return cache / f"{_model_key(folder)}-{tokens}t-{hashlib.sha256(measured.encode()).hexdigest()[:12]}.choice.json"
+    measured = hashlib.sha256(f"{runtime.cpu()}|{','.join(variants or candidates())}".encode()).hexdigest()[:12]
+    return cache / f"{runtime.model_key(folder)}-{tokens}t-{measured}.choice.json"
 
 
 def chosen(folder: Path, cache: Path, tokens: int, threads: int, variants: tuple[str, ...] | None = None) -> Choice:
@@ -129,9 +118,9 @@ def chosen(folder: Path, cache: Path, tokens: int, threads: int, variants: tuple
     variants = variants or candidates()
     path = choice_file(folder, cache, tokens, variants)
     if not path.exists():
-        with _export_lock(cache):
+        with runtime.export_lock(cache):
             if not path.exists():
-                _run_export(folder, cache, list(variants), ["--choose", str(tokens), str(threads)])
+                runtime.run_export(folder, cache, list(variants), ["--choose", str(tokens), str(threads)])
                 choice = Choice.from_dict(json.loads(path.read_text()))
                 # Once per machine: say what was measured and kept, and where it is cached.
                 print(f"docsrag: {choice.describe()} (cached in {path})", file=sys.stderr)
@@ -139,25 +128,13 @@ def chosen(folder: Path, cache: Path, tokens: int, threads: int, variants: tuple
     return Choice.from_dict(json.loads(path.read_text()))
 
 
-def exported(folder: Path, variant: str, cache: Path) -> Path:
-    """The variant's ONNX file, exported in a child process if this cache has none yet."""
-    target = model_file(folder, variant, cache)
-    if not target.exists():
-        with _export_lock(cache):
-            if not target.exists():
-                _run_export(folder, cache, [variant], [])
-    return target
-
-
 def measure(folder: Path, cache: Path, variants: list[str], tokens: int, threads: int) -> Choice:
     """Time each variant on the calibration texts (rounds interleaved, best round kept: the
     machine may be shared) and compare its vectors with fp32's; write and return the choice."""
     import numpy as np
 
-    from docsrag.tasks.embed.embedding import onnx_embedder
-
     texts = calibration_texts(folder)
-    embedders = {v: onnx_embedder(folder, v, cache, tokens, threads, v, measuring=True) for v in variants}
+    embedders = {v: runtime.onnx_embedder(folder, v, cache, tokens, threads, v, measuring=True) for v in variants}
     vectors = {v: np.array(e.embed(texts)) for v, e in embedders.items()}  # also the warm-up
     best = dict.fromkeys(variants, float("inf"))
     for _ in range(3):
@@ -168,7 +145,7 @@ def measure(folder: Path, cache: Path, variants: list[str], tokens: int, threads
     measured = {v: Measured(round(len(texts) / best[v], 1),
                             round(float((vectors[v] * vectors["fp32"]).sum(axis=1).min()), 4)) for v in variants}
     variant, rejected = choose(measured)
-    choice = Choice(variant, tokens, threads, cpu(), measured, rejected)
+    choice = Choice(variant, tokens, threads, runtime.cpu(), measured, rejected)
     target = choice_file(folder, cache, tokens, tuple(variants))
     written = target.with_suffix(".tmp")
     written.write_text(json.dumps(choice.to_dict(), indent=2))
@@ -191,8 +168,6 @@ def quantization_texts(folder: Path | None = None) -> list[str]:
 
 
 def _other_languages(folder: Path | None) -> list[str]:
-    from docsrag.tasks.embed.e5 import E5_MODEL
-
     if folder is None or not folder.name.startswith(E5_MODEL):
         return []
     return (Path(__file__).parent / "texts_ko_id.txt").read_text(encoding="utf-8").splitlines()
@@ -212,52 +187,3 @@ def _docstring_texts() -> list[str]:
                     current = ""
     # A mix of lengths as a release has: whole pieces and their first sentences.
     return [p if n % 3 else p[:200] for n, p in enumerate(pieces)]
-
-
-def cpu() -> str:
-    """The CPU model and the flags that decide which variant is fastest."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown CPU"
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
-    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
-    return " ".join([name or "unknown CPU", *(f for f in CPU_FLAGS if f in flags)])
-
-
-@functools.cache
-def _model_key(folder: Path) -> str:
-    """The weights by content, not by file time: two installs of the same package (two clones'
-    venvs) share one export and one choice. Size plus the first and last MiB: ms, not a full hash."""
-    weights = folder / "model.safetensors"
-    if not weights.exists():
-        return f"{folder.name}-0"
-    digest = hashlib.sha256(str(weights.stat().st_size).encode())
-    with open(weights, "rb") as data:
-        digest.update(data.read(1 << 20))
-        data.seek(max(0, weights.stat().st_size - (1 << 20)))
-        digest.update(data.read(1 << 20))
-    return f"{folder.name}-{digest.hexdigest()[:12]}"
-
-
-class _export_lock:
-    """One process exports into a cache at a time; the others wait, then find the files."""
-
-    def __init__(self, cache: Path):
-        cache.mkdir(parents=True, exist_ok=True)
-        self.path = cache / ".export.lock"
-
-    def __enter__(self):
-        self.file = open(self.path, "w")
-        fcntl.flock(self.file, fcntl.LOCK_EX)
-
-    def __exit__(self, *exc):
-        self.file.close()
-
-
-def _run_export(folder: Path, cache: Path, variants: list[str], extra: list[str]) -> None:
-    done = subprocess.run([sys.executable, "-I", "-m", "docsrag.tasks.embed.model_export", str(folder), str(cache), *variants, *extra],
-                          check=False, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-    if done.returncode:
-        tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-20:])
-        raise RuntimeError(f"exporting the embedding model to ONNX failed (exit {done.returncode}):\n{tail}")

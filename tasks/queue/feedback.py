@@ -24,7 +24,7 @@ class FeedbackTotals:
     helpful: int
     not_helpful: int
 
-    def as_dict(self) -> dict:
+    def to_dict(self) -> dict:
         return asdict(self)
 
 

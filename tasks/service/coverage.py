@@ -15,7 +15,7 @@ A language searched as asked by design (DOCSRAG_SEARCH_AS_ASKED) wants no transl
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from sqlalchemy import func, insert, select
 from sqlalchemy.engine import Engine
@@ -46,12 +46,15 @@ class CoverageGap:
     not_helpful: int = 0
     examples: list[str] = field(default_factory=list)
 
+    # What the CLI and the API show, in this order (the API's schema is built from SHOWN).
+    SHOWN = ("doc_path", "heading", "questions", "not_covered", "not_helpful", "examples")
+
     @property
     def questions(self) -> int:
         return self.not_covered + self.not_helpful
 
-    def as_dict(self) -> dict:
-        return {**asdict(self), "questions": self.questions}
+    def to_dict(self) -> dict:
+        return {name: getattr(self, name) for name in self.SHOWN}
 
 
 @dataclass
@@ -62,7 +65,7 @@ class TranslationGaps:
     not_covered: int = 0
     examples: list[str] = field(default_factory=list)
 
-    def as_dict(self) -> dict:
+    def to_dict(self) -> dict:
         return asdict(self)
 
 

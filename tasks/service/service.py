@@ -25,6 +25,7 @@ from docsrag.tasks.core.records import Hit, QueueStats, Source
 from docsrag.tasks.core.redaction import redact_text
 from docsrag.tasks.core.settings import Settings
 from docsrag.tasks.core.summaries import DrainSummary
+from docsrag.tasks.embed import embedding
 from docsrag.tasks.index import served as serving
 from docsrag.tasks.index import store
 from docsrag.tasks.index.schema import Corpus, aliases_for
@@ -91,7 +92,7 @@ class QuestionView:
     def final(self) -> bool:
         return self.status in FINAL
 
-    def as_dict(self, reasoning: bool = False) -> dict:
+    def to_dict(self, reasoning: bool = False) -> dict:
         shown = asdict(self) | {"sources": [source.cited for source in self.sources]}
         if not reasoning:
             del shown["reasoning"]
@@ -105,7 +106,7 @@ class SearchResults:
     results: list[Hit]
     note: str | None = None  # why a question not in English was searched as asked
 
-    def as_dict(self) -> dict:
+    def to_dict(self) -> dict:
         shown = {"query": self.query, "results": [hit.shown() for hit in self.results]}
         return shown | ({"searched_as": self.searched_as} if self.searched_as != self.query else {}) | (
             {"note": self.note} if self.note else {})
@@ -119,10 +120,10 @@ class ServiceStats:
     coverage_gaps: list[CoverageGap] = field(default_factory=list)
     translation_gaps: TranslationGaps = field(default_factory=TranslationGaps)  # not docs gaps: listed apart
 
-    def as_dict(self) -> dict:
-        return {**self.queue.as_dict(), "answered_from_repeats": self.answered_from_repeats,
-                "feedback": self.feedback.as_dict(), "coverage_gaps": [g.as_dict() for g in self.coverage_gaps],
-                "translation_gaps": self.translation_gaps.as_dict()}
+    def to_dict(self) -> dict:
+        return {**self.queue.to_dict(), "answered_from_repeats": self.answered_from_repeats,
+                "feedback": self.feedback.to_dict(), "coverage_gaps": [g.to_dict() for g in self.coverage_gaps],
+                "translation_gaps": self.translation_gaps.to_dict()}
 
 
 
@@ -267,12 +268,14 @@ class Service:
     # -- the index ---------------------------------------------------------------------------
 
     def retriever(self):
-        """The Milvus client and the embedders, loaded once (the first search or drain)."""
+        """The Milvus client and the embedders, loaded once (the first search or drain). The service's
+        edge of the search path: the embedders are resolved here, not when the service is made, so a
+        command that only asks or shows never measures the precision."""
         with self._lock:
             if self._retriever is None:
                 from docsrag.tasks.answer.retrieve import Retriever
 
-                self._retriever = Retriever(self.settings)
+                self._retriever = Retriever(self.settings, embedding.resolve(self.settings))
             return self._retriever
 
     def search(self, query: str, k: int = 5, version: str | None = None, docs_lang: str | None = None) -> SearchResults:

@@ -17,6 +17,7 @@ import pytest
 
 from docsrag.flows.cli import main
 from docsrag.tasks.core.settings import load_settings
+from docsrag.tasks.embed import embedding
 from docsrag.tasks.queue.questions import Queue
 from docsrag.testing.llm_emulator import Emulator
 from docsrag.testing.milvus_server import CuttingProxy, MilvusServer
@@ -231,7 +232,8 @@ def test_leases_hold_under_a_slow_model_and_a_second_worker(llm, capsys, monkeyp
         from docsrag.tasks.answer.retrieve import Retriever
 
         settings = load_settings()
-        drain = Drain(settings, Queue.from_settings(settings), Retriever(settings), owner="second", max_seconds=3)
+        drain = Drain(settings, Queue.from_settings(settings), Retriever(settings, embedding.resolve(settings)),
+                      owner="second", max_seconds=3)
         while not llm.requests:  # the first run has claimed them all and the model is working
             time.sleep(0.02)
         time.sleep(1.6)  # longer than a lease: one not renewed would have expired by now
@@ -269,7 +271,8 @@ def test_a_run_whose_leases_lapse_never_takes_up_its_own_questions_twice(llm, ca
     ids = submit(4)
     settings = load_settings()
     queue_ = StalledRenewals.from_settings(settings)
-    summary = asyncio.run(Drain(settings, queue_, Retriever(settings), owner="lapsed", max_seconds=60).run())
+    retriever = Retriever(settings, embedding.resolve(settings))
+    summary = asyncio.run(Drain(settings, queue_, retriever, owner="lapsed", max_seconds=60).run())
     assert (summary.claimed, summary.answered, summary.lost) == (4, 4, 0), summary
     assert len(llm.requests) == 4, "one request per question"
     assert all(queue().get(qid)["status"] == "answered" for qid in ids)

@@ -21,7 +21,12 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from docsrag.flows.api import schema
+from docsrag.tasks.core.records import QueueStats
 from docsrag.tasks.core.settings import load_settings
+from docsrag.tasks.queue.feedback import FeedbackTotals
+from docsrag.tasks.service.coverage import CoverageGap
+from docsrag.tasks.service.service import ServiceStats
 from docsrag.testing.llm_emulator import Emulator
 
 from tests.support.api_server import start_api
@@ -106,3 +111,14 @@ def test_sources_and_hits_carry_the_url_of_their_page(running):
         assert sources and all(s["url"].startswith("https://milvus.io/docs/v2.4.x/") for s in sources)
         assert all(s["version"] == "2.4.x" for s in sources)
         assert len({(s["doc_path"], s["heading"]) for s in sources}) == len(sources), "each heading once"
+
+
+def test_the_stats_model_is_built_from_the_records_it_shows():
+    """A field added to a record reaches the schema: the model and the served dict name the same
+    fields, in the same order (schema.py builds Stats, CoverageGap and FeedbackTotals from them)."""
+    gap = CoverageGap("faq.md", "Where", not_covered=1, not_helpful=2, examples=["q"])
+    stats = ServiceStats(QueueStats({"pending": 1}, None, 0.5, 300.0), 3, FeedbackTotals(4, 5), [gap])
+    served = stats.to_dict()
+    assert list(schema.Stats.model_fields) == list(served)
+    assert list(schema.CoverageGap.model_fields) == list(served["coverage_gaps"][0])
+    assert schema.Stats.model_validate(served).model_dump() == served

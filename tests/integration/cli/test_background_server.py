@@ -37,9 +37,9 @@ class Home:
         self.env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "DOCSRAG_PREFECT_SERVER")} | {
             "PREFECT_HOME": str(self.prefect_home), "DOCSRAG_HOME": str(root / "docsrag")}
 
-    def run(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    def run(self, *args: str, timeout: float = 600, cwd: Path | None = None) -> subprocess.CompletedProcess:
         return subprocess.run([str(BIN / "docsrag"), *args], env=self.env, capture_output=True, text=True,
-                              timeout=timeout, check=False)
+                              timeout=timeout, check=False, cwd=cwd)
 
     def ingest(self, release: Path) -> tuple[dict, str]:
         done = self.run("ingest", "--release", str(release), "--json")
@@ -219,3 +219,21 @@ def test_server_status_says_what_the_running_server_logged(tmp_path):
         assert "logged 1 error(s)" in said.stdout and "Can't evaluate bulk DML statement" in said.stdout, said.stdout
     finally:
         home.stop()
+
+
+def test_modules_in_the_users_folder_do_not_replace_the_servers(tmp_path):
+    """The kept server outlives the command started in a user's folder: a ``uvicorn.py``,
+    ``prefect.py`` or ``sqlalchemy/`` there is not what it imports (its child starts isolated, -I)."""
+    folder = tmp_path / "project"
+    (folder / "sqlalchemy").mkdir(parents=True)
+    for module in ("uvicorn.py", "prefect.py", "sqlalchemy/__init__.py"):
+        (folder / module).write_text(f"raise SystemExit('the user folder\\'s {module} was imported')\n")
+    home = Home(tmp_path)
+    try:
+        done = home.run("server", "start", timeout=300, cwd=folder)
+        assert done.returncode == 0, done.stderr[-2000:]
+        [ui] = UI.findall(done.stdout)
+        assert httpx.get(f"{ui}/api/health", timeout=10).status_code == 200
+    finally:
+        home.stop()
+    assert home.left() == []

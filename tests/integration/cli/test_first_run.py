@@ -72,9 +72,9 @@ def test_the_precision_kept_is_said_once(first_run):
 def test_export_runs_in_a_child_process(tmp_path):
     """torch, the tracer and the quantizer stay out of the command's process: their warnings go to a
     pipe (a thread silencing them raced with the command's imports), and their memory with them."""
-    script = ("import sys; from pathlib import Path; from docsrag.tasks.embed import embedding, precision; "
+    script = ("import sys; from pathlib import Path; from docsrag.tasks.embed import embedding, runtime; "
               "folder = Path(embedding._local_model_path('all-MiniLM-L6-v2')); "
-              f"print(precision.exported(folder, 'int8', Path({str(tmp_path)!r})).exists(), 'torch' in sys.modules)")
+              f"print(runtime.exported(folder, 'int8', Path({str(tmp_path)!r})).exists(), 'torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
     assert done.stdout.split() == ["True", "False"], done.stderr[-3000:]
     assert done.stderr == ""

@@ -26,7 +26,7 @@ def stack(tmp_path_factory, prefect_server, releases):
 
 def test_no_question_lost_none_answered_twice_under_seeded_faults(stack, tmp_path):
     result = soak(stack, Plan.drawn(seed=7, span_s=25), questions=300, workers=3, tmp=tmp_path, limit_s=100)
-    assert result.violations() == [], result.as_dict()
+    assert result.violations() == [], result.to_dict()
     assert (result.answered, result.dead_poison, result.poison) == (297, 3, 3)
     assert len(result.events) == 6, "every scheduled fault happened"
     assert {"nul", "reset", "html", "poison"} <= set(result.injected), result.injected

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from docsrag.tasks.embed import e5, embedding, precision
+from docsrag.tasks.embed import e5, embedding, precision, runtime
 
 SOURCE = e5.weights_file()
 FOLDER_MINILM = Path(embedding._local_model_path(embedding.PACKAGED_MODEL))
@@ -132,7 +132,7 @@ def test_the_tokenizer_gives_the_engines_ids(tokenizer, engine, query):
 def test_docsrags_encoder_translates_in_one_pass_and_gives_the_engines_ids(folder, engine, query):
     """The embedder's own path: normalization.json in one str.translate, then the tokenizer
     without its thousands of replacement passes (~35 ms a chunk less), the prompt put first."""
-    encode = embedding.TextEncoder(folder, 512)
+    encode = runtime.TextEncoder(folder, 512)
     inputs = encode(TEXTS, query=query)
     for text, ids, mask in zip(prompted(TEXTS, query), inputs["input_ids"], inputs["attention_mask"]):
         assert ids[mask == 1].tolist() == engine.ids(text), text
@@ -181,9 +181,9 @@ def test_a_long_text_matches_the_engines_windows(model, tokenizer, engine):
 
 
 def test_docsrags_onnx_export_of_the_folder_matches_the_engine(folder, engine, tmp_path):
-    assert precision._model_key(folder).startswith(folder.name + "-")
-    model_file = precision.exported(folder, "fp32", tmp_path)
-    embedder = embedding.OnnxEmbedder(folder, model_file, 512, 2, "x")
+    assert runtime.model_key(folder).startswith(folder.name + "-")
+    model_file = runtime.exported(folder, "fp32", tmp_path)
+    embedder = runtime.OnnxEmbedder(folder, model_file, 512, 2, "x")
     for query in (True, False):
         # The embedder puts the prompt first itself (query=True: "query: ", else "passage: ").
         cosine = min_cosine(np.array(embedder.embed(TEXTS, query=query)), engine.embed(TEXTS, query))

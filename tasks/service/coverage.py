@@ -15,7 +15,7 @@ A language searched as asked by design (DOCSRAG_SEARCH_AS_ASKED) wants no transl
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from sqlalchemy import func, insert, select
 from sqlalchemy.engine import Engine

@@ -46,6 +46,7 @@ from docsrag.tasks.core.records import (
     stored_question,
 )
 from docsrag.tasks.core.settings import Settings
+from docsrag.tasks.queue.api_tables import one_vote_per_owner
 from docsrag.tasks.queue.schema import metadata, open_schema, questions  # noqa: F401 - metadata: tests drop the tables
 
 PRIORITY_STEP_S = 300.0  # one priority level counts as five minutes of waiting
@@ -78,7 +79,7 @@ class Queue:
                  backoff_s: float = 30.0):
         self.engine = _engine(url)
         self.max_chars, self.max_attempts, self.lease_s, self.backoff_s = max_chars, max_attempts, lease_s, backoff_s
-        open_schema(self.engine)
+        open_schema(self.engine, upgrades=(one_vote_per_owner,))  # the API's feedback: schema 4
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Queue:

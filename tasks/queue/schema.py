@@ -12,6 +12,8 @@ old database do not both create or alter, and a worker on an up-to-date one read
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 from sqlalchemy import (
     JSON,
     Column,
@@ -120,8 +122,9 @@ schema = Table("docsrag_schema", metadata, Column("version", Integer, primary_ke
                Column("applied_at", DateTime(timezone=True), nullable=False, server_default=utc_now()))
 
 
-def open_schema(engine: Engine) -> None:
-    """Create or upgrade the queue's tables, once, whoever else starts at the same moment."""
+def open_schema(engine: Engine, upgrades: Sequence[Callable[[Connection], None]] = ()) -> None:
+    """Create or upgrade the queue's tables, once, whoever else starts at the same moment.
+    ``upgrades``: of the tables kept beside the queue (the API's), run under the same lock."""
     if _current(engine) == SCHEMA_VERSION:
         return
     with engine.begin() as db:  # SQLite: BEGIN IMMEDIATE, the database's write lock
@@ -133,7 +136,8 @@ def open_schema(engine: Engine) -> None:
             _upgrade(db)
         else:
             questions.create(db)
-        _upgrade_api_tables(db)
+        for upgrade in upgrades:
+            upgrade(db)
         schema.create(db, checkfirst=True)
         db.execute(schema.insert().values(version=SCHEMA_VERSION))
 
@@ -159,14 +163,6 @@ def _upgrade(db: Connection) -> None:
     # Rows an earlier release (or a product) left at rank 0 would go before everything: rank them by age.
     db.execute(questions.update().where(questions.c.claim_rank <= 0).values(
         claim_rank=_epoch_of(db, questions.c.created_at) - questions.c.priority * 300.0))
-
-
-def _upgrade_api_tables(db: Connection) -> None:
-    """The API's tables beside the queue change with its versions too, under the same lock. Imported
-    here, not above: those tables are defined with this module's column defaults."""
-    from docsrag.tasks.queue.api_tables import one_vote_per_owner
-
-    one_vote_per_owner(db)
 
 
 def _epoch_of(db: Connection, column):

@@ -18,19 +18,27 @@ from tests.conftest import ROOT
 ROOMS = ["core", "embed", "ingest", "index", "queue", "answer", "service", "ops"]
 
 
-def imported(path: Path) -> set[str]:
-    """Every module a file imports, at any depth of its code (relative imports made absolute)."""
-    package = "docsrag.tasks." + ".".join(path.relative_to(ROOT / "tasks").with_suffix("").parts[:-1])
-    found = set()
+def import_statements(path: Path, package: str) -> list[tuple[str, list[str]]]:
+    """Each import of a file at any depth of its code: (the module, the names taken from it), with
+    relative imports made absolute against ``package``."""
+    found = []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
-            found |= {alias.name for alias in node.names}
+            found += [(alias.name, []) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1] + ([base] if base else []))
-            found |= {base} | {f"{base}.{alias.name}" for alias in node.names}
+                parts = package.split(".")
+                base = ".".join(parts[:len(parts) - node.level + 1] + ([base] if base else []))
+            found.append((base, [alias.name for alias in node.names]))
     return found
+
+
+def imported(path: Path) -> set[str]:
+    """Every module a file of tasks/ imports, and every name it takes from one (as ``module.name``)."""
+    package = "docsrag.tasks." + ".".join(path.relative_to(ROOT / "tasks").with_suffix("").parts[:-1])
+    return {found for base, names in import_statements(path, package)
+            for found in (base, *(f"{base}.{name}" for name in names))}
 
 
 def room_modules() -> list[tuple[str, Path]]:
@@ -87,16 +95,9 @@ def module_imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
     """The package's modules that ``name`` imports, at any depth of its code. ``from a import b``
     is an edge to ``a.b`` where that is a module, else to ``a`` (a name its ``__init__`` defines)."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    targets = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            targets |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parts = package.split(".")
-                base = ".".join(parts[:len(parts) - node.level + 1] + ([base] if base else []))
-            targets |= {f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names}
+    targets = {base for base, names in import_statements(path, package) if not names}
+    targets |= {f"{base}.{n}" if f"{base}.{n}" in modules else base
+                for base, names in import_statements(path, package) for n in names}
     return {_nearest_module(target, modules) for target in targets} - {"", name}
 
 

@@ -148,7 +148,7 @@ def test_unknown_version_fails_the_question_not_the_batch(llm, capsys):
 def test_worker_killed_after_claiming_is_answered_once(llm, capsys, monkeypatch, releases, tmp_path):
     # Milvus Lite serves one process per file: the worker gets an index this process never opened.
     monkeypatch.setenv("DOCSRAG_HOME", str(tmp_path / "worker-home"))
-    monkeypatch.setenv("DOCSRAG_LEASE_S", "20")
+    monkeypatch.setenv("DOCSRAG_LEASE_S", "12")  # long enough to see it hold, short to wait out
     env = api_env()
     subprocess.run([DOCSRAG, "ingest", "--release", str(releases / "milvus_docs_faq_2.4.x_en.zip")], env=env,
                    cwd=ROOT, check=True, capture_output=True, timeout=300)

@@ -27,10 +27,11 @@ def _start(name: str, command: list[str], env: dict, logs) -> subprocess.Popen:
 
 
 def _stopped(worker: subprocess.Popen) -> None:
-    """A worker asked to stop forwards SIGINT to its process and drains; one still busy 30 s later
-    (once on a loaded CI machine, between two scheduled runs) is killed with its group: cleanup."""
+    """A worker asked to stop forwards SIGINT to its process and drains; one still busy 5 s later
+    is killed with its group: this is cleanup, and both workers took the whole 30 s they were once
+    given on every clean-clone run (62 s of teardown), the scheduled runs keeping them busy."""
     try:
-        worker.wait(timeout=30)
+        worker.wait(timeout=5)
     except subprocess.TimeoutExpired:
         os.killpg(worker.pid, signal.SIGKILL)
         worker.wait(timeout=30)

@@ -89,6 +89,9 @@ class _Server(_Listening):
         """The process's exit code once it has exited, else None."""
         raise NotImplementedError
 
+    def pid(self) -> int:
+        raise NotImplementedError
+
     def wait_ready(self) -> str:
         """-> the API URL once it answers; raises with the server's own words when it cannot start."""
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
@@ -96,7 +99,9 @@ class _Server(_Listening):
             if (code := self.exit_code()) is not None:
                 raise PrefectServerError(f"{self.what} exited with code {code} ({self._where_errors_are()}); "
                                    "set PREFECT_API_URL to a running Prefect server to use that instead")
-            if _answers(self.url):
+            # Another home's server can take the port between our check and our bind: what answers
+            # there must be our process (it then exits, and _Started starts it on another port).
+            if _answers(self.url) and _listens(self.pid(), self.port):
                 return self.url
             time.sleep(0.1)
         raise PrefectServerError(f"{self.what} did not answer within {STARTUP_TIMEOUT_S:.0f} s ({self._where_errors_are()})")
@@ -116,6 +121,9 @@ class Running(_Server):
     def exit_code(self) -> int | None:
         return None if _alive(self.found.pid) else -1
 
+    def pid(self) -> int:
+        return self.found.pid
+
 
 class _Started(_Server):
     """A server process this command started."""
@@ -131,6 +139,9 @@ class _Started(_Server):
             self._launch()
             return None
         return code
+
+    def pid(self) -> int:
+        return self.process.pid
 
     def stop(self) -> None:
         _terminate(self.process.pid, self.process)
@@ -408,6 +419,25 @@ def _server_configured() -> bool:
     from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
 
     return bool(PREFECT_API_URL.value()) or not PREFECT_SERVER_EPHEMERAL_ENABLED.value()
+
+
+def _listens(pid: int, port: int) -> bool:
+    """Whether process ``pid`` holds the loopback TCP socket listening on ``port`` (Linux /proc;
+    elsewhere assumed: the health check alone)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            return True
+        for row in rows:
+            fields = row.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":  # 0A: LISTEN
+                inodes.add(f"socket:[{fields[9]}]")
+    try:
+        return any(os.readlink(fd) in inodes for fd in Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return False
 
 
 def port_free(port: int) -> bool:

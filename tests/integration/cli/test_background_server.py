@@ -162,6 +162,40 @@ def test_a_stale_pid_file_seen_by_two_starters_at_once_gives_one_server(tmp_path
     assert Home(tmp_path).left() == []
 
 
+def test_a_port_taken_between_the_check_and_the_bind_is_not_taken_for_the_kept_server(tmp_path, monkeypatch):
+    """Another home's server took the kept port after this home found it free (two commands of two
+    homes at once: seen in the suite's two workers). Our server failed to bind and exited, while the
+    other answered /health there: the command used the other home's server, and the next command,
+    finding no server of its own, started one. What answers must be our own process."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class AnyServer(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    other = ThreadingHTTPServer(("127.0.0.1", free_port()), AnyServer)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    home = tmp_path / "prefect"
+    home.mkdir()
+    monkeypatch.setenv("PREFECT_HOME", str(home))
+    monkeypatch.setattr(local_server, "KEPT_PORT", other.server_address[1])
+    found_free = iter([True])  # the kept port was free when looked at, and is taken at the bind
+    monkeypatch.setattr(local_server, "port_free", lambda port: next(found_free, False))
+    server = local_server.KeptServer(home / "server.pid")
+    try:
+        url = server.wait_ready()
+        assert url != f"http://127.0.0.1:{other.server_address[1]}/api", "the other home's server"
+        assert local_server.background_server(home).port == server.port  # the next command finds it
+        assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+    finally:
+        server.stop()
+        other.shutdown()
+
+
 def _pid_in(pid_file: Path) -> str:
     try:
         return pid_file.read_text()

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 
 from pymilvus.exceptions import MilvusException
 
-from docsrag.tasks.answer.generate import searched_as_asked
+from docsrag.tasks.answer.generate import NO_TRANSLATION, untranslated
 from docsrag.tasks.core.errors import DocsragError
 from docsrag.tasks.core.language import DEFAULT as DEFAULT_LANGUAGE
 from docsrag.tasks.core.records import Hit, QueueStats, Source
@@ -314,14 +314,14 @@ class Service:
         raise NotServed(reason)
 
     def _untranslated(self, query: str, searched: str) -> str | None:
-        """A question not in English searches English docs poorly: the reader is told when it went as asked."""
+        """A question not in English searches English docs poorly: the reader is told when it went as
+        asked, for the reason a stored answer gives (generate.untranslated), said for a search."""
         from docsrag.tasks.core import language
 
-        lang = language.detect(query)
-        if searched != query or lang == language.DEFAULT or lang in searched_as_asked(self.settings):
+        why = untranslated(self.settings, language.detect(query), searched != query)
+        if why is None:
             return None  # translated, or in a language the multilingual field finds as asked
-        why = "no LLM to translate" if self.settings.translate_questions else "translation is off " \
-            "(DOCSRAG_TRANSLATE_QUESTIONS)"
+        why = "no LLM to translate" if why == NO_TRANSLATION else why
         # What the reader can do without an LLM: the multilingual model measured best on Korean and Indonesian.
         better = "" if self.settings.multilingual == "e5" else "; DOCSRAG_MULTILINGUAL=e5 reads it better"
         return f"searched as asked: {why}{better}"

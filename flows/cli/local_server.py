@@ -421,21 +421,29 @@ def _server_configured() -> bool:
     return bool(PREFECT_API_URL.value()) or not PREFECT_SERVER_EPHEMERAL_ENABLED.value()
 
 
-def _listens(pid: int, port: int) -> bool:
-    """Whether process ``pid`` holds the loopback TCP socket listening on ``port`` (Linux /proc;
-    elsewhere assumed: the health check alone)."""
+def listening_sockets(port: int) -> set[str] | None:
+    """The sockets (as ``/proc/<pid>/fd`` links name them) listening on loopback TCP ``port``; None
+    where /proc cannot tell (not Linux)."""
     inodes = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             rows = Path(table).read_text().splitlines()[1:]
         except OSError:
-            return True
+            return None
         for row in rows:
             fields = row.split()
             if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":  # 0A: LISTEN
                 inodes.add(f"socket:[{fields[9]}]")
+    return inodes
+
+
+def _listens(pid: int, port: int) -> bool:
+    """Whether process ``pid`` holds the socket listening on ``port`` (where /proc cannot tell:
+    assumed, the health check alone)."""
+    if (sockets := listening_sockets(port)) is None:
+        return True
     try:
-        return any(os.readlink(fd) in inodes for fd in Path(f"/proc/{pid}/fd").iterdir())
+        return any(os.readlink(fd) in sockets for fd in Path(f"/proc/{pid}/fd").iterdir())
     except OSError:
         return False
 

@@ -166,16 +166,7 @@ def check_ports(stack: Path, state: dict) -> None:
 
 def held_by(port: int) -> str:
     """Who listens on a loopback TCP port, in words: 'is held by pid 123 (prefect server start ...)'."""
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            rows = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for row in rows:
-            fields = row.split()
-            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":  # 0A: LISTEN
-                inodes.add(f"socket:[{fields[9]}]")
+    inodes = local_server.listening_sockets(port) or set()
     for fd_dir in Path("/proc").glob("[0-9]*/fd"):
         try:
             if any(os.readlink(fd) in inodes for fd in fd_dir.iterdir()):
